@@ -1,0 +1,79 @@
+"""``hemorrhage-hf report``: measure one modified model against its reference and write the report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_model_arguments, add_text_arguments, text_from_arguments
+
+EPILOG = """examples:
+  hemorrhage-hf report --reference default --modification int4-g64 --output out/
+  hemorrhage-hf report --reference default --modified ./my-pruned-model --text-file wiki.valid.raw --layers --output out/
+"""
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="measure how much a modified model bled versus its reference",
+        description="Run the reference and the modified model over identical token windows and report perplexity "
+        "of both, KL divergence, top-1 agreement, Δp of the true token, optional per-layer drift and attention "
+        "divergence, and a severity grade. Writes report.json, report.md and PNG plots into --output.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--reference", required=True, metavar="REF",
+        help="reference model: 'default' (embedded SmolLM2-135M-Instruct), a local folder, a .gguf file or a Hub id",
+    )
+    modified = parser.add_mutually_exclusive_group(required=True)
+    modified.add_argument("--modified", metavar="MOD", help="the modified model (same forms as --reference)")
+    modified.add_argument(
+        "--modification", metavar="SPEC",
+        help="apply this modification to a copy of the reference, e.g. int8, int4-g64, int3-g128-asym",
+    )
+    add_text_arguments(parser)
+    add_model_arguments(parser)
+    parser.add_argument("--layers", action="store_true", help="also measure per-layer hidden-state drift")
+    parser.add_argument(
+        "--attention", action="store_true",
+        help="also measure per-layer attention divergence (Jensen–Shannon; runs eager attention, slower)",
+    )
+    parser.add_argument(
+        "--layer-map", metavar="I,J,...",
+        help="comma-separated modified layer for each reference layer (models of different depth)",
+    )
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder for report.json, report.md and plots")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..compare import compare
+    from ..render import console_table
+
+    text, corpus_label = text_from_arguments(args)
+    layer_map = [int(j) for j in args.layer_map.split(",")] if args.layer_map else None
+    report = compare(
+        args.reference,
+        args.modified,
+        modification=args.modification,
+        text=text,
+        text_label=corpus_label,
+        window=args.window,
+        stride=args.stride,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        layers=args.layers or args.attention,
+        attention=args.attention,
+        layer_map=layer_map,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        progress=not args.quiet,
+    )
+    written = report.save(Path(args.output), plots=not args.no_plots)
+    print(console_table(report))
+    print("\nwrote " + ", ".join(str(path) for path in written.values()))
+    return 0

@@ -1,0 +1,167 @@
+"""Text sources and the fixed token windows both models are measured on.
+
+Windows follow the sliding-window recipe of transformers' perplexity guide: windows of ``window`` tokens that
+start every ``stride`` tokens, where each window scores only the tokens no earlier window scored, so every
+token after the first is predicted exactly once, with up to ``window - stride`` tokens of context.
+
+Example:
+    >>> import torch
+    >>> from hemorrhage_hf.corpus import make_windows
+    >>> windows = make_windows(torch.arange(10), window=4, stride=2)
+    >>> [w.input_ids.tolist() for w in windows], [w.first_scored for w in windows]
+    ([[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9]], [1, 2, 2, 2])
+    >>> sum(w.n_scored for w in windows)
+    9
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .errors import CorpusError
+
+PYTHON_DOCS = "python-docs"
+_RULE_LINE = re.compile(r"^\s*([*=\-~^\"'`#+])\1{2,}\s*$")
+
+
+def python_docs_text() -> str:
+    """The English prose of Python's own documentation (``pydoc_data.topics``), present in every install.
+
+    Topics are joined in sorted order so the corpus is the same on every run; reST rule lines are dropped.
+    """
+    from pydoc_data.topics import topics
+
+    paragraphs = []
+    for name in sorted(topics):
+        lines = [line for line in topics[name].splitlines() if not _RULE_LINE.match(line)]
+        paragraphs.append("\n".join(lines).strip())
+    return "\n\n".join(paragraphs)
+
+
+def read_text_file(path: str | Path) -> str:
+    """Read a UTF-8 text file, failing with the path in the message."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"text file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise CorpusError(f"{path} is not UTF-8 text: {error}") from error
+
+
+def dataset_text(name: str, *, config: str | None = None, split: str = "test", column: str = "text") -> str:
+    """Join one column of a `datasets` dataset (Hub id or local path) into one text."""
+    import datasets
+
+    data = datasets.load_dataset(name, config, split=split)
+    if column not in data.column_names:
+        raise CorpusError(f"dataset {name!r} has no column {column!r}; it has {data.column_names}")
+    return "\n\n".join(row for row in data[column] if row and row.strip())
+
+
+def load_corpus(source: str) -> str:
+    """``"python-docs"`` or a path to a UTF-8 file."""
+    text = python_docs_text() if source == PYTHON_DOCS else read_text_file(source)
+    if not text.strip():
+        raise CorpusError(f"the corpus {source!r} is empty or only whitespace")
+    return text
+
+
+@dataclass(frozen=True)
+class Window:
+    """One model input. Positions ``first_scored..len-1`` are the tokens this window predicts (and scores)."""
+
+    input_ids: torch.Tensor
+    first_scored: int
+
+    @property
+    def n_scored(self) -> int:
+        return len(self.input_ids) - self.first_scored
+
+
+def make_windows(token_ids: torch.Tensor, *, window: int, stride: int | None = None) -> list[Window]:
+    """Cut one token sequence into sliding windows; every token but the first is scored once."""
+    stride = window if stride is None else stride
+    if window < 2:
+        raise CorpusError(f"window must be at least 2 tokens, got {window}")
+    if not 1 <= stride <= window:
+        raise CorpusError(f"stride must be between 1 and the window ({window}), got {stride}")
+    n_tokens = len(token_ids)
+    if n_tokens < 2:
+        raise CorpusError(f"the text has {n_tokens} token(s); at least 2 are needed to score a prediction")
+    windows, scored_until = [], 1
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        windows.append(Window(token_ids[begin:end], first_scored=max(scored_until - begin, 1)))
+        scored_until = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+def tokenize_corpus(
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    *,
+    window: int,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+) -> list[Window]:
+    """Tokenize one long text (no special tokens added) and cut it into windows.
+
+    A text shorter than one window is an error: the figures would not be measured at the context length asked for.
+    """
+    if not text.strip():
+        raise CorpusError("the text is empty or only whitespace")
+    token_ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    if max_tokens is not None:
+        token_ids = token_ids[:max_tokens]
+    if len(token_ids) < window:
+        raise CorpusError(
+            f"the text has {len(token_ids)} tokens{' (after --max-tokens)' if max_tokens else ''}, shorter than one "
+            f"window of {window}; pass a smaller window or a longer text"
+        )
+    return make_windows(token_ids, window=window, stride=stride)
+
+
+def tokenize_documents(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], *, window: int, stride: int | None = None
+) -> list[list[Window]]:
+    """Windows for each of several independent texts; a text shorter than the window is one shorter window."""
+    if not texts:
+        raise CorpusError("no texts given")
+    documents = []
+    for index, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise CorpusError(f"text {index} is empty or only whitespace")
+        token_ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+        if len(token_ids) < 2:
+            raise CorpusError(f"text {index} has {len(token_ids)} token(s); at least 2 are needed")
+        documents.append(make_windows(token_ids, window=window, stride=stride))
+    return documents
+
+
+def calibration_windows(
+    tokenizer: PreTrainedTokenizerBase, text: str, *, n_sequences: int, seq_len: int, seed: int = 0
+) -> torch.Tensor:
+    """``[n_sequences, seq_len]`` token windows drawn from ``text`` at seeded random offsets (for calibration).
+
+    Offsets are drawn without replacement from the non-overlapping window starts, so sequences never repeat.
+    """
+    if n_sequences < 1 or seq_len < 2:
+        raise CorpusError(f"calibration needs n_sequences ≥ 1 and seq_len ≥ 2, got {n_sequences} × {seq_len}")
+    token_ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    n_available = len(token_ids) // seq_len
+    if n_available < n_sequences:
+        raise CorpusError(
+            f"calibration text too short: {len(token_ids)} tokens hold {n_available} windows of {seq_len}, "
+            f"{n_sequences} asked for"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(n_available, generator=generator)[:n_sequences].sort().values * seq_len
+    return torch.stack([token_ids[start : start + seq_len] for start in starts.tolist()])
