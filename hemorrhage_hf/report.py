@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import HemorrhageError
+
 SEVERITY_KL_BANDS = (("none", 0.01), ("mild", 0.1), ("moderate", 0.5))
 COLLAPSE_PPL_RATIO = 10.0
 COLLAPSE_TOP1_AGREEMENT = 0.25
@@ -74,6 +76,13 @@ class LayerFigures:
     cosine_distance: list[float]
     relative_l2: list[float]
     attention_js: list[float] | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerFigures | None:
+        """The layer arrays of a :meth:`HemorrhageReport.to_dict`, or None when it has none."""
+        if data.get("layer_map") is None:
+            return None
+        return cls(data["layer_map"], data["layer_cosine_distance"], data["layer_relative_l2"], data.get("layer_attention_js"))
 
     def to_dict(self) -> dict:
         return {
@@ -181,6 +190,26 @@ class HemorrhageReport:
             data.update(self.layers.to_dict())
         data["metadata"] = self.metadata
         return _json_safe(data)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HemorrhageReport:
+        """Inverse of :meth:`to_dict`; per-token arrays are not saved, so ``tokens`` is None (non-finite figures stay null)."""
+        if not isinstance(data, dict) or "severity" not in data:
+            raise HemorrhageError("not a hemorrhage report: it has no 'severity' figure")
+        layer_keys = LayerFigures(layer_map=[], cosine_distance=[], relative_l2=[]).to_dict().keys()
+        figures = {key: value for key, value in data.items() if key != "metadata" and key not in layer_keys}
+        return cls(figures=figures, layers=LayerFigures.from_dict(data), metadata=dict(data.get("metadata") or {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> HemorrhageReport:
+        """Read a ``report.json`` written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise HemorrhageError(f"report file not found: {path}")
+        try:
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as error:
+            raise HemorrhageError(f"{path} is not a hemorrhage report JSON: {error}") from error
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
