@@ -1,8 +1,10 @@
 """Text sources and the fixed token windows both models are measured on.
 
 Windows follow the sliding-window recipe of transformers' perplexity guide: windows of ``window`` tokens that
-start every ``stride`` tokens, where each window scores only the tokens no earlier window scored, so every
-token after the first is predicted exactly once, with up to ``window - stride`` tokens of context.
+start every ``stride`` tokens, where each window scores only the tokens no earlier window scored, with up to
+``window - stride`` tokens of extra context. With ``stride < window`` every token after the first is scored exactly
+once. With ``stride == window`` (non-overlapping windows, the fastest) the first token of each later window has no
+context inside its window and is not scored either; ``n_tokens`` in a report always counts exactly what was scored.
 
 Example:
     >>> import torch
@@ -85,7 +87,7 @@ class Window:
 
 
 def make_windows(token_ids: torch.Tensor, *, window: int, stride: int | None = None) -> list[Window]:
-    """Cut one token sequence into sliding windows; every token but the first is scored once."""
+    """Cut one token sequence into sliding windows; no token is scored twice (see the module docstring)."""
     stride = window if stride is None else stride
     if window < 2:
         raise CorpusError(f"window must be at least 2 tokens, got {window}")

@@ -48,8 +48,9 @@ def _kl_from_probs(probs: torch.Tensor, other_logprobs: torch.Tensor) -> torch.T
 
 
 def cosine_distance(reference: torch.Tensor, modified: torch.Tensor) -> torch.Tensor:
-    """1 − cos(ref, mod) over the last dimension."""
-    return 1.0 - torch.nn.functional.cosine_similarity(reference.float(), modified.float(), dim=-1, eps=1e-12)
+    """1 − cos(ref, mod) over the last dimension, clamped at 0 (rounding can push cos a hair above 1)."""
+    similarity = torch.nn.functional.cosine_similarity(reference.float(), modified.float(), dim=-1, eps=1e-12)
+    return (1.0 - similarity).clamp_min(0.0)
 
 
 def relative_l2(reference: torch.Tensor, modified: torch.Tensor) -> torch.Tensor:

@@ -106,7 +106,14 @@ def summarize(tokens: TokenArrays) -> dict[str, float | int]:
     n = int(finite.sum())
     non_finite = len(tokens) - n
     if n == 0:
-        return {"n_tokens": len(tokens), "non_finite_tokens": non_finite, "ppl_modified": math.inf, "ppl_ratio": math.inf}
+        return {
+            "n_tokens": len(tokens),
+            "non_finite_tokens": non_finite,
+            "ppl_reference": math.exp(float(tokens.reference_nll.astype(np.float64).mean())),
+            "ppl_modified": math.inf,
+            "ppl_ratio": math.inf,
+            "severity": "collapse",
+        }
     kl = tokens.kl[finite].astype(np.float64)
     reference_nll = tokens.reference_nll[finite].astype(np.float64)
     modified_nll = tokens.modified_nll[finite].astype(np.float64)

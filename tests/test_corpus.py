@@ -1,0 +1,79 @@
+"""Token windows: every token but the first scored exactly once; bad text rejected with a reason."""
+
+import pytest
+import torch
+
+from hemorrhage_hf.corpus import (
+    calibration_windows,
+    load_corpus,
+    make_windows,
+    python_docs_text,
+    tokenize_corpus,
+    tokenize_documents,
+)
+from hemorrhage_hf.errors import CorpusError
+
+
+def _scored(n_tokens, window, stride):
+    scored = []
+    for w in make_windows(torch.arange(n_tokens), window=window, stride=stride):
+        assert len(w.input_ids) <= window
+        scored += w.input_ids[w.first_scored :].tolist()
+    return scored
+
+
+@pytest.mark.parametrize(("n_tokens", "window", "stride"), [(10, 4, 2), (1000, 128, 32), (130, 128, 64), (7, 7, 3)])
+def test_overlapping_windows_score_every_token_once(n_tokens, window, stride):
+    assert _scored(n_tokens, window, stride) == list(range(1, n_tokens))
+
+
+def test_non_overlapping_windows_skip_only_each_window_start():
+    # Token 4 and 8 open windows 2 and 3: they have no context inside their window.
+    assert _scored(10, 4, 4) == [1, 2, 3, 5, 6, 7, 9]
+
+
+def test_windows_keep_context_when_strided():
+    windows = make_windows(torch.arange(20), window=8, stride=4)
+    assert all(w.first_scored >= 4 for w in windows[1:])
+
+
+@pytest.mark.parametrize(("window", "stride"), [(1, 1), (8, 0), (8, 9)])
+def test_bad_window_arguments(window, stride):
+    with pytest.raises(CorpusError):
+        make_windows(torch.arange(20), window=window, stride=stride)
+
+
+def test_python_docs_corpus_is_english_prose_and_stable():
+    text = python_docs_text()
+    assert len(text) > 300_000
+    assert "statement" in text and "\n*****" not in text
+    assert text == python_docs_text()
+
+
+def test_bad_text_inputs(tmp_path, smollm2):
+    _, tokenizer = smollm2
+    with pytest.raises(CorpusError, match="empty"):
+        tokenize_corpus(tokenizer, "  \n\t ", window=16)
+    with pytest.raises(CorpusError, match="shorter than one window"):
+        tokenize_corpus(tokenizer, "A few words only.", window=512)
+    with pytest.raises(CorpusError, match="text 1 is empty"):
+        tokenize_documents(tokenizer, ["fine text here", ""], window=16)
+    with pytest.raises(CorpusError, match="not found"):
+        load_corpus(str(tmp_path / "missing.txt"))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(CorpusError, match="not UTF-8"):
+        load_corpus(str(tmp_path / "latin1.txt"))
+    (tmp_path / "blank.txt").write_text("\n\n")
+    with pytest.raises(CorpusError, match="empty"):
+        load_corpus(str(tmp_path / "blank.txt"))
+
+
+def test_calibration_windows_seeded_distinct_and_bounded(smollm2):
+    _, tokenizer = smollm2
+    text = python_docs_text()[:20_000]
+    first = calibration_windows(tokenizer, text, n_sequences=4, seq_len=64, seed=3)
+    assert first.shape == (4, 64)
+    assert torch.equal(first, calibration_windows(tokenizer, text, n_sequences=4, seq_len=64, seed=3))
+    assert len({tuple(row.tolist()) for row in first}) == 4
+    with pytest.raises(CorpusError, match="too short"):
+        calibration_windows(tokenizer, text[:500], n_sequences=64, seq_len=512)
