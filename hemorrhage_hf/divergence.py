@@ -71,19 +71,37 @@ class TokenStatistics:
     finite: torch.Tensor
 
 
+#: Rows per chunk in :func:`token_statistics`: bounds the fp32 temporaries of a 49k vocabulary to ~25 MB each.
+STATISTICS_CHUNK_ROWS = 128
+
+
 def token_statistics(
     reference_logits: torch.Tensor, modified_logits: torch.Tensor, targets: torch.Tensor
 ) -> TokenStatistics:
     """Compare two models' next-token logits ``[n, vocab]`` at positions whose true next tokens are ``targets``.
 
     ``finite`` marks positions where the modified logits hold no NaN/inf; their other figures are meaningless and
-    callers must count, not average, them.
+    callers must count, not average, them. Rows are processed in chunks so memory stays flat in ``n``.
     """
     if reference_logits.shape != modified_logits.shape:
         raise ValueError(
             f"logit shapes differ: {tuple(reference_logits.shape)} vs {tuple(modified_logits.shape)} "
             "(do the models share a vocabulary?)"
         )
+    chunks = [
+        _chunk_statistics(reference_logits[start:stop], modified_logits[start:stop], targets[start:stop])
+        for start, stop in _chunk_bounds(len(targets), STATISTICS_CHUNK_ROWS)
+    ]
+    return TokenStatistics(**{name: torch.cat([vars(chunk)[name] for chunk in chunks]) for name in vars(chunks[0])})
+
+
+def _chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + size, n)) for start in range(0, max(n, 1), size)]
+
+
+def _chunk_statistics(
+    reference_logits: torch.Tensor, modified_logits: torch.Tensor, targets: torch.Tensor
+) -> TokenStatistics:
     finite = torch.isfinite(modified_logits).all(-1)
     reference_logprobs = log_probs(reference_logits)
     modified_logprobs = log_probs(modified_logits)
