@@ -12,7 +12,7 @@ import sys
 
 from .errors import HemorrhageError
 
-COMMANDS = ("report", "install_metric")
+COMMANDS = ("report", "install_metric", "card", "space")
 
 
 def build_parser() -> argparse.ArgumentParser:
