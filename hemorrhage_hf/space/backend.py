@@ -1,0 +1,261 @@
+"""What the Space computes, without any gradio: the model allow-list and cache, one bounded comparison, greedy
+generations side by side, and the token-by-token KL rendering. :mod:`hemorrhage_hf.space.ui` lays it out.
+
+Visitors choose a model by its allow-list *label*; only the operator's allow-list maps labels to sources, so a
+path or Hub id typed by a visitor is never loaded.
+
+Example:
+    >>> from hemorrhage_hf.space.backend import ModelCache, SpaceLimits, run_comparison
+    >>> cache = ModelCache()
+    >>> comparison = run_comparison(cache, "SmolLM2-135M-Instruct", "int4-g64", "Some text to measure on ...",
+    ...                             prompt="What is a list?", limits=SpaceLimits())  # doctest: +SKIP
+    >>> comparison.report.severity  # doctest: +SKIP
+    'moderate'
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
+
+from ..compare import CalibrationSettings, resolve_pair
+from ..corpus import PYTHON_DOCS, tokenize_corpus
+from ..errors import HemorrhageError
+from ..measure import measure
+from ..modify import parse_spec
+from ..report import HemorrhageReport
+
+DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct"
+#: label → model source. The operator may replace it with ``HEMORRHAGE_SPACE_MODELS="label=source,..."``.
+DEFAULT_ALLOW_LIST = {DEFAULT_MODEL_LABEL: "default"}
+ALLOW_LIST_ENVIRONMENT = "HEMORRHAGE_SPACE_MODELS"
+TEXT_LABEL = "text typed in the Space"
+#: KL (nats) at which a token's colour saturates in the token view; below it the shade goes as √KL, so that
+#: 0.01, 0.1 and 1 nat stay distinguishable.
+KL_COLOUR_SATURATION = 4.0
+
+
+@dataclass(frozen=True)
+class SpaceLimits:
+    """Bounds on what one request may cost (CPU seconds and memory)."""
+
+    text_tokens: int = 512
+    new_tokens: int = 64
+    sweep_levels: int = 6
+    sweep_tokens: int = 256
+    cached_modified_models: int = 2
+    #: Calibration data for modifications that need it (Wanda, AWQ...): small, so one request stays interactive.
+    calibration: CalibrationSettings = field(
+        default_factory=lambda: CalibrationSettings(text_source=PYTHON_DOCS, n_sequences=4, seq_len=256)
+    )
+
+
+def allow_list_from_environment() -> dict[str, str]:
+    """The operator's allow-list from :data:`ALLOW_LIST_ENVIRONMENT`, else :data:`DEFAULT_ALLOW_LIST`."""
+    configured = os.environ.get(ALLOW_LIST_ENVIRONMENT, "").strip()
+    if not configured:
+        return dict(DEFAULT_ALLOW_LIST)
+    allow_list = {}
+    for entry in configured.split(","):
+        label, separator, source = entry.partition("=")
+        if not separator or not label.strip() or not source.strip():
+            raise HemorrhageError(f"{ALLOW_LIST_ENVIRONMENT} entries are label=source, got {entry!r}")
+        allow_list[label.strip()] = source.strip()
+    return allow_list
+
+
+class ModelCache:
+    """Reference models by allow-list label, and modified copies by (label, spec), least recently used first out.
+
+    One lock serialises loads and modifications: two requests for the same model never load it twice.
+    """
+
+    def __init__(self, allow_list: dict[str, str] | None = None, limits: SpaceLimits | None = None):
+        self.allow_list = dict(allow_list if allow_list is not None else allow_list_from_environment())
+        self.limits = limits or SpaceLimits()
+        self._references: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+        self._modified: OrderedDict[tuple[str, str], PreTrainedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _source(self, label: str) -> str:
+        if label not in self.allow_list:
+            raise HemorrhageError(f"model {label!r} is not offered here; choose one of {sorted(self.allow_list)}")
+        return self.allow_list[label]
+
+    def reference(self, label: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        source = self._source(label)
+        with self._lock:
+            if label not in self._references:
+                from ..models import load_model
+
+                self._references[label] = load_model(source)
+            return self._references[label]
+
+    def modified(self, label: str, spec: str) -> PreTrainedModel:
+        """``spec`` applied to a copy of the labelled model (validated before any work)."""
+        spec = parse_spec(spec).spec
+        reference, tokenizer = self.reference(label)
+        key = (label, spec)
+        with self._lock:
+            if key in self._modified:
+                self._modified.move_to_end(key)
+                return self._modified[key]
+            _, modified, _ = resolve_pair(
+                reference, modification=spec, tokenizer=tokenizer, calibration=self.limits.calibration
+            )
+            self._modified[key] = modified
+            while len(self._modified) > self.limits.cached_modified_models:
+                self._modified.popitem(last=False)
+            return modified
+
+
+def bounded_text_windows(tokenizer: PreTrainedTokenizerBase, text: str, limits: SpaceLimits):
+    """The text as one window, refused (not cut) when longer than the limit so the visitor sees what was measured."""
+    n_tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
+    if n_tokens > limits.text_tokens:
+        raise HemorrhageError(f"the text has {n_tokens} tokens; this Space measures at most {limits.text_tokens}")
+    return tokenize_corpus(tokenizer, text, window=max(n_tokens, 2))
+
+
+def token_pieces(tokenizer: PreTrainedTokenizerBase, text: str, target_ids: np.ndarray) -> list[str]:
+    """The text of each scored token (all but the first), sliced from the text itself so it reads exactly.
+
+    Each token gets the text from its start to the next token's start (byte-level tokens that split one
+    character share it: the first gets it, the others get ""). Without offsets (slow tokenizers) tokens are decoded.
+    """
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=tokenizer.is_fast)
+    ids = encoding.input_ids
+    if not tokenizer.is_fast or list(ids[1:]) != target_ids.tolist():
+        return [tokenizer.decode([int(token)]) for token in target_ids]
+    starts = [start for start, _ in encoding.offset_mapping] + [len(text)]
+    starts = np.maximum.accumulate(starts).tolist()
+    return [text[starts[i] : starts[i + 1]] for i in range(1, len(ids))]
+
+
+def token_kl_html(first_piece: str, pieces: list[str], kl: np.ndarray, finite: np.ndarray) -> str:
+    """The text with every token's background red in proportion to its KL; hovering shows the number."""
+    spans = [f'<span title="context only">{html.escape(first_piece)}</span>']
+    for piece, value, ok in zip(pieces, kl.tolist(), finite.tolist()):
+        if not piece:
+            continue
+        if not ok:
+            spans.append(f'<span style="background:#000;color:#fff" title="NaN/inf logits">{html.escape(piece)}</span>')
+            continue
+        alpha = min(max(value, 0.0) / KL_COLOUR_SATURATION, 1.0) ** 0.5 * 0.85
+        spans.append(
+            f'<span style="background:rgba(178,34,34,{alpha:.3f})" title="KL {value:.4f} nats">{html.escape(piece)}</span>'
+        )
+    legend = (
+        f"<p style='font-size:0.85em'>Shade = KL(P_ref ‖ P_mod) of the two models' predictions of that token "
+        f"(√ scale, full red at {KL_COLOUR_SATURATION:g} nats or more). Hover a token for its value.</p>"
+    )
+    body = "".join(spans)
+    return f"<div class='hemorrhage-tokens' style='white-space:pre-wrap;line-height:1.7'>{body}</div>{legend}"
+
+
+def chat_input_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch.Tensor:
+    """The prompt as one user turn when the tokenizer has a chat template, else as plain text."""
+    if tokenizer.chat_template:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    return tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+
+
+@torch.inference_mode()
+def greedy_generation(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    logits_processor: LogitsProcessorList | None = None,
+) -> str:
+    """Greedy continuation, so that any difference between models comes from the models, not from sampling."""
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    output = model.generate(
+        prompt_ids, attention_mask=torch.ones_like(prompt_ids), generation_config=config, logits_processor=logits_processor
+    )
+    return tokenizer.decode(output[0, prompt_ids.shape[1]:], skip_special_tokens=True)
+
+
+@dataclass
+class Comparison:
+    """One request's results: the report and what the page shows of it."""
+
+    report: HemorrhageReport
+    token_html: str
+    plots: dict[str, Path]
+    generations: dict[str, str]
+
+
+def run_comparison(
+    cache: ModelCache,
+    model_label: str,
+    spec: str,
+    text: str,
+    *,
+    prompt: str = "",
+    max_new_tokens: int = 32,
+    limits: SpaceLimits | None = None,
+    attention: bool = True,
+    output_dir: Path | None = None,
+    on_step: Callable[[float, str], None] = lambda fraction, description: None,
+) -> Comparison:
+    """Measure ``spec`` applied to the labelled model on ``text``; plot it; generate from ``prompt`` with both.
+
+    ``on_step(fraction_done, description)`` is told as each stage starts (the Space's progress bar).
+    """
+    from ..render import plot_kl_distribution, plot_layers
+
+    limits = limits or cache.limits
+    if not 0 <= max_new_tokens <= limits.new_tokens:
+        raise HemorrhageError(f"new tokens must be between 0 and {limits.new_tokens}, got {max_new_tokens}")
+    modification = parse_spec(spec)  # a bad spec fails before any model loads
+    on_step(0.0, f"loading {model_label}")
+    reference, tokenizer = cache.reference(model_label)
+    windows = bounded_text_windows(tokenizer, text, limits)
+    on_step(0.15, f"applying {modification.spec}")
+    modified = cache.modified(model_label, modification.spec)
+    on_step(0.35, "measuring")
+    metadata = {
+        "reference": model_label,
+        "modified": f"{model_label} + {modification.spec}",
+        "modification": modification.spec,
+        "corpus": TEXT_LABEL,
+        "window": len(windows[0].input_ids),
+        "stride": len(windows[0].input_ids),
+        "n_windows": len(windows),
+    }
+    report = measure(reference, modified, windows, layers=True, attention=attention, progress=False, metadata=metadata)
+    pieces = token_pieces(tokenizer, text, report.tokens.target_ids)
+    first_piece = tokenizer.decode(windows[0].input_ids[:1])
+    token_html = token_kl_html(first_piece, pieces, report.tokens.kl, report.tokens.finite)
+
+    on_step(0.6, "plotting")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    output_dir = Path(output_dir or tempfile.mkdtemp(prefix="hemorrhage-space-"))
+    plots = {"Per-layer drift and attention divergence": output_dir / "layer_drift.png",
+             "KL distribution": output_dir / "kl_distribution.png"}
+    plot_layers(report, plots["Per-layer drift and attention divergence"])
+    plot_kl_distribution(report, plots["KL distribution"])
+
+    generations = {}
+    if prompt.strip() and max_new_tokens > 0:
+        on_step(0.7, "generating")
+        prompt_ids = chat_input_ids(tokenizer, prompt)
+        generations["reference"] = greedy_generation(reference, tokenizer, prompt_ids, max_new_tokens)
+        generations["modified"] = greedy_generation(modified, tokenizer, prompt_ids, max_new_tokens)
+    return Comparison(report=report, token_html=token_html, plots=plots, generations=generations)

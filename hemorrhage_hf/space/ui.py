@@ -1,0 +1,165 @@
+"""The Gradio Blocks of the Space: Compare, Threshold and Model card tabs over :mod:`hemorrhage_hf.space.backend`.
+
+Gradio is imported here only, and this module only by :func:`hemorrhage_hf.space.build_demo`: importing the
+package never pays gradio's seconds.
+
+Example:
+    >>> from hemorrhage_hf.space import build_demo, launch
+    >>> demo = build_demo()  # doctest: +SKIP
+    >>> launch(demo, port=7860)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import gradio as gr
+
+from ..cards import CardOptions, comparison_rows, render_section
+from ..errors import HemorrhageError
+from ..modify import known_specs, parse_spec
+from ..report import HemorrhageReport
+from .backend import ModelCache, run_comparison
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+#: Offered in the modification menu when the registry parses them; visitors may type any other spec.
+SUGGESTED_SPECS = ("int8", "int4-g128", "int4-g64", "int3-g64", "int2-g64")
+FIGURE_HEADERS = ["figure", "reference", "modified"]
+GENERATION_LABELS = {"reference": "Reference", "modified": "Modified"}
+
+INTRO = """# Model hemorrhage
+Pick a model and a modification and watch how much it bleeds: both models read the same text, and every
+token's next-token distributions are compared (KL divergence, perplexity, top-1 agreement, Δp), layer by layer.
+*Ma et al., 2025, "Model Hemorrhage and the Robustness Limits of Large Language Models"
+([arXiv:2503.23924](https://arxiv.org/abs/2503.23924)).*"""
+
+
+def sample_text() -> str:
+    """A passage of Python's own documentation (present in every Python install) to measure on by default."""
+    from pydoc_data.topics import topics
+
+    return topics["truth"].split("\n", 3)[3].strip()
+
+
+def spec_choices() -> list[str]:
+    """Suggested specs the registry accepts, then one example of every registered kind."""
+    choices = []
+    for spec in (*SUGGESTED_SPECS, *known_specs()):
+        try:
+            canonical = parse_spec(spec).spec
+        except HemorrhageError:
+            continue
+        if canonical not in choices:
+            choices.append(canonical)
+    return choices
+
+
+def _gradio_errors(function):
+    """Show documented input errors to the visitor as a Gradio error message, not a stack trace."""
+
+    @functools.wraps(function)  # keeps the signature: gradio finds the gr.Progress argument through it
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except HemorrhageError as error:
+            raise gr.Error(str(error)) from error
+
+    return wrapper
+
+
+def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
+    """The Space's Blocks (queued; one heavy request at a time, since they all share the CPU)."""
+    cache = cache or ModelCache()
+    limits = cache.limits
+    model_labels = list(cache.allow_list)
+
+    @_gradio_errors
+    def compare(model_label, spec, text, prompt, new_tokens, progress=gr.Progress()):
+        comparison = run_comparison(
+            cache, model_label, spec, text, prompt=prompt, max_new_tokens=int(new_tokens), limits=limits,
+            on_step=lambda fraction, description: progress(fraction, desc=description),
+        )
+        report = comparison.report
+        generations = [comparison.generations.get(key, "") for key in GENERATION_LABELS]
+        severity = f"### Severity: **{report.severity}**  \n{report.metadata['modified']}, {report.figures['n_tokens']} scored tokens"
+        return (
+            severity,
+            [list(row) for row in comparison_rows(report)],
+            str(comparison.plots["Per-layer drift and attention divergence"]),
+            str(comparison.plots["KL distribution"]),
+            comparison.token_html,
+            *generations,
+            report.to_dict(),
+            report.to_dict(),
+        )
+
+    @_gradio_errors
+    def card_section(report_data):
+        if not report_data:
+            raise HemorrhageError("run a comparison on the Compare tab first")
+        section = render_section(HemorrhageReport.from_dict(report_data), CardOptions())
+        return section, section
+
+    with gr.Blocks(title="Model hemorrhage") as demo:
+        gr.Markdown(INTRO)
+        report_state = gr.State(None)
+        with gr.Row():
+            model = gr.Dropdown(model_labels, value=model_labels[0], label="Model", elem_id="model")
+            spec = gr.Dropdown(
+                spec_choices(), value="int4-g64", allow_custom_value=True, label="Modification", elem_id="spec",
+                info="Pick one or type a spec; known forms: " + ", ".join(known_specs()),
+            )
+        with gr.Tabs():
+            with gr.Tab("Compare", id="compare"):
+                text = gr.Textbox(
+                    sample_text(), lines=8, max_lines=16, max_length=limits.text_tokens * 12, elem_id="text",
+                    label=f"Text to measure on (at most {limits.text_tokens} tokens)",
+                )
+                with gr.Row():
+                    prompt = gr.Textbox("What does the Python `len` function do?", label="Prompt for generations", scale=3)
+                    new_tokens = gr.Slider(0, limits.new_tokens, value=min(32, limits.new_tokens), step=1,
+                                           label="New tokens (greedy)", scale=1)
+                run = gr.Button("Compare", variant="primary", elem_id="compare-button")
+                severity = gr.Markdown(elem_id="severity")
+                table = gr.Dataframe(headers=FIGURE_HEADERS, interactive=False, label="Figures", elem_id="figures-table")
+                with gr.Row():
+                    layer_plot = gr.Image(type="filepath", label="Per-layer drift and attention divergence",
+                                          elem_id="layer-plot", interactive=False)
+                    kl_plot = gr.Image(type="filepath", label="KL distribution", elem_id="kl-plot", interactive=False)
+                tokens = gr.HTML(label="Where it bleeds, token by token", elem_id="token-kl")
+                with gr.Row():
+                    generation_boxes = [
+                        gr.Textbox(label=f"{title} generation", lines=6, interactive=False, elem_id=f"generation-{key}")
+                        for key, title in GENERATION_LABELS.items()
+                    ]
+                with gr.Accordion("Report (JSON)", open=False):
+                    report_json = gr.JSON()
+            with gr.Tab("Model card", id="card"):
+                gr.Markdown(
+                    "The section `hemorrhage-hf card REPORT --readme README.md` writes into a model card (with its "
+                    "model-index eval results and plot images), for the last comparison."
+                )
+                make_card = gr.Button("Write the card section", elem_id="card-button")
+                card_code = gr.Code(language="markdown", buttons=["copy", "download"], label="README section",
+                                    elem_id="card-markdown")
+                card_preview = gr.Markdown()
+
+        heavy = dict(concurrency_id="cpu", concurrency_limit=1)
+        run.click(
+            compare, [model, spec, text, prompt, new_tokens],
+            [severity, table, layer_plot, kl_plot, tokens, *generation_boxes, report_json, report_state],
+            api_name="compare", **heavy,
+        )
+        make_card.click(card_section, [report_state], [card_code, card_preview], api_name="card_section")
+    demo.queue(max_size=16, default_concurrency_limit=1)
+    return demo
+
+
+def launch(demo: gr.Blocks, *, host: str | None = None, port: int | None = None, **launch_arguments):
+    """Serve the demo on 127.0.0.1 unless told otherwise (Spaces set ``GRADIO_SERVER_NAME``)."""
+    host = host or os.environ.get("GRADIO_SERVER_NAME", DEFAULT_HOST)
+    port = port or int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT))
+    return demo.launch(server_name=host, server_port=port, footer_links=["api"], **launch_arguments)
+
