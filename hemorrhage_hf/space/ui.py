@@ -123,12 +123,14 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
                                            label="New tokens (greedy)", scale=1)
                 run = gr.Button("Compare", variant="primary", elem_id="compare-button")
                 severity = gr.Markdown(elem_id="severity")
-                table = gr.Dataframe(headers=FIGURE_HEADERS, interactive=False, label="Figures", elem_id="figures-table")
                 with gr.Row():
-                    layer_plot = gr.Image(type="filepath", label="Per-layer drift and attention divergence",
-                                          elem_id="layer-plot", interactive=False)
+                    table = gr.Dataframe(headers=FIGURE_HEADERS, interactive=False, label="Figures", max_height=720,
+                                         elem_id="figures-table")
                     kl_plot = gr.Image(type="filepath", label="KL distribution", elem_id="kl-plot", interactive=False)
-                tokens = gr.HTML(label="Where it bleeds, token by token", elem_id="token-kl")
+                layer_plot = gr.Image(type="filepath", label="Per-layer drift and attention divergence",
+                                      elem_id="layer-plot", interactive=False)
+                gr.Markdown("#### Where it bleeds, token by token")
+                tokens = gr.HTML(elem_id="token-kl")
                 with gr.Row():
                     generation_boxes = [
                         gr.Textbox(label=f"{title} generation", lines=6, interactive=False, elem_id=f"generation-{key}")

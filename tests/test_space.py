@@ -1,0 +1,160 @@
+"""The Space on the real SmolLM2: its bounds and allow-list, its API through gradio_client, and its page in headless
+Chromium (Debian's package, driven by Playwright; nothing downloads a browser)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hemorrhage_hf.errors import HemorrhageError
+from hemorrhage_hf.space.backend import (
+    DEFAULT_MODEL_LABEL,
+    ModelCache,
+    SpaceLimits,
+    allow_list_from_environment,
+    bounded_text_windows,
+    token_kl_html,
+    token_pieces,
+)
+
+TEXT = "Any object can be tested for truth value, for use in an if or while condition."
+#: Screenshots of the browser test are kept here (ignored by git, like every PNG outside model_cards/).
+ARTIFACTS = Path(os.environ.get("HEMORRHAGE_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.parametrize("typed", ["/etc/passwd", "default", "HuggingFaceTB/SmolLM2-135M-Instruct", "../model"])
+def test_a_model_typed_by_a_visitor_is_never_loaded(typed):
+    with pytest.raises(HemorrhageError, match="is not offered here"):
+        ModelCache().reference(typed)
+
+
+def test_operator_allow_list_from_the_environment(monkeypatch):
+    monkeypatch.setenv("HEMORRHAGE_SPACE_MODELS", "Small=default, Local = /models/x")
+    assert allow_list_from_environment() == {"Small": "default", "Local": "/models/x"}
+    monkeypatch.setenv("HEMORRHAGE_SPACE_MODELS", "no-source")
+    with pytest.raises(HemorrhageError, match="label=source"):
+        allow_list_from_environment()
+    monkeypatch.delenv("HEMORRHAGE_SPACE_MODELS")
+    assert allow_list_from_environment() == {DEFAULT_MODEL_LABEL: "default"}
+
+
+def test_text_longer_than_the_limit_is_refused(smollm2):
+    _, tokenizer = smollm2
+    with pytest.raises(HemorrhageError, match="this Space measures at most 8"):
+        bounded_text_windows(tokenizer, TEXT, SpaceLimits(text_tokens=8))
+    (window,) = bounded_text_windows(tokenizer, TEXT, SpaceLimits(text_tokens=64))
+    assert window.first_scored == 1 and len(window.input_ids) == len(tokenizer(TEXT).input_ids)
+
+
+def test_token_view_reproduces_the_text_and_escapes_html(smollm2):
+    _, tokenizer = smollm2
+    text = "<script>alert('x')</script>  Ünïcödé 日本語\n\ttabs & more"
+    (window,) = bounded_text_windows(tokenizer, text, SpaceLimits())
+    pieces = token_pieces(tokenizer, text, window.input_ids[1:].numpy())
+    first = tokenizer.decode(window.input_ids[:1])
+    assert first + "".join(pieces) == text
+    kl = np.linspace(0, 5, len(pieces), dtype=np.float32)
+    finite = np.ones(len(pieces), dtype=bool)
+    finite[-1] = False
+    rendered = token_kl_html(first, pieces, kl, finite)
+    assert "<script" not in rendered and "</script" not in rendered and rendered.count("&lt;") == 2
+    assert 'title="KL 5.0000 nats"' not in rendered  # the last token's logits were not finite
+    assert 'title="NaN/inf logits"' in rendered and "rgba(178,34,34,0.850)" in rendered
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def space_url():
+    """The Space served on 127.0.0.1 for this module, with tiny generation limits."""
+    from hemorrhage_hf.space import build_demo, launch
+
+    demo = build_demo(ModelCache(limits=SpaceLimits(new_tokens=4)))
+    _, url, _ = launch(demo, port=_free_port(), prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+def test_api_compare_then_card_section(space_url, tmp_path):
+    from gradio_client import Client
+
+    assert space_url.startswith("http://127.0.0.1:")
+    client = Client(space_url, download_files=str(tmp_path), verbose=False)
+    severity, table, layer_plot, kl_plot, tokens_html, reference_text, modified_text, report = client.predict(
+        DEFAULT_MODEL_LABEL, "int4-g64", TEXT, "Name a colour.", 4, api_name="/compare"
+    )
+    assert report["metadata"]["modification"] == "int4-g64" and report["n_tokens"] == 17
+    assert report["kl_mean"] > 0.05 and report["ppl_ratio"] > 1  # int4 on SmolLM2 bleeds visibly
+    assert len(report["layer_attention_js"]) == 30 and max(report["layer_cosine_distance"]) > 0
+    assert f"**{report['severity']}**" in severity
+    rows = {row[0]: row[1:] for row in table["data"]}
+    assert rows["KL mean (nats)"][1].startswith(f"{report['kl_mean']:.5f}")
+    assert rows["severity"] == ["—", report["severity"]]
+    for png in (layer_plot, kl_plot):
+        assert Path(png).read_bytes()[:4] == b"\x89PNG"
+    assert tokens_html.count('title="KL ') == report["n_tokens"]  # each scored token; the first is context only
+    assert reference_text and modified_text
+
+    section, preview = client.predict(api_name="/card_section")
+    assert section.startswith("## Hemorrhage report") and section == preview
+    assert f"{report['kl_mean']:.5f}" in section
+
+
+@pytest.mark.parametrize(("model", "spec", "message"), [
+    (DEFAULT_MODEL_LABEL, "int99", "bits must be between 2 and 8"),
+    ("/etc/passwd", "int8", "not in the list of choices"),
+])
+def test_api_reports_bad_input(space_url, model, spec, message):
+    from gradio_client import Client
+
+    client = Client(space_url, verbose=False)
+    with pytest.raises(Exception, match=message):
+        client.predict(model, spec, TEXT, "", 0, api_name="/compare")
+
+
+def _chromium() -> str:
+    """Debian's chromium; missing, the test fails where `make install` could have installed it (as root)."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        message = "Debian's chromium is not installed (`make install` installs it when run as root)"
+        if os.geteuid() == 0 or os.environ.get("HEMORRHAGE_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return chromium
+
+
+@pytest.mark.browser
+def test_page_runs_a_comparison_in_chromium(space_url):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(space_url)
+            page.fill("#text textarea", TEXT)
+            page.click("#compare-button")
+            table = page.locator("#figures-table")
+            expect(table).to_contain_text("KL mean (nats)", timeout=240_000)
+            expect(table).to_contain_text("top-1 agreement")
+            expect(page.locator("#severity")).to_contain_text("Severity:")
+            plot = page.locator("#layer-plot img")
+            expect(plot).to_be_visible()
+            assert plot.evaluate("image => image.complete && image.naturalWidth") > 400
+            expect(page.locator("#token-kl span[title^='KL ']").first).to_be_visible()
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=ARTIFACTS / "space-compare.png", full_page=True)
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "space-compare.png").stat().st_size > 10_000
