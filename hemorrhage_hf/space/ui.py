@@ -16,7 +16,7 @@ import os
 
 import gradio as gr
 
-from ..cards import CardOptions, comparison_rows, render_section
+from ..cards import CardOptions, comparison_rows, render_section, update_card_text
 from ..errors import HemorrhageError
 from ..modify import known_specs, parse_spec
 from ..report import HemorrhageReport
@@ -82,6 +82,7 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
             on_step=lambda fraction, description: progress(fraction, desc=description),
         )
         report = comparison.report
+        report_data = report.to_dict()
         generations = [comparison.generations.get(key, "") for key in GENERATION_LABELS]
         severity = f"### Severity: **{report.severity}**  \n{report.metadata['modified']}, {report.figures['n_tokens']} scored tokens"
         return (
@@ -91,16 +92,16 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
             str(comparison.plots["KL distribution"]),
             comparison.token_html,
             *generations,
-            report.to_dict(),
-            report.to_dict(),
+            report_data,
+            report_data,
         )
 
     @_gradio_errors
-    def card_section(report_data):
+    def card_section(report_data, model_name):
         if not report_data:
             raise HemorrhageError("run a comparison on the Compare tab first")
-        section = render_section(HemorrhageReport.from_dict(report_data), CardOptions())
-        return section, section
+        report, options = HemorrhageReport.from_dict(report_data), CardOptions(model_name=model_name.strip() or None)
+        return update_card_text("", report, options), render_section(report, options)
 
     with gr.Blocks(title="Model hemorrhage") as demo:
         gr.Markdown(INTRO)
@@ -140,11 +141,14 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
                     report_json = gr.JSON()
             with gr.Tab("Model card", id="card"):
                 gr.Markdown(
-                    "The section `hemorrhage-hf card REPORT --readme README.md` writes into a model card (with its "
-                    "model-index eval results and plot images), for the last comparison."
+                    "The last comparison as a model card: the `model-index` eval results in the YAML header and the "
+                    "*Hemorrhage report* section between its markers. `hemorrhage-hf card REPORT --readme README.md` "
+                    "merges the same into an existing card, keeping everything else byte for byte."
                 )
-                make_card = gr.Button("Write the card section", elem_id="card-button")
-                card_code = gr.Code(language="markdown", buttons=["copy", "download"], label="README section",
+                with gr.Row():
+                    card_model_name = gr.Textbox("my-model", label="Model name (model-index)", scale=3)
+                    make_card = gr.Button("Write the card", elem_id="card-button", scale=1)
+                card_code = gr.Code(language="markdown", buttons=["copy", "download"], label="README.md",
                                     elem_id="card-markdown")
                 card_preview = gr.Markdown()
 
@@ -154,7 +158,7 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
             [severity, table, layer_plot, kl_plot, tokens, *generation_boxes, report_json, report_state],
             api_name="compare", **heavy,
         )
-        make_card.click(card_section, [report_state], [card_code, card_preview], api_name="card_section")
+        make_card.click(card_section, [report_state, card_model_name], [card_code, card_preview], api_name="card_section")
     demo.queue(max_size=16, default_concurrency_limit=1)
     return demo
 
