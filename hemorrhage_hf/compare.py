@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .corpus import PYTHON_DOCS, calibration_windows, load_corpus, tokenize_corpus, tokenize_documents
-from .errors import HemorrhageError
+from .errors import CorpusError, HemorrhageError, TokenizerMismatchError
 from .measure import measure
 from .models import DEFAULT_MODEL, DEFAULT_MODEL_LABEL, assert_same_tokenizer, load_model, load_tokenizer
 from .modify import apply_modification, parse_spec
@@ -34,6 +34,12 @@ class CalibrationSettings:
     n_sequences: int = 16
     seq_len: int = 512
     seed: int = 0
+
+    def windows(self, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+        """The ``[n_sequences, seq_len]`` calibration token ids these settings name."""
+        return calibration_windows(
+            tokenizer, load_corpus(self.text_source), n_sequences=self.n_sequences, seq_len=self.seq_len, seed=self.seed
+        )
 
 
 def _label(model: ModelLike) -> str:
@@ -64,16 +70,7 @@ def resolve_pair(
         tokenizer = load_tokenizer(reference.name_or_path, trust_remote_code=trust_remote_code)
     if modification is not None:
         spec = parse_spec(modification)
-        calibration_ids = None
-        if spec.needs_calibration:
-            settings = calibration or CalibrationSettings()
-            calibration_ids = calibration_windows(
-                tokenizer,
-                load_corpus(settings.text_source),
-                n_sequences=settings.n_sequences,
-                seq_len=settings.seq_len,
-                seed=settings.seed,
-            )
+        calibration_ids = (calibration or CalibrationSettings()).windows(tokenizer) if spec.needs_calibration else None
         return reference, apply_modification(reference, modification, calibration=calibration_ids), tokenizer
     if isinstance(modified, str):
         modified, modified_tokenizer = load_model(modified, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -81,7 +78,19 @@ def resolve_pair(
         modified_tokenizer = load_tokenizer(modified.name_or_path, trust_remote_code=trust_remote_code)
     if modified_tokenizer is not None:
         assert_same_tokenizer(tokenizer, modified_tokenizer)
+    for role, model in (("reference", reference), ("modified", modified)):
+        _check_vocabulary(role, model, tokenizer)
     return reference, modified, tokenizer
+
+
+def _check_vocabulary(role: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Token ids past a model's embedding table would crash deep inside the forward pass; refuse them here."""
+    n_embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_embeddings:
+        raise TokenizerMismatchError(
+            f"the tokenizer has {len(tokenizer)} tokens but the {role} model embeds only {n_embeddings}: "
+            "they do not belong together"
+        )
 
 
 def compare(
@@ -111,6 +120,10 @@ def compare(
     The text is ``texts`` (independent documents, each windowed alone), else ``text`` (named ``text_label`` in the
     report), else the ``corpus`` (``"python-docs"`` or a file path) cut to ``max_tokens``.
     """
+    if batch_size < 1:
+        raise HemorrhageError(f"batch size must be at least 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 2:
+        raise CorpusError(f"max_tokens must be at least 2, got {max_tokens}")
     reference_model, modified_model, tokenizer = resolve_pair(
         reference,
         modified,

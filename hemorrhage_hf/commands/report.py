@@ -13,6 +13,13 @@ EPILOG = """examples:
 """
 
 
+def layer_map_argument(value: str) -> list[int]:
+    try:
+        return [int(item) for item in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {value!r}") from None
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "report",
@@ -41,7 +48,7 @@ def add_parser(subparsers) -> None:
         help="also measure per-layer attention divergence (Jensen–Shannon; runs eager attention, slower)",
     )
     parser.add_argument(
-        "--layer-map", metavar="I,J,...",
+        "--layer-map", metavar="I,J,...", type=layer_map_argument,
         help="comma-separated modified layer for each reference layer (models of different depth)",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -55,7 +62,6 @@ def run(args: argparse.Namespace) -> int:
     from ..render import console_table
 
     text, corpus_label = text_from_arguments(args)
-    layer_map = [int(j) for j in args.layer_map.split(",")] if args.layer_map else None
     report = compare(
         args.reference,
         args.modified,
@@ -68,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         layers=args.layers or args.attention,
         attention=args.attention,
-        layer_map=layer_map,
+        layer_map=args.layer_map,
         dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
         progress=not args.quiet,
