@@ -12,7 +12,7 @@ import sys
 
 from .errors import HemorrhageError
 
-COMMANDS = ("report", "install_metric", "card", "space")
+COMMANDS = ("report", "install_metric", "card", "space", "quantize", "prune", "expand")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,3 +50,39 @@ def text_from_arguments(args: argparse.Namespace) -> tuple[str, str]:
         return dataset_text(args.dataset, config=args.dataset_config, split=args.split, column=args.column), label
     source = args.text_file or PYTHON_DOCS
     return load_corpus(source), source
+
+
+def add_spec_command(subparsers, *, name: str, family: str, help: str, description: str, epilog: str) -> None:
+    """A ``NAME REF SPEC --output DIR`` command applying one spec of ``family`` (quantize, prune, expand)."""
+    parser = subparsers.add_parser(
+        name, help=help, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("reference", metavar="REF", help="'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf or a Hub id")
+    parser.add_argument("spec", metavar="SPEC", help=f"the {family} spec to apply")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder for the modified checkpoint (safetensors)")
+    if family != "expansion":
+        calibration = parser.add_argument_group("calibration (for specs that look at activations or gradients)")
+        calibration.add_argument("--calibration-text", default=PYTHON_DOCS, metavar="F",
+                                 help="UTF-8 text file to calibrate on (default: the prose of Python's own docs)")
+        calibration.add_argument("--calibration-sequences", type=int, default=16, metavar="N", help="default: 16")
+        calibration.add_argument("--calibration-length", type=int, default=512, metavar="L", help="tokens each (default: 512)")
+        calibration.add_argument("--seed", type=int, default=0, help="where the sequences are drawn (default: 0)")
+    add_model_arguments(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_run_spec_command, family=family)
+
+
+def _run_spec_command(args: argparse.Namespace) -> int:
+    from ..compare import CalibrationSettings
+    from ..integrations.optimum import APPLIERS
+
+    applier_class = APPLIERS[args.family]
+    applier_class.check_spec(args.spec)  # before seconds of model loading
+    applier = applier_class.from_pretrained(args.reference, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    calibration = (
+        CalibrationSettings(args.calibration_text, args.calibration_sequences, args.calibration_length, args.seed)
+        if args.family != "expansion" else None
+    )
+    path = applier.apply_and_save(args.output, spec=args.spec, calibration=calibration, progress=not args.quiet)
+    print(f"wrote {args.spec} of {args.reference} to {path}")
+    return 0

@@ -1,14 +1,27 @@
 """Modifications that cause hemorrhage, each addressable by a spec string (see :func:`parse_spec`)."""
 
-from . import quantization  # noqa: F401  (registers its specs)
+from . import act_quant, expansion, pruning, quantization, scaling, structured  # noqa: F401  (register their specs)
+from .act_quant import ActivationQuantization
 from .base import Modification, apply_modification, known_specs, parse_spec, register, target_linears
+from .expansion import LayerExpansion
+from .pruning import WeightPruning, measured_sparsity
 from .quantization import WeightQuantization
+from .scaling import ActivationAwareScaling
+from .structured import ChannelPruning, HeadPruning, LayerRemoval
 
 __all__ = [
+    "ActivationAwareScaling",
+    "ActivationQuantization",
+    "ChannelPruning",
+    "HeadPruning",
+    "LayerExpansion",
+    "LayerRemoval",
     "Modification",
+    "WeightPruning",
     "WeightQuantization",
     "apply_modification",
     "known_specs",
+    "measured_sparsity",
     "parse_spec",
     "register",
     "target_linears",

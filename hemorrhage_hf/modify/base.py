@@ -6,7 +6,7 @@ pattern with :func:`register`; the CLI, sweeps, metric and Space then accept its
 Example:
     >>> from hemorrhage_hf.modify import parse_spec
     >>> parse_spec("int4-g64")
-    WeightQuantization(bits=4, group_size=64, symmetric=True)
+    WeightQuantization('int4-g64')
 """
 
 from __future__ import annotations
@@ -24,16 +24,45 @@ from ..errors import ModificationError, SpecError
 
 MODIFICATION_ATTRIBUTE = "hemorrhage_modification"
 
+#: Fewer calibration tokens than this give activation statistics too noisy to rank weights or search scales on.
+MIN_CALIBRATION_TOKENS = 256
+
 
 class Modification(ABC):
-    """Changes a model in place. Subclasses validate their arguments in ``__init__``, before any weight changes."""
+    """Changes a model in place. Subclasses validate their arguments in ``__init__``, and the model in
+    :meth:`apply` before its first weight change, so a bad input never leaves a half-modified model."""
 
     #: True when :meth:`apply` needs calibration token windows.
     needs_calibration: bool = False
+    #: "quantization", "pruning" or "expansion": which front end (HfQuantizer, pruner, ``expand``) accepts it.
+    family: str = "quantization"
+    #: True when part of the modification lives outside the weights (activation quantizers) and a model reloaded
+    #: from a checkpoint needs :meth:`restore`.
+    runtime_state: bool = False
+
+    @property
+    @abstractmethod
+    def spec(self) -> str:
+        """The canonical spec string: ``parse_spec(m.spec)`` rebuilds an equal modification."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.spec == other.spec
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.spec))
 
     @abstractmethod
-    def apply(self, model: PreTrainedModel, calibration: torch.Tensor | None = None) -> PreTrainedModel:
+    def apply(
+        self, model: PreTrainedModel, calibration: torch.Tensor | None = None, *, progress: bool = False
+    ) -> PreTrainedModel:
         """Modify ``model`` in place and return it. ``calibration`` is a ``[n, seq_len]`` LongTensor of token ids."""
+
+    def restore(self, model: PreTrainedModel) -> PreTrainedModel:
+        """Re-install what the saved weights cannot carry, on a model reloaded from a checkpoint of this modification."""
+        return model
 
 
 @dataclass(frozen=True)
@@ -78,15 +107,41 @@ def apply_modification(
     *,
     calibration: torch.Tensor | None = None,
     in_place: bool = False,
+    progress: bool = False,
 ) -> PreTrainedModel:
-    """Return a modified copy of ``model`` (or ``model`` itself with ``in_place``), recording the spec in its config."""
+    """Return a modified copy of ``model`` (or ``model`` itself with ``in_place``), recording the spec in its config.
+
+    A modification with runtime state (activation quantization) also records itself as the model's
+    ``quantization_config``, so that ``save_pretrained`` → ``from_pretrained`` restores it (with hemorrhage_hf
+    imported, which registers the quantizer with transformers).
+    """
     modification = parse_spec(spec) if isinstance(spec, str) else spec
-    if modification.needs_calibration and calibration is None:
-        raise ModificationError(f"{modification!r} needs calibration data (token windows)")
+    if modification.needs_calibration:
+        check_calibration(calibration, model, modification)
     target = model if in_place else copy.deepcopy(model)
-    modification.apply(target, calibration)
-    setattr(target.config, MODIFICATION_ATTRIBUTE, str(spec) if isinstance(spec, str) else repr(spec))
+    modification.apply(target, calibration, progress=progress)
+    setattr(target.config, MODIFICATION_ATTRIBUTE, modification.spec)
+    if modification.runtime_state:
+        from ..integrations.transformers import attach_quantization_config
+
+        attach_quantization_config(target, modification.spec)
     return target
+
+
+def check_calibration(calibration: torch.Tensor | None, model: PreTrainedModel, modification: Modification) -> None:
+    """Refuse calibration data that is missing, malformed or too short, before any weight changes."""
+    if calibration is None:
+        raise ModificationError(f"{modification.spec} needs calibration data (a [n, seq_len] tensor of token ids)")
+    if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.is_floating_point():
+        raise ModificationError("calibration must be a 2-D integer tensor of token ids [n_sequences, seq_len]")
+    if calibration.numel() < MIN_CALIBRATION_TOKENS:
+        raise ModificationError(
+            f"calibration too short for {modification.spec}: {calibration.numel()} tokens "
+            f"({calibration.shape[0]} × {calibration.shape[1]}), at least {MIN_CALIBRATION_TOKENS} needed"
+        )
+    vocab_size = model.get_input_embeddings().num_embeddings
+    if int(calibration.min()) < 0 or int(calibration.max()) >= vocab_size:
+        raise ModificationError(f"calibration token ids must lie in [0, {vocab_size}) for this model")
 
 
 def target_linears(model: PreTrainedModel) -> dict[str, torch.nn.Linear]:

@@ -45,3 +45,15 @@ def fake_quantize(weight: torch.Tensor, *, bits: int, group_size: int | None, sy
     if full < columns:
         parts.append(_fake_quantize_groups(weight[:, full:], bits, symmetric))
     return torch.cat(parts, dim=1).to(original_dtype)
+
+
+def fake_quantize_per_token(activations: torch.Tensor, *, bits: int) -> torch.Tensor:
+    """Symmetric RTN quantize-dequantize of ``[..., channels]`` activations with one dynamic scale per token.
+
+    Example:
+        >>> fake_quantize_per_token(torch.tensor([[0.3, -1.5, 0.9], [3.0, 2.0, -1.0]]), bits=3)
+        tensor([[ 0.5000, -1.5000,  1.0000],
+                [ 3.0000,  2.0000, -1.0000]])
+    """
+    shape = activations.shape
+    return _fake_quantize_groups(activations.reshape(-1, shape[-1]), bits, symmetric=True).reshape(shape)

@@ -6,12 +6,13 @@ integer kernel with these scales would, in its original dtype.
 Example:
     >>> from hemorrhage_hf.modify import parse_spec
     >>> parse_spec("int3-g128-asym")
-    WeightQuantization(bits=3, group_size=128, symmetric=False)
+    WeightQuantization('int3-g128-asym')
 """
 
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..errors import ModificationError, SpecError
@@ -19,19 +20,34 @@ from .base import Modification, register, target_linears
 from .quant_ops import fake_quantize
 
 
+def check_bits(bits: int, what: str) -> None:
+    if not 2 <= bits <= 8:
+        raise SpecError(f"{what} bits must be between 2 and 8, got {bits}")
+
+
 class WeightQuantization(Modification):
+    """RTN weight quantization; also the weight format that :class:`~.scaling.ActivationAwareScaling` searches for."""
+
     def __init__(self, bits: int, group_size: int | None = None, symmetric: bool = True):
-        if not 2 <= bits <= 8:
-            raise SpecError(f"weight bits must be between 2 and 8, got {bits}")
+        check_bits(bits, "weight")
         if group_size is not None and group_size < 1:
             raise SpecError(f"group size must be a positive integer, got {group_size}")
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
 
-    def __repr__(self) -> str:
-        return f"WeightQuantization(bits={self.bits}, group_size={self.group_size}, symmetric={self.symmetric})"
+    @property
+    def spec(self) -> str:
+        group = f"-g{self.group_size}" if self.group_size else ""
+        return f"int{self.bits}{group}{'' if self.symmetric else '-asym'}"
 
-    @torch.no_grad()
-    def apply(self, model: PreTrainedModel, calibration: torch.Tensor | None = None) -> PreTrainedModel:
+    def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(weight, bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+    def quantize_input(self, activations: torch.Tensor) -> torch.Tensor:
+        """What a Linear sees of its input at run time: weight-only formats keep it exact."""
+        return activations
+
+    def checked_linears(self, model: PreTrainedModel) -> dict[str, torch.nn.Linear]:
+        """The Linear layers to quantize, after refusing a group size wider than any of them."""
         linears = target_linears(model)
         if self.group_size is not None:
             too_narrow = {name: l.in_features for name, l in linears.items() if l.in_features < self.group_size}
@@ -40,10 +56,15 @@ class WeightQuantization(Modification):
                 raise ModificationError(
                     f"group size {self.group_size} is larger than layer {name} ({width} input features)"
                 )
-        for linear in linears.values():
-            linear.weight.copy_(
-                fake_quantize(linear.weight, bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
-            )
+        return linears
+
+    @torch.no_grad()
+    def apply(
+        self, model: PreTrainedModel, calibration: torch.Tensor | None = None, *, progress: bool = False
+    ) -> PreTrainedModel:
+        linears = self.checked_linears(model)
+        for linear in tqdm(linears.values(), desc=f"quantizing {self.spec}", unit="layer", disable=not progress):
+            linear.weight.copy_(self.quantize_weight(linear.weight))
         return model
 
 

@@ -1,0 +1,207 @@
+"""Calibration activations and gradients for modifications that look at data (Wanda, GBLM, AWQ, SmoothQuant...).
+
+:func:`layerwise` feeds calibration tokens through the decoder one layer at a time, as Wanda, AWQ and GPTQ do:
+each layer sees the outputs of the layers before it *as already modified*, so errors are judged where they
+land, and only one layer's activations are ever held.
+
+Example:
+    >>> from hemorrhage_hf.modify.calibration import layerwise
+    >>> for step in layerwise(model, calibration):  # doctest: +SKIP
+    ...     statistics = step.input_statistics({"q": step.layer.self_attn.q_proj})
+    ...     print(step.index, statistics["q"].input_norms()[:3])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from .architecture import decoder_layers
+
+#: Calibration sequences per forward pass: bounds the activations held at once.
+BATCH_SIZE = 4
+
+
+@dataclass
+class InputStatistics:
+    """Running per-input-channel statistics of what one Linear layer receives, plus a seeded sample of its rows."""
+
+    channels: int
+    n_tokens: int = 0
+    sum_squares: torch.Tensor = field(init=False)
+    sum_abs: torch.Tensor = field(init=False)
+    max_abs: torch.Tensor = field(init=False)
+    sampled_rows: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.sum_squares = torch.zeros(self.channels, dtype=torch.float64)
+        self.sum_abs = torch.zeros(self.channels, dtype=torch.float64)
+        self.max_abs = torch.zeros(self.channels)
+
+    def add(self, rows: torch.Tensor, sample: torch.Tensor | None) -> None:
+        rows = rows.detach().reshape(-1, self.channels).float()
+        self.n_tokens += rows.shape[0]
+        self.sum_squares += rows.double().square().sum(0)
+        self.sum_abs += rows.double().abs().sum(0)
+        self.max_abs = torch.maximum(self.max_abs, rows.abs().amax(0))
+        if sample is not None:
+            self.sampled_rows.append(rows[sample].clone())
+
+    def input_norms(self) -> torch.Tensor:
+        """‖X_j‖₂ over all calibration tokens, per input channel (Wanda's activation term)."""
+        return self.sum_squares.sqrt().float()
+
+    def mean_abs(self) -> torch.Tensor:
+        """Mean |x_j| per input channel (AWQ's activation scale)."""
+        return (self.sum_abs / max(self.n_tokens, 1)).float()
+
+    def rows(self) -> torch.Tensor:
+        """The sampled input rows ``[n_sampled, channels]``."""
+        return torch.cat(self.sampled_rows)
+
+
+@dataclass
+class _LayerInputs:
+    """What the decoder passes to each layer, per calibration batch: hidden states and keyword arguments
+    (position embeddings, causal mask...), captured from the model's own forward so any architecture works."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+
+
+class _Captured(Exception):
+    """Stops the model's forward once the first decoder layer's inputs are captured."""
+
+
+@torch.no_grad()
+def _capture_first_layer_inputs(model: PreTrainedModel, batches: list[torch.Tensor]) -> _LayerInputs:
+    captured = _LayerInputs([], [])
+
+    def catch(module, args, kwargs):
+        captured.hidden.append(args[0] if args else kwargs.pop("hidden_states"))
+        captured.kwargs.append({key: value for key, value in kwargs.items() if key != "hidden_states"})
+        raise _Captured
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch.to(model.device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _layer_output(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+class LayerStep:
+    """One decoder layer during a :func:`layerwise` pass: run it over the calibration inputs it receives."""
+
+    def __init__(self, index: int, layer: nn.Module, inputs: _LayerInputs, sample_rows: int, seed: int):
+        self.index, self.layer, self._inputs = index, layer, inputs
+        self._sample_rows, self._seed = sample_rows, seed
+
+    def _row_samples(self) -> list[torch.Tensor | None]:
+        """Which token rows of each batch go into :attr:`InputStatistics.sampled_rows` (seeded, without replacement)."""
+        sizes = [hidden.shape[0] * hidden.shape[1] for hidden in self._inputs.hidden]
+        total = sum(sizes)
+        if self._sample_rows <= 0:
+            return [None] * len(sizes)
+        generator = torch.Generator().manual_seed(self._seed + self.index)
+        chosen = torch.randperm(total, generator=generator)[: self._sample_rows].sort().values
+        samples, start = [], 0
+        for size in sizes:
+            in_batch = chosen[(chosen >= start) & (chosen < start + size)]
+            samples.append(in_batch - start)
+            start += size
+        return samples
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        """The hidden states the layer receives, one tensor per calibration batch."""
+        return self._inputs.hidden
+
+    @torch.no_grad()
+    def input_statistics(self, linears: dict[str, nn.Linear]) -> dict[str, InputStatistics]:
+        """Run the layer over every calibration batch and gather what each of ``linears`` receives."""
+        statistics = {name: InputStatistics(linear.in_features) for name, linear in linears.items()}
+        current_sample: list[torch.Tensor | None] = [None]
+
+        def recorder(name):
+            def hook(module, args):
+                statistics[name].add(args[0], current_sample[0])
+
+            return hook
+
+        handles = [linear.register_forward_pre_hook(recorder(name)) for name, linear in linears.items()]
+        try:
+            for hidden, kwargs, sample in zip(self._inputs.hidden, self._inputs.kwargs, self._row_samples()):
+                current_sample[0] = sample
+                self.layer(hidden, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return statistics
+
+    @torch.no_grad()
+    def outputs(self) -> list[torch.Tensor]:
+        """The layer's outputs for every calibration batch, as the layer is now."""
+        return [_layer_output(self.layer(h, **k)) for h, k in zip(self._inputs.hidden, self._inputs.kwargs)]
+
+
+def layerwise(
+    model: PreTrainedModel,
+    calibration: torch.Tensor,
+    *,
+    sample_rows: int = 0,
+    seed: int = 0,
+    progress: bool = False,
+    description: str = "calibrating",
+) -> Iterator[LayerStep]:
+    """Yield a :class:`LayerStep` per decoder layer, in order; whatever the caller changes in that layer before
+    asking for the next one shapes the inputs every later layer sees.
+
+    ``sample_rows``: how many input rows (tokens) per Linear to keep for error searches, drawn with ``seed``.
+    """
+    batches = list(calibration.split(BATCH_SIZE))
+    inputs = _capture_first_layer_inputs(model, batches)
+    for index, layer in enumerate(tqdm(decoder_layers(model), desc=description, unit="layer", disable=not progress)):
+        step = LayerStep(index, layer, inputs, sample_rows, seed)
+        yield step
+        inputs = _LayerInputs(step.outputs(), inputs.kwargs)
+
+
+def gradient_norms(
+    model: PreTrainedModel, calibration: torch.Tensor, linears: dict[str, nn.Linear], *, progress: bool = False
+) -> dict[str, torch.Tensor]:
+    """Per weight, the root mean square over calibration sequences of ∂loss/∂W (GBLM-Pruner's gradient term).
+
+    One backward pass per sequence, of the language-modelling loss of the unmodified model; gradients are
+    taken for the weights of ``linears`` only, and the model's ``requires_grad`` flags are restored afterwards.
+    """
+    flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    sums = {name: torch.zeros_like(linear.weight, dtype=torch.float32) for name, linear in linears.items()}
+    try:
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        for linear in linears.values():
+            linear.weight.requires_grad_(True)
+        for sequence in tqdm(calibration, desc="gradients", unit="sequence", disable=not progress):
+            ids = sequence[None].to(model.device)
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            for name, linear in linears.items():
+                sums[name] += linear.weight.grad.float().square()
+                linear.weight.grad = None
+    finally:
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
+    return {name: (total / len(calibration)).sqrt() for name, total in sums.items()}
