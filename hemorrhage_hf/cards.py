@@ -138,6 +138,40 @@ def severity_legend() -> str:
     )
 
 
+def threshold_from_sweep(sweep: dict) -> dict:
+    """The headline threshold of a ``sweep.json`` (:meth:`hemorrhage_hf.sweep.SweepResult.to_dict`), as
+    :attr:`CardOptions.threshold`: a sentence, the level (None when no threshold was found) and its name."""
+    try:
+        family, headline, curves = sweep["family"]["name"], sweep["threshold"], sweep["thresholds"]
+        levels = [entry["level"] for entry in sweep["levels"]]
+    except (KeyError, TypeError) as error:
+        raise HemorrhageError(f"not a sweep result (sweep.json): missing {error}") from error
+    figure = headline.get("figure")
+    label = curves.get(figure, {}).get("label", figure)
+
+    def at(neighbour: dict | None) -> str:
+        if neighbour is None:
+            return "—"
+        value = neighbour["figures"].get(figure)
+        return f"level {neighbour['level']} ({label} {'non-finite' if value is None else f'{value:.3g}'})"
+
+    swept = f"Swept over {family} levels {', '.join(levels)} (hemorrhage-hf sweep)"
+    level, rule = headline.get("level"), headline.get("rule")
+    if rule == "breakpoint":
+        low, high = headline["interval"]
+        text = (f"{swept}: the {label} curve bends into collapse at level **{level:.3g}** (95 % interval "
+                f"{low:.3g}–{high:.3g}, breakpoint fit), between {at(headline['level_before'])} and "
+                f"{at(headline['level_after'])}.")
+    elif rule == "tolerance" and level is not None:
+        text = (f"{swept}: no distinct breakpoint ({headline['breakpoint_reason']}); {label} crosses its tolerance "
+                f"({headline['tolerance']:g}) at level **{level:.3g}**, between {at(headline['level_before'])} and "
+                f"{at(headline['level_after'])}.")
+    else:
+        reason = headline.get("reason") or headline.get("breakpoint_reason") or "nothing measured"
+        text, level = f"{swept}: no threshold within the levels measured ({reason}).", None
+    return {"text": text, "value": level, "name": f"Robustness threshold ({family} level, {rule} rule)"}
+
+
 def _task_rows(tasks: Sequence[dict]) -> list[dict]:
     rows = []
     for task in tasks:

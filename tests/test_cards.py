@@ -3,6 +3,9 @@ update is idempotent byte for byte, and nothing outside the section and the mode
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 from huggingface_hub import ModelCard
 
@@ -161,6 +164,36 @@ def test_threshold_and_tasks_reach_section_and_model_index(report):
         ("hellaswag", "accuracy", 0.37), ("hellaswag", "flip_rate", 0.14),
         ("wikitext-2-raw/wiki.valid.raw", "hemorrhage_threshold", 37.5),
     }
+
+
+def _bits_sweep(kl_by_bits: dict[str, float]) -> dict:
+    """A bits sweep's JSON, as hemorrhage_hf.sweep writes it, with given KL means."""
+    from hemorrhage_hf.sweep import MODEL_CURVES, SweepResult, StrengthScale, resolve_family
+
+    family = resolve_family("bits")
+    scale = StrengthScale.infer(family, list(kl_by_bits))
+    levels = [{"level": level, "spec": family.spec(level), "seconds": 1.0,
+               "strength": None if family.spec(level) is None else scale.strength(level),
+               "figures": {"kl_mean": kl, "ppl_ratio": 1 + kl, "top1_agreement": 1 - kl / 20}}
+              for level, kl in kl_by_bits.items()]
+    return SweepResult(family, levels, {}, MODEL_CURVES).to_dict()
+
+
+def test_cli_threshold_from_a_sweep(tmp_path, report_dir):
+    sweep = tmp_path / "sweep.json"
+    # ln KL grows slowly down to 5 bits and fast below (strength = −bits): the breakpoint fit finds 5 bits.
+    kl = {str(bits): math.exp(-5 + (0.4 if bits >= 5 else 2.5) * (5 - bits)) for bits in range(8, 1, -1)}
+    sweep.write_text(json.dumps(_bits_sweep({"32": 0.0, **kl})))
+    readme = tmp_path / "README.md"
+    assert main(["card", str(report_dir), "--readme", str(readme), "--model-name", "m", "--threshold", str(sweep),
+                 "--no-plots"]) == 0
+    card = readme.read_text()
+    assert "Swept over bits levels 32, 8, 7, 6, 5, 4, 3, 2" in card and "at level **5**" in card
+    assert "![" not in card and not (tmp_path / "hemorrhage").exists()
+    threshold = [r for r in ModelCard.load(readme).data.eval_results if r.metric_type == "hemorrhage_threshold"]
+    assert threshold[0].metric_value == pytest.approx(5.0, abs=0.01)
+    assert threshold[0].metric_name == "Robustness threshold (bits level, breakpoint rule)"
+    assert main(["card", str(report_dir), "--threshold", str(report_dir / "report.json")]) == 2
 
 
 def test_comparison_rows_put_both_perplexities_on_one_row(report):

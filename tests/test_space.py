@@ -111,6 +111,23 @@ def test_api_compare_then_card_section(space_url, tmp_path):
     assert section.startswith("## Hemorrhage report") and f"{report['kl_mean']:.5f}" in section
 
 
+def test_api_threshold_sweep_feeds_the_card(space_url, tmp_path):
+    from gradio_client import Client
+
+    client = Client(space_url, download_files=str(tmp_path), verbose=False)
+    client.predict(DEFAULT_MODEL_LABEL, "int4-g64", TEXT, "", 0, api_name="/compare")
+    threshold, plot, table, = client.predict(DEFAULT_MODEL_LABEL, "bits", "32,8,4,2", TEXT, api_name="/sweep")
+    assert threshold.startswith("Swept over bits levels 32, 8, 4, 2")
+    assert Path(plot).read_bytes()[:4] == b"\x89PNG"
+    assert table["headers"][:3] == ["level", "spec", "KL mean (nats)"]
+    levels = {row[0]: row for row in table["data"]}
+    assert levels["32"][1] == "(unmodified)" and float(levels["32"][2]) == 0  # the identity level bleeds nothing
+    kl = [float(levels[level][2]) for level in ("8", "4", "2")]
+    assert kl == sorted(kl) and kl[-1] > 1  # fewer bits, more hemorrhage; 2 bits collapses
+    _, section = client.predict("m", api_name="/card_section")
+    assert "### Robustness threshold" in section and threshold in section
+
+
 @pytest.mark.parametrize(("model", "spec", "message"), [
     (DEFAULT_MODEL_LABEL, "int99", "bits must be between 2 and 8"),
     ("/etc/passwd", "int8", "not in the list of choices"),

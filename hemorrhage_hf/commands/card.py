@@ -32,6 +32,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--dataset-name", help="how to name the measured text in the card (default: from the report)")
     parser.add_argument("--dataset-type", help="model-index dataset type, ideally a Hub dataset id")
     parser.add_argument(
+        "--threshold", metavar="SWEEP_JSON",
+        help="sweep.json written by `hemorrhage-hf sweep`: its robustness threshold goes into the card",
+    )
+    parser.add_argument(
         "--tasks", metavar="JSON",
         help="task results: a JSON list of compare_answers() results, each with a 'task' name",
     )
@@ -50,7 +54,7 @@ def _read_json(path: str, what: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cards import CardOptions, copy_plots, render_section, write_card
+    from ..cards import CardOptions, copy_plots, render_section, threshold_from_sweep, write_card
     from ..report import HemorrhageReport
 
     report_path = Path(args.report)
@@ -66,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         dataset_type=args.dataset_type,
         dataset_name=args.dataset_name,
         tasks=tasks,
+        threshold=threshold_from_sweep(_read_json(args.threshold, "sweep")) if args.threshold else None,
     )
     if args.readme is None:
         print(render_section(report, options), end="")

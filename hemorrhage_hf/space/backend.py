@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from ..errors import HemorrhageError
 from ..measure import measure
 from ..modify import parse_spec
 from ..report import HemorrhageReport
+
+if TYPE_CHECKING:
+    from ..sweep import SweepResult
 
 DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct"
 #: label → model source. The operator may replace it with ``HEMORRHAGE_SPACE_MODELS="label=source,..."``.
@@ -54,9 +58,10 @@ class SpaceLimits:
     sweep_levels: int = 6
     sweep_tokens: int = 256
     cached_modified_models: int = 2
-    #: Calibration data for modifications that need it (Wanda, AWQ...): small, so one request stays interactive.
+    #: Calibration data for modifications that need it (Wanda, AWQ...): the fewest tokens the registry accepts
+    #: (``MIN_CALIBRATION_TOKENS``), so one request stays interactive.
     calibration: CalibrationSettings = field(
-        default_factory=lambda: CalibrationSettings(text_source=PYTHON_DOCS, n_sequences=4, seq_len=256)
+        default_factory=lambda: CalibrationSettings(text_source=PYTHON_DOCS, n_sequences=2, seq_len=128)
     )
 
 
@@ -86,6 +91,8 @@ class ModelCache:
         self._references: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
         self._modified: OrderedDict[tuple[str, str], PreTrainedModel] = OrderedDict()
         self._lock = threading.Lock()
+        #: Reference caches of threshold sweeps live for this process only (visitor texts are not kept).
+        self.reference_cache_root = Path(tempfile.mkdtemp(prefix="hemorrhage-space-refcache-"))
 
     def _source(self, label: str) -> str:
         if label not in self.allow_list:
@@ -259,3 +266,66 @@ def run_comparison(
         generations["reference"] = greedy_generation(reference, tokenizer, prompt_ids, max_new_tokens)
         generations["modified"] = greedy_generation(modified, tokenizer, prompt_ids, max_new_tokens)
     return Comparison(report=report, token_html=token_html, plots=plots, generations=generations)
+
+
+def default_sweep_levels(family: str, limits: SpaceLimits) -> list[str]:
+    """At most ``limits.sweep_levels`` of the family's default levels, spread from its weakest to its strongest."""
+    from ..sweep import resolve_family
+
+    levels = resolve_family(family).default_levels
+    picks = np.unique(np.linspace(0, len(levels) - 1, min(limits.sweep_levels, len(levels))).round().astype(int))
+    return [levels[i] for i in picks]
+
+
+@dataclass
+class ThresholdSweep:
+    """A small sweep's result, its first curve's plot (threshold marked) and a table of its levels."""
+
+    result: SweepResult
+    plot: Path
+    rows: list[list[str]]
+    headers: list[str]
+
+
+def run_threshold_sweep(
+    cache: ModelCache,
+    model_label: str,
+    family: str,
+    levels: list[str],
+    text: str,
+    *,
+    limits: SpaceLimits | None = None,
+    output_dir: Path | None = None,
+) -> ThresholdSweep:
+    """Sweep ``family`` over ``levels`` on the first ``limits.sweep_tokens`` tokens of ``text``.
+
+    Progress goes through the sweep's tqdm bars (the Space shows them with ``gr.Progress(track_tqdm=True)``).
+    """
+    from ..sweep import resolve_family, run_sweep
+
+    limits = limits or cache.limits
+    resolve_family(family)
+    if not 2 <= len(levels) <= limits.sweep_levels:
+        raise HemorrhageError(f"give between 2 and {limits.sweep_levels} levels, got {len(levels)}: {levels}")
+    reference, tokenizer = cache.reference(model_label)
+    n_tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
+    window = max(2, min(n_tokens, limits.sweep_tokens))
+    windows = tokenize_corpus(tokenizer, text, window=window, max_tokens=window)
+    output_dir = Path(output_dir or tempfile.mkdtemp(prefix="hemorrhage-space-sweep-"))
+    result = run_sweep(
+        reference, tokenizer, windows, family, levels, cache_root=cache.reference_cache_root,
+        calibration=limits.calibration, output_dir=output_dir, progress=True,
+        metadata={"reference": model_label, "corpus": TEXT_LABEL, "window": window},
+    )
+    curves = [curve for curve in result.curves if any(curve.key in entry["figures"] for entry in result.levels)]
+    rows = [
+        [entry["level"], entry["spec"] or "(unmodified)",
+         *(_figure_text(entry["figures"].get(curve.key)) for curve in curves)]
+        for entry in result.levels
+    ]
+    return ThresholdSweep(result, output_dir / f"sweep_{curves[0].key}.png", rows,
+                          ["level", "spec", *(curve.label for curve in curves)])
+
+
+def _figure_text(value) -> str:
+    return "—" if value is None else f"{value:.4g}"

@@ -15,12 +15,14 @@ import functools
 import os
 
 import gradio as gr
+import pandas
 
-from ..cards import CardOptions, comparison_rows, render_section, update_card_text
+from ..cards import CardOptions, comparison_rows, render_section, threshold_from_sweep, update_card_text
 from ..errors import HemorrhageError
 from ..modify import known_specs, parse_spec
 from ..report import HemorrhageReport
-from .backend import ModelCache, run_comparison
+from ..sweep import FAMILIES
+from .backend import ModelCache, default_sweep_levels, run_comparison, run_threshold_sweep
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -97,15 +99,26 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
         )
 
     @_gradio_errors
-    def card_section(report_data, model_name):
+    def sweep(model_label, family, levels_text, text, progress=gr.Progress(track_tqdm=True)):
+        levels = [level.strip() for level in levels_text.split(",") if level.strip()]
+        swept = run_threshold_sweep(cache, model_label, family, levels, text, limits=limits)
+        sweep_data = swept.result.to_dict()
+        table = pandas.DataFrame(swept.rows, columns=swept.headers)
+        return threshold_from_sweep(sweep_data)["text"], str(swept.plot), table, sweep_data
+
+    @_gradio_errors
+    def card_section(report_data, sweep_data, model_name):
         if not report_data:
             raise HemorrhageError("run a comparison on the Compare tab first")
-        report, options = HemorrhageReport.from_dict(report_data), CardOptions(model_name=model_name.strip() or None)
+        report = HemorrhageReport.from_dict(report_data)
+        options = CardOptions(model_name=model_name.strip() or None,
+                              threshold=threshold_from_sweep(sweep_data) if sweep_data else None)
         return update_card_text("", report, options), render_section(report, options)
 
     with gr.Blocks(title="Model hemorrhage") as demo:
         gr.Markdown(INTRO)
         report_state = gr.State(None)
+        sweep_state = gr.State(None)
         with gr.Row():
             model = gr.Dropdown(model_labels, value=model_labels[0], label="Model", elem_id="model")
             spec = gr.Dropdown(
@@ -139,6 +152,22 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
                     ]
                 with gr.Accordion("Report (JSON)", open=False):
                     report_json = gr.JSON()
+            with gr.Tab("Threshold", id="threshold"):
+                gr.Markdown(
+                    f"Sweep one kind of modification over a few strengths, from the weakest to the strongest, on the "
+                    f"first {limits.sweep_tokens} tokens of the Compare tab's text, and find where hemorrhage turns "
+                    "into collapse (a breakpoint fit on the KL curve, else the level where it crosses a tolerance)."
+                )
+                with gr.Row():
+                    family = gr.Dropdown(list(FAMILIES), value="bits", label="Family", allow_custom_value=True,
+                                         info="or a spec template with {}, e.g. int{}-g128", elem_id="family")
+                    levels = gr.Textbox(",".join(default_sweep_levels("bits", limits)), elem_id="levels",
+                                        label=f"Levels, weakest first (at most {limits.sweep_levels})", scale=2)
+                sweep_button = gr.Button("Sweep", variant="primary", elem_id="sweep-button")
+                threshold_text = gr.Markdown(elem_id="threshold-text")
+                sweep_plot = gr.Image(type="filepath", label="Sweep curve (threshold marked)", elem_id="sweep-plot",
+                                      interactive=False)
+                sweep_table = gr.Dataframe(interactive=False, label="Levels", elem_id="sweep-table")
             with gr.Tab("Model card", id="card"):
                 gr.Markdown(
                     "The last comparison as a model card: the `model-index` eval results in the YAML header and the "
@@ -158,7 +187,12 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
             [severity, table, layer_plot, kl_plot, tokens, *generation_boxes, report_json, report_state],
             api_name="compare", **heavy,
         )
-        make_card.click(card_section, [report_state, card_model_name], [card_code, card_preview], api_name="card_section")
+        family.change(lambda name: ",".join(default_sweep_levels(name, limits)) if name in FAMILIES else gr.skip(),
+                      family, levels, api_visibility="private")
+        sweep_button.click(sweep, [model, family, levels, text], [threshold_text, sweep_plot, sweep_table, sweep_state],
+                           api_name="sweep", **heavy)
+        make_card.click(card_section, [report_state, sweep_state, card_model_name], [card_code, card_preview],
+                        api_name="card_section")
     demo.queue(max_size=16, default_concurrency_limit=1)
     return demo
 
