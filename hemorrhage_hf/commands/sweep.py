@@ -1,0 +1,124 @@
+"""``hemorrhage-hf sweep REF --family F --levels L1,L2,...``: measure every strength, find the robustness threshold."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from .common import add_model_arguments, add_text_arguments, text_from_arguments
+
+EPILOG = """examples:
+  hemorrhage-hf sweep default --family bits --levels 32,8,6,5,4,3,2 --text-file wiki.valid.raw --output out/bits
+  hemorrhage-hf sweep default --family sparsity:wanda --levels 0,10,20,30,40,50,60,70,80,90 --output out/wanda
+  hemorrhage-hf sweep default --family "int{}-g128-asym" --levels 8,6,4,3 --task arc-easy=ARC-Easy/test.jsonl --output out/asym
+  hemorrhage-hf sweep default --family top_p --levels 1,0.95,0.9,0.8,0.5 --output out/top-p
+
+families: bits, sparsity:{wanda,magnitude,gradient}, nm:wanda (levels like 3:4,2:4,1:4), heads, channels, layers,
+  expand:{dup,identity}, temperature, top_p, top_k, typical_p, repetition_penalty, or any spec template with {}.
+Identity levels (0 % sparsity, 32/16 bits, temperature 1, ...) run the unmodified model.
+"""
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sweep",
+        help="measure a modification at several strengths and find its robustness threshold",
+        description="Run the reference once into a reference cache (top-k log-probs per token), then measure the "
+        "modification at each level against it, so K levels cost K + 1 forward passes. Writes sweep.json, "
+        "sweep.csv and one PNG per figure with the threshold marked (a fitted breakpoint with its 95 % interval, "
+        "and the crossing of a tolerance). Rerunning into the same --output resumes an interrupted sweep.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("reference", metavar="REF", help="'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf or a Hub id")
+    parser.add_argument("--family", required=True, metavar="F", help="what to sweep (see below)")
+    parser.add_argument("--levels", metavar="L1,L2,...", help="levels from the weakest to the strongest (default: the family's)")
+    parser.add_argument("--identity-level", action="append", default=[], metavar="L",
+                        help="for a custom template: a level that means 'unmodified' (repeatable)")
+    parser.add_argument("--k", type=int, default=64, help="top tokens the reference cache keeps per position (default: 64)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="where reference caches live (default: ~/.cache/hemorrhage_hf/reference-cache)")
+    parser.add_argument("--task", action="append", default=[], metavar="NAME[=PATH]",
+                        help="also score a task at every level: lambada, arc-easy, arc-challenge, piqa, hellaswag, "
+                        "from a local file/folder or a `datasets` id (repeatable)")
+    parser.add_argument("--task-limit", type=int, default=None, metavar="N", help="first N items of each task")
+    parser.add_argument("--tolerance", action="append", default=[], metavar="FIGURE=VALUE",
+                        help="damage tolerated before the tolerance rule fires, e.g. kl_mean=0.05, ppl_ratio=0.2 "
+                        "(ratio − 1), top1_agreement=0.05 (1 − agreement), TASK_accuracy_modified=0.02 (drop)")
+    calibration = parser.add_argument_group("calibration (for levels whose spec looks at activations, e.g. wanda)")
+    calibration.add_argument("--calibration-text", default=None, metavar="F",
+                             help="UTF-8 text file to calibrate on (default: the prose of Python's own docs)")
+    calibration.add_argument("--calibration-sequences", type=int, default=16, metavar="N", help="default: 16")
+    add_text_arguments(parser)
+    parser.set_defaults(max_tokens=4096, window=256)
+    add_model_arguments(parser)
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG curves")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder for sweep.json, sweep.csv and PNGs")
+    parser.set_defaults(func=run)
+
+
+def parse_tolerances(arguments: list[str]) -> dict[str, float]:
+    from ..errors import HemorrhageError
+
+    tolerances = {}
+    for argument in arguments:
+        key, _, value = argument.partition("=")
+        try:
+            tolerances[key.strip()] = float(value)
+        except ValueError:
+            raise HemorrhageError(f"--tolerance takes FIGURE=NUMBER, got {argument!r}") from None
+    return tolerances
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..compare import CalibrationSettings
+    from ..corpus import PYTHON_DOCS, tokenize_corpus
+    from ..models import load_model
+    from ..sweep import resolve_family, run_sweep
+    from ..tasks import parse_task_argument
+
+    family = resolve_family(args.family, identity_levels=args.identity_level)
+    levels = [level.strip() for level in args.levels.split(",")] if args.levels else None
+    tolerances = parse_tolerances(args.tolerance)
+    tasks = [parse_task_argument(argument, limit=args.task_limit) for argument in args.task]
+    text, corpus_label = text_from_arguments(args)
+    reference, tokenizer = load_model(args.reference, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    windows = tokenize_corpus(tokenizer, text, window=args.window, stride=args.stride, max_tokens=args.max_tokens)
+    result = run_sweep(
+        reference, tokenizer, windows, family, levels,
+        k=args.k, batch_size=args.batch_size, cache_root=args.cache_dir, tasks=tasks,
+        calibration=CalibrationSettings(args.calibration_text or PYTHON_DOCS, args.calibration_sequences),
+        tolerances=tolerances, output_dir=args.output, plots=not args.no_plots,
+        metadata={"reference": args.reference, "corpus": corpus_label, "window": args.window,
+                  "stride": args.stride or args.window, "max_tokens": args.max_tokens, "n_windows": len(windows),
+                  "dtype": args.dtype},
+        progress=not args.quiet,
+    )
+    print(sweep_table(result))
+    print(f"\nwrote {args.output}/sweep.json, sweep.csv" + ("" if args.no_plots else " and sweep_*.png"))
+    return 0
+
+
+def sweep_table(result) -> str:
+    """Levels and their main figures, then the threshold, as plain text."""
+    keys = [curve.key for curve in result.curves]
+    lines = ["  ".join(f"{name:>14}" for name in ["level", "spec", *keys])]
+    for entry in result.levels:
+        values = [entry["figures"].get(key) for key in keys]
+        cells = [f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value) for value in values]
+        lines.append("  ".join(f"{cell:>14}" for cell in [entry["level"], entry["spec"] or "(unmodified)", *cells]))
+    threshold = result.threshold()
+    if threshold.get("rule") == "breakpoint":
+        low, high = threshold["interval"]
+        lines.append(f"\nthreshold ({threshold['figure']}, fitted breakpoint): {threshold['level']:.3g} "
+                     f"(95 % interval {low:.3g}–{high:.3g}), between levels {threshold['level_before']['level']} "
+                     f"and {threshold['level_after']['level'] if threshold['level_after'] else '—'}")
+    else:
+        lines.append(f"\nno fitted breakpoint: {threshold.get('breakpoint_reason')}")
+        if threshold.get("level") is not None:
+            lines.append(f"{threshold['figure']} crosses its tolerance {threshold['tolerance']:g} at level "
+                         f"{threshold['level']:.3g} (between {threshold['level_before']['level']} and "
+                         f"{threshold['level_after']['level']})")
+        else:
+            lines.append(f"tolerance rule: {threshold.get('reason')}")
+    return "\n".join(lines)
