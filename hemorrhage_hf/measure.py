@@ -18,17 +18,20 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from . import distributed
 from .corpus import Window
 from .divergence import TokenStatistics, cosine_distance, js_divergence, relative_l2, token_statistics
-from .errors import ModificationError
+from .errors import HemorrhageError, ModificationError
 from .report import HemorrhageReport, LayerFigures, TokenArrays
 
 LAYER_MAP_ATTRIBUTE = "hemorrhage_layer_map"
@@ -110,38 +113,54 @@ def eager_attention(*models: PreTrainedModel) -> Iterator[None]:
 
 
 class LayerAccumulator:
-    """Running sums of per-layer drift over scored positions."""
+    """Per-batch sums of per-layer drift over scored positions.
+
+    Sums are kept per batch and added with ``math.fsum`` (exactly rounded, so independent of order): a run split
+    across processes gives bit-identical averages to a single process.
+    """
 
     def __init__(self, layer_map: list[int]):
         self.layer_map = layer_map
-        n_layers = len(layer_map)
-        self.cosine = torch.zeros(n_layers, dtype=torch.float64)
-        self.relative_l2 = torch.zeros(n_layers, dtype=torch.float64)
-        self.attention_js = torch.zeros(n_layers, dtype=torch.float64)
+        #: one ``[3, n_layers]`` float64 tensor (cosine, relative L2, attention JS) per batch
+        self.batch_sums: list[torch.Tensor] = []
         self.n_positions = 0
         self.has_attention = False
 
     def add(self, reference_outputs, modified_outputs, rows: torch.Tensor, positions: torch.Tensor) -> None:
         self.n_positions += len(rows)
+        sums = torch.zeros(3, len(self.layer_map), dtype=torch.float64)
         for layer, mapped in enumerate(self.layer_map):
             # hidden_states[0] is the embedding output; hidden_states[i + 1] is decoder layer i's output.
             reference_hidden = reference_outputs.hidden_states[layer + 1][rows, positions]
             modified_hidden = modified_outputs.hidden_states[mapped + 1][rows, positions]
-            self.cosine[layer] += cosine_distance(reference_hidden, modified_hidden).double().sum()
-            self.relative_l2[layer] += relative_l2(reference_hidden, modified_hidden).double().sum()
+            sums[0, layer] = cosine_distance(reference_hidden, modified_hidden).double().sum()
+            sums[1, layer] = relative_l2(reference_hidden, modified_hidden).double().sum()
             if reference_outputs.attentions is not None:
                 self.has_attention = True
-                self.attention_js[layer] += _attention_js(
+                sums[2, layer] = _attention_js(
                     reference_outputs.attentions[layer], modified_outputs.attentions[mapped], rows, positions
                 )
+        self.batch_sums.append(sums)
+
+    def merge(self, others: Sequence[LayerAccumulator]) -> LayerAccumulator:
+        """This accumulator followed by ``others`` (shards of one pass, in order)."""
+        for other in others:
+            self.batch_sums += other.batch_sums
+            self.n_positions += other.n_positions
+            self.has_attention |= other.has_attention
+        return self
 
     def finish(self) -> LayerFigures:
         n = max(self.n_positions, 1)
+
+        def averages(row: int) -> list[float]:
+            return [math.fsum(sums[row, layer].item() for sums in self.batch_sums) / n for layer in range(len(self.layer_map))]
+
         return LayerFigures(
             layer_map=self.layer_map,
-            cosine_distance=(self.cosine / n).tolist(),
-            relative_l2=(self.relative_l2 / n).tolist(),
-            attention_js=(self.attention_js / n).tolist() if self.has_attention else None,
+            cosine_distance=averages(0),
+            relative_l2=averages(1),
+            attention_js=averages(2) if self.has_attention else None,
         )
 
 
@@ -169,6 +188,13 @@ class TokenAccumulator:
             self.parts.setdefault(name, []).append(values.detach().cpu())
         self.parts.setdefault("target_ids", []).append(target_ids.cpu())
 
+    def merge(self, others: Sequence[TokenAccumulator]) -> TokenAccumulator:
+        """This accumulator followed by ``others`` (shards of one pass, in order)."""
+        for other in others:
+            for name, values in other.parts.items():
+                self.parts.setdefault(name, []).extend(values)
+        return self
+
     def finish(self) -> TokenArrays:
         arrays = {name: torch.cat(values).numpy() for name, values in self.parts.items()}
         return TokenArrays(
@@ -182,7 +208,8 @@ class TokenAccumulator:
         )
 
 
-def _forward(model: PreTrainedModel, input_ids: torch.Tensor, *, layers: bool, attention: bool):
+def model_outputs(model: PreTrainedModel, input_ids: torch.Tensor, *, layers: bool = False, attention: bool = False):
+    """One forward pass over a batch, exactly as measurement runs it (a reference cache is built with this too)."""
     return model(
         input_ids=input_ids.to(model.device),
         output_hidden_states=layers,
@@ -191,9 +218,44 @@ def _forward(model: PreTrainedModel, input_ids: torch.Tensor, *, layers: bool, a
     )
 
 
+class ReferenceSource(Protocol):
+    """Supplies the reference side of each batch: the live model (:class:`LiveReference`) or a cache of its outputs
+    (:class:`hemorrhage_hf.refcache.ReferenceCache`), so a sweep of K modified models costs K + 1 passes, not 2K."""
+
+    def begin(self, windows: Sequence[Window], *, batch_size: int, layers: bool, attention: bool) -> None:
+        """Start a pass over ``windows``; raise where this source cannot serve it."""
+
+    def compare(
+        self, batch: Batch, modified_logits: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[TokenStatistics, Any]:
+        """Per-token statistics of the batch's scored positions, and the reference model outputs (None if absent)."""
+
+    def metadata(self) -> dict:
+        """What the report must say about where the reference figures came from."""
+
+
+class LiveReference:
+    """The reference model itself, run on every batch."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.layers = self.attention = False
+
+    def begin(self, windows: Sequence[Window], *, batch_size: int, layers: bool, attention: bool) -> None:
+        self.layers, self.attention = layers or attention, attention
+
+    def compare(self, batch: Batch, modified_logits: torch.Tensor, targets: torch.Tensor):
+        outputs = model_outputs(self.model, batch.input_ids, layers=self.layers, attention=self.attention)
+        rows, positions = batch.prediction_positions()
+        return token_statistics(outputs.logits[rows, positions].cpu(), modified_logits, targets), outputs
+
+    def metadata(self) -> dict:
+        return {}
+
+
 @torch.inference_mode()
 def measure(
-    reference: PreTrainedModel,
+    reference: PreTrainedModel | ReferenceSource,
     modified: PreTrainedModel,
     windows: Sequence[Window],
     *,
@@ -207,6 +269,8 @@ def measure(
     """Measure how much ``modified`` bled relative to ``reference`` on ``windows``.
 
     Args:
+        reference: the reference model, or a :class:`~hemorrhage_hf.refcache.ReferenceCache` of its outputs on these
+            windows (KL is then a lower bound over its top-k bins plus a tail bin; the other figures are exact).
         windows: token windows from :func:`hemorrhage_hf.corpus.tokenize_corpus` (both models see exactly these).
         layers: also compute per-layer hidden-state drift (the information loss cascade).
         attention: also compute per-layer attention JS divergence (switches both models to eager attention).
@@ -215,27 +279,33 @@ def measure(
     """
     if not windows:
         raise ValueError("no windows to measure")
+    source = LiveReference(reference) if isinstance(reference, torch.nn.Module) else reference
+    # A cache refuses layers/attention here, so below `reference` is a model wherever they are asked for.
+    source.begin(windows, batch_size=batch_size, layers=layers, attention=attention)
+    if distributed.n_processes() > 1 and not isinstance(source, LiveReference):
+        raise HemorrhageError("a reference cache cannot be split across processes; run the cached pass in one process")
     layer_accumulator = LayerAccumulator(resolve_layer_map(reference, modified, layer_map)) if layers or attention else None
     tokens = TokenAccumulator()
     attention_context = eager_attention(reference, modified) if attention else contextlib.nullcontext()
-    with attention_context, tqdm(total=len(windows), desc="measuring", unit="window", disable=not progress) as bar:
-        for batch in batch_windows(windows, batch_size):
+    # Under `accelerate launch` each process measures its own contiguous shard; the shards are merged below.
+    shard = distributed.local_windows(windows, batch_size)
+    show_progress = progress and distributed.is_main_process()
+    with attention_context, tqdm(total=len(shard), desc="measuring", unit="window", disable=not show_progress) as bar:
+        for batch in batch_windows(shard, batch_size):
             want_hidden = layer_accumulator is not None
-            reference_outputs = _forward(reference, batch.input_ids, layers=want_hidden, attention=attention)
-            modified_outputs = _forward(modified, batch.input_ids, layers=want_hidden, attention=attention)
+            modified_outputs = model_outputs(modified, batch.input_ids, layers=want_hidden, attention=attention)
             rows, positions = batch.prediction_positions()
             targets = batch.targets()
-            statistics = token_statistics(
-                reference_outputs.logits[rows, positions].cpu(),
-                modified_outputs.logits[rows, positions].cpu(),
-                targets,
-            )
+            statistics, reference_outputs = source.compare(batch, modified_outputs.logits[rows, positions].cpu(), targets)
             tokens.add(statistics, targets)
             if layer_accumulator is not None:
                 layer_accumulator.add(reference_outputs, modified_outputs, rows, positions)
             bar.update(len(batch.first_scored))
+    tokens = TokenAccumulator().merge(distributed.gather(tokens))
+    if layer_accumulator is not None:
+        layer_accumulator = LayerAccumulator(layer_accumulator.layer_map).merge(distributed.gather(layer_accumulator))
     return HemorrhageReport.build(
         tokens.finish(),
         layers=layer_accumulator.finish() if layer_accumulator is not None else None,
-        metadata=metadata or {},
+        metadata={**(metadata or {}), **source.metadata()},
     )

@@ -19,6 +19,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_device_map_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device-map", default=None, metavar="MAP",
+        help="accelerate device map for models that do not fit one device, e.g. 'auto' (spreads over GPUs, CPU "
+        "and disk offload). Default: load on the CPU",
+    )
+
+
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument(

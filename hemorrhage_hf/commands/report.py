@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_arguments, add_text_arguments, text_from_arguments
+from .. import distributed
+from .common import add_device_map_argument, add_model_arguments, add_text_arguments, text_from_arguments
 
 EPILOG = """examples:
   hemorrhage-hf report --reference default --modification int4-g64 --output out/
@@ -42,6 +43,7 @@ def add_parser(subparsers) -> None:
     )
     add_text_arguments(parser)
     add_model_arguments(parser)
+    add_device_map_argument(parser)
     parser.add_argument("--layers", action="store_true", help="also measure per-layer hidden-state drift")
     parser.add_argument(
         "--attention", action="store_true",
@@ -51,6 +53,13 @@ def add_parser(subparsers) -> None:
         "--layer-map", metavar="I,J,...", type=layer_map_argument,
         help="comma-separated modified layer for each reference layer (models of different depth)",
     )
+    parser.add_argument(
+        "--sequential", action="store_true",
+        help="hold one model at a time: run the reference into a top-k cache, free it, then run the modified model "
+        "(halves peak memory; KL becomes a lower bound over the top-k bins plus a tail bin; no --layers)",
+    )
+    parser.add_argument("--top-k", type=int, default=64, metavar="K",
+                        help="reference tokens kept per position in --sequential mode (default: 64)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for report.json, report.md and plots")
@@ -76,9 +85,14 @@ def run(args: argparse.Namespace) -> int:
         attention=args.attention,
         layer_map=args.layer_map,
         dtype=args.dtype,
+        device_map=args.device_map,
         trust_remote_code=args.trust_remote_code,
+        sequential=args.sequential,
+        top_k=args.top_k,
         progress=not args.quiet,
     )
+    if not distributed.is_main_process():
+        return 0  # under `accelerate launch` every process holds the merged report; the first one writes it
     written = report.save(Path(args.output), plots=not args.no_plots)
     print(console_table(report))
     print("\nwrote " + ", ".join(str(path) for path in written.values()))
