@@ -77,10 +77,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def space_url():
-    """The Space served on 127.0.0.1 for this module, with tiny generation limits."""
+    """The Space served on 127.0.0.1 for this module, with tiny generation limits and a short calibration fit."""
     from hemorrhage_hf.space import build_demo, launch
 
-    demo = build_demo(ModelCache(limits=SpaceLimits(new_tokens=4)))
+    demo = build_demo(ModelCache(limits=SpaceLimits(new_tokens=4, calibration_iterations=8)))
     _, url, _ = launch(demo, port=_free_port(), prevent_thread_lock=True, quiet=True)
     yield url
     demo.close()
@@ -91,8 +91,8 @@ def test_api_compare_then_card_section(space_url, tmp_path):
 
     assert space_url.startswith("http://127.0.0.1:")
     client = Client(space_url, download_files=str(tmp_path), verbose=False)
-    severity, table, layer_plot, kl_plot, tokens_html, reference_text, modified_text, report = client.predict(
-        DEFAULT_MODEL_LABEL, "int4-g64", TEXT, "Name a colour.", 4, api_name="/compare"
+    severity, table, layer_plot, kl_plot, tokens_html, reference_text, modified_text, calibrated_text, verdict, report = (
+        client.predict(DEFAULT_MODEL_LABEL, "int4-g64", TEXT, "Name a colour.", 4, True, api_name="/compare")
     )
     assert report["metadata"]["modification"] == "int4-g64" and report["n_tokens"] == 17
     assert report["kl_mean"] > 0.05 and report["ppl_ratio"] > 1  # int4 on SmolLM2 bleeds visibly
@@ -104,7 +104,9 @@ def test_api_compare_then_card_section(space_url, tmp_path):
     for png in (layer_plot, kl_plot):
         assert Path(png).read_bytes()[:4] == b"\x89PNG"
     assert tokens_html.count('title="KL ') == report["n_tokens"]  # each scored token; the first is context only
-    assert reference_text and modified_text
+    assert reference_text and modified_text and calibrated_text
+    # The calibration's own held-out check (fitted on the Python docs, never on this text) is shown with it.
+    assert verdict.startswith("Decoding calibration: the calibration") and "held-out KL" in verdict
 
     card, section = client.predict("smollm2-int4", api_name="/card_section")
     assert card.startswith("---\nmodel-index:\n- name: smollm2-int4\n") and section in card
@@ -115,7 +117,7 @@ def test_api_threshold_sweep_feeds_the_card(space_url, tmp_path):
     from gradio_client import Client
 
     client = Client(space_url, download_files=str(tmp_path), verbose=False)
-    client.predict(DEFAULT_MODEL_LABEL, "int4-g64", TEXT, "", 0, api_name="/compare")
+    client.predict(DEFAULT_MODEL_LABEL, "int4-g64", TEXT, "", 0, False, api_name="/compare")
     threshold, plot, table, = client.predict(DEFAULT_MODEL_LABEL, "bits", "32,8,4,2", TEXT, api_name="/sweep")
     assert threshold.startswith("Swept over bits levels 32, 8, 4, 2")
     assert Path(plot).read_bytes()[:4] == b"\x89PNG"
@@ -137,7 +139,7 @@ def test_api_reports_bad_input(space_url, model, spec, message):
 
     client = Client(space_url, verbose=False)
     with pytest.raises(Exception, match=message):
-        client.predict(model, spec, TEXT, "", 0, api_name="/compare")
+        client.predict(model, spec, TEXT, "", 0, False, api_name="/compare")
 
 
 def _chromium() -> str:

@@ -19,6 +19,7 @@ import html
 import os
 import tempfile
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from ..modify import parse_spec
 from ..report import HemorrhageReport
 
 if TYPE_CHECKING:
+    from ..calibration import DecodingCalibration
     from ..sweep import SweepResult
 
 DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct"
@@ -58,6 +60,12 @@ class SpaceLimits:
     sweep_levels: int = 6
     sweep_tokens: int = 256
     cached_modified_models: int = 2
+    #: Python-docs tokens a decoding calibration is fitted on, in windows of ``calibration_fit_window``: one window
+    #: in five is held out to check it, so 400 in 80s is about the least the fit accepts (256 + 64 tokens). Fitting
+    #: is the slow part of a first request with calibration (tens of seconds on 2 CPU cores); it is cached.
+    calibration_fit_tokens: int = 400
+    calibration_fit_window: int = 80
+    calibration_iterations: int = 40
     #: Calibration data for modifications that need it (Wanda, AWQ...): the fewest tokens the registry accepts
     #: (``MIN_CALIBRATION_TOKENS``), so one request stays interactive.
     calibration: CalibrationSettings = field(
@@ -90,6 +98,7 @@ class ModelCache:
         self.limits = limits or SpaceLimits()
         self._references: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
         self._modified: OrderedDict[tuple[str, str], PreTrainedModel] = OrderedDict()
+        self._calibrations: OrderedDict[tuple[str, str], DecodingCalibration] = OrderedDict()
         self._lock = threading.Lock()
         #: Reference caches of threshold sweeps live for this process only (visitor texts are not kept).
         self.reference_cache_root = Path(tempfile.mkdtemp(prefix="hemorrhage-space-refcache-"))
@@ -121,9 +130,41 @@ class ModelCache:
                 reference, modification=spec, tokenizer=tokenizer, calibration=self.limits.calibration
             )
             self._modified[key] = modified
-            while len(self._modified) > self.limits.cached_modified_models:
-                self._modified.popitem(last=False)
+            _evict_oldest(self._modified, self.limits.cached_modified_models)
             return modified
+
+    def calibration(self, label: str, spec: str) -> DecodingCalibration:
+        """A decoding calibration of ``spec`` towards the labelled model, fitted on the fly on the Python docs.
+
+        It is fitted on the corpus's first tokens (never on the visitor's text); its own held-out check is in
+        ``summary``. Fitted calibrations are cached like modified models.
+        """
+        from ..calibration import CalibrationWarning, DecodingCalibration
+        from ..corpus import python_docs_text
+
+        spec = parse_spec(spec).spec
+        reference, tokenizer = self.reference(label)
+        modified = self.modified(label, spec)
+        key = (label, spec)
+        with self._lock:
+            if key not in self._calibrations:
+                with warnings.catch_warnings():
+                    # A calibration that does not help is shown with its verdict, not raised as a warning.
+                    warnings.simplefilter("ignore", CalibrationWarning)
+                    self._calibrations[key] = DecodingCalibration.fit(
+                        reference, modified, python_docs_text(), tokenizer=tokenizer,
+                        window=self.limits.calibration_fit_window, max_tokens=self.limits.calibration_fit_tokens,
+                        max_iterations=self.limits.calibration_iterations, progress=False,
+                        metadata={"reference": label, "modification": spec, "text": PYTHON_DOCS},
+                    )
+                _evict_oldest(self._calibrations, self.limits.cached_modified_models)
+            self._calibrations.move_to_end(key)
+            return self._calibrations[key]
+
+
+def _evict_oldest(cache: OrderedDict, size: int) -> None:
+    while len(cache) > size:
+        cache.popitem(last=False)
 
 
 def bounded_text_windows(tokenizer: PreTrainedTokenizerBase, text: str, limits: SpaceLimits):
@@ -203,7 +244,10 @@ class Comparison:
     report: HemorrhageReport
     token_html: str
     plots: dict[str, Path]
+    #: "reference", "modified" and, with calibration, "calibrated" continuations of the prompt
     generations: dict[str, str]
+    #: the decoding calibration's verdict on its own held-out text, when one was used
+    calibration_verdict: str = ""
 
 
 def run_comparison(
@@ -216,10 +260,12 @@ def run_comparison(
     max_new_tokens: int = 32,
     limits: SpaceLimits | None = None,
     attention: bool = True,
+    calibrate: bool = False,
     output_dir: Path | None = None,
     on_step: Callable[[float, str], None] = lambda fraction, description: None,
 ) -> Comparison:
-    """Measure ``spec`` applied to the labelled model on ``text``; plot it; generate from ``prompt`` with both.
+    """Measure ``spec`` applied to the labelled model on ``text``; plot it; generate from ``prompt`` with both,
+    and with ``calibrate`` also with the modified model under a decoding calibration (fitted on first use).
 
     ``on_step(fraction_done, description)`` is told as each stage starts (the Space's progress bar).
     """
@@ -259,13 +305,21 @@ def run_comparison(
     plot_layers(report, plots["Per-layer drift and attention divergence"])
     plot_kl_distribution(report, plots["KL distribution"])
 
-    generations = {}
+    generations, verdict = {}, ""
     if prompt.strip() and max_new_tokens > 0:
-        on_step(0.7, "generating")
+        on_step(0.65, "generating")
         prompt_ids = chat_input_ids(tokenizer, prompt)
         generations["reference"] = greedy_generation(reference, tokenizer, prompt_ids, max_new_tokens)
         generations["modified"] = greedy_generation(modified, tokenizer, prompt_ids, max_new_tokens)
-    return Comparison(report=report, token_html=token_html, plots=plots, generations=generations)
+        if calibrate:
+            on_step(0.8, "fitting the decoding calibration")
+            calibration = cache.calibration(model_label, modification.spec)
+            verdict = calibration.summary.verdict()
+            generations["calibrated"] = greedy_generation(
+                modified, tokenizer, prompt_ids, max_new_tokens, LogitsProcessorList([calibration])
+            )
+    return Comparison(report=report, token_html=token_html, plots=plots, generations=generations,
+                      calibration_verdict=verdict)
 
 
 def default_sweep_levels(family: str, limits: SpaceLimits) -> list[str]:

@@ -26,10 +26,15 @@ from .backend import ModelCache, default_sweep_levels, run_comparison, run_thres
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
-#: Offered in the modification menu when the registry parses them; visitors may type any other spec.
-SUGGESTED_SPECS = ("int8", "int4-g128", "int4-g64", "int3-g64", "int2-g64")
+#: Offered in the modification menu when the registry parses them (visitors may type any other spec): each
+#: modification next to its mitigated form, activation-aware scaling (awq-, smooth-) and gradient-aware pruning.
+SUGGESTED_SPECS = (
+    "int8", "int4-g128", "int4-g64", "awq-int4-g64", "int3-g64", "awq-int3-g64", "int2-g64", "w8a8", "smooth-w8a8",
+    "magnitude-50", "wanda-50", "gradient-50", "2:4-magnitude", "2:4-wanda", "expand-dup-4", "heads-25", "layers-4",
+)
+MITIGATIONS = "awq-… and smooth-… (activation-aware scaling), gradient-… (gradient-aware pruning)"
 FIGURE_HEADERS = ["figure", "reference", "modified"]
-GENERATION_LABELS = {"reference": "Reference", "modified": "Modified"}
+GENERATION_LABELS = {"reference": "Reference", "modified": "Modified", "calibrated": "Modified + decoding calibration"}
 
 INTRO = """# Model hemorrhage
 Pick a model and a modification and watch how much it bleeds: both models read the same text, and every
@@ -78,10 +83,10 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
     model_labels = list(cache.allow_list)
 
     @_gradio_errors
-    def compare(model_label, spec, text, prompt, new_tokens, progress=gr.Progress()):
+    def compare(model_label, spec, text, prompt, new_tokens, calibrate, progress=gr.Progress()):
         comparison = run_comparison(
             cache, model_label, spec, text, prompt=prompt, max_new_tokens=int(new_tokens), limits=limits,
-            on_step=lambda fraction, description: progress(fraction, desc=description),
+            calibrate=calibrate, on_step=lambda fraction, description: progress(fraction, desc=description),
         )
         report = comparison.report
         report_data = report.to_dict()
@@ -94,6 +99,7 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
             str(comparison.plots["KL distribution"]),
             comparison.token_html,
             *generations,
+            comparison.calibration_verdict and f"Decoding calibration: {comparison.calibration_verdict}.",
             report_data,
             report_data,
         )
@@ -123,7 +129,7 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
             model = gr.Dropdown(model_labels, value=model_labels[0], label="Model", elem_id="model")
             spec = gr.Dropdown(
                 spec_choices(), value="int4-g64", allow_custom_value=True, label="Modification", elem_id="spec",
-                info="Pick one or type a spec; known forms: " + ", ".join(known_specs()),
+                info=f"Pick one or type a spec (forms: {', '.join(known_specs())}). Mitigations: {MITIGATIONS}.",
             )
         with gr.Tabs():
             with gr.Tab("Compare", id="compare"):
@@ -135,6 +141,10 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
                     prompt = gr.Textbox("What does the Python `len` function do?", label="Prompt for generations", scale=3)
                     new_tokens = gr.Slider(0, limits.new_tokens, value=min(32, limits.new_tokens), step=1,
                                            label="New tokens (greedy)", scale=1)
+                    calibrate = gr.Checkbox(
+                        True, label="Decoding calibration", scale=1, elem_id="calibrate",
+                        info="mitigation for the generations: fitted on the fly on the Python docs",
+                    )
                 run = gr.Button("Compare", variant="primary", elem_id="compare-button")
                 severity = gr.Markdown(elem_id="severity")
                 with gr.Row():
@@ -147,9 +157,10 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
                 tokens = gr.HTML(elem_id="token-kl")
                 with gr.Row():
                     generation_boxes = [
-                        gr.Textbox(label=f"{title} generation", lines=6, interactive=False, elem_id=f"generation-{key}")
+                        gr.Textbox(label=f"Generation: {title}", lines=6, interactive=False, elem_id=f"generation-{key}")
                         for key, title in GENERATION_LABELS.items()
                     ]
+                calibration_verdict = gr.Markdown(elem_id="calibration-verdict")
                 with gr.Accordion("Report (JSON)", open=False):
                     report_json = gr.JSON()
             with gr.Tab("Threshold", id="threshold"):
@@ -183,8 +194,9 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
 
         heavy = dict(concurrency_id="cpu", concurrency_limit=1)
         run.click(
-            compare, [model, spec, text, prompt, new_tokens],
-            [severity, table, layer_plot, kl_plot, tokens, *generation_boxes, report_json, report_state],
+            compare, [model, spec, text, prompt, new_tokens, calibrate],
+            [severity, table, layer_plot, kl_plot, tokens, *generation_boxes, calibration_verdict, report_json,
+             report_state],
             api_name="compare", **heavy,
         )
         family.change(lambda name: ",".join(default_sweep_levels(name, limits)) if name in FAMILIES else gr.skip(),
