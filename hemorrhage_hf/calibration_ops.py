@@ -1,0 +1,265 @@
+"""Pure tensor functions of decoding calibration: the correction of next-token scores, its loss, and its fit.
+
+A correction maps the modified model's scores ``z`` (``[..., vocab]``) and the token each position has just seen
+(``previous_ids``, ``[...]``) to corrected scores. Each family adds one term; a family that is absent, or present
+with its identity values (all zeros), leaves ``z`` bit-for-bit unchanged::
+
+    s  = log_inverse_temperature + entropy_slope · (H(softmax z) − entropy_center)     # temperature families
+    z' = z · exp(s) + token_bias + previous_token_factors[previous_ids] @ previous_token_basis
+
+Example:
+    >>> import torch
+    >>> from hemorrhage_hf.calibration_ops import CorrectionParameters, apply_correction
+    >>> parameters = CorrectionParameters.identity(("temperature", "token_bias"), vocab_size=4)
+    >>> scores = torch.tensor([[1.0, 2.0, 3.0, float("-inf")]])
+    >>> torch.equal(apply_correction(scores, torch.tensor([0]), parameters), scores)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from .divergence import kl_divergence, log_probs
+
+#: Every correction family, cheapest first. ``entropy_temperature`` includes the global temperature.
+FAMILIES = ("temperature", "entropy_temperature", "token_bias", "previous_token")
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (nats) of ``softmax(logits)`` over the last dimension; -inf scores count as probability 0."""
+    logprobs = log_probs(logits)
+    probs = logprobs.exp()
+    return -torch.where(probs > 0, probs * logprobs, torch.zeros_like(probs)).sum(-1)
+
+
+@dataclass
+class CorrectionParameters:
+    """The tensors of one correction; a field left ``None`` is a family not in use."""
+
+    vocab_size: int
+    log_inverse_temperature: torch.Tensor | None = None  # [] ; 0 is the identity
+    entropy_slope: torch.Tensor | None = None  # [] ; 0 is the identity
+    entropy_center: torch.Tensor | None = None  # [] ; the mean entropy on calibration text (a constant, not fitted)
+    token_bias: torch.Tensor | None = None  # [vocab]
+    previous_token_factors: torch.Tensor | None = None  # [vocab, rank]; zero rows for tokens never seen
+    previous_token_basis: torch.Tensor | None = None  # [rank, vocab]
+
+    @classmethod
+    def identity(
+        cls, families: Iterable[str], *, vocab_size: int, rank: int = 8, entropy_center: float = 0.0, seed: int = 0
+    ) -> CorrectionParameters:
+        """Parameters at which the correction is exactly the identity, ready to be fitted.
+
+        The previous-token factors start at zero and its basis at small random values: the bias is then zero, yet
+        the gradient of the factors is not (two zero factors would be a saddle point the fit never leaves).
+        """
+        families = set(families)
+        unknown = families - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"unknown correction families {sorted(unknown)}; choose from {FAMILIES}")
+        parameters = cls(vocab_size=vocab_size)
+        if families & {"temperature", "entropy_temperature"}:
+            parameters.log_inverse_temperature = torch.zeros(())
+        if "entropy_temperature" in families:
+            parameters.entropy_slope = torch.zeros(())
+            parameters.entropy_center = torch.tensor(float(entropy_center))
+        if "token_bias" in families:
+            parameters.token_bias = torch.zeros(vocab_size)
+        if "previous_token" in families:
+            generator = torch.Generator().manual_seed(seed)
+            parameters.previous_token_factors = torch.zeros(vocab_size, rank)
+            parameters.previous_token_basis = torch.randn(rank, vocab_size, generator=generator) / math.sqrt(vocab_size)
+        return parameters
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        present = {
+            "temperature": self.log_inverse_temperature is not None and self.entropy_slope is None,
+            "entropy_temperature": self.entropy_slope is not None,
+            "token_bias": self.token_bias is not None,
+            "previous_token": self.previous_token_factors is not None,
+        }
+        return tuple(family for family in FAMILIES if present[family])
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.previous_token_factors is None else self.previous_token_factors.shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors in use, by field name (the safetensors layout)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def trainable(self) -> list[torch.Tensor]:
+        """What :func:`fit_correction` optimises (the entropy centre is a fixed statistic)."""
+        return [tensor for name, tensor in self.tensors().items() if name != "entropy_center"]
+
+    def penalty(self) -> torch.Tensor:
+        """Squared Frobenius norm of the bias tables (one entry per vocabulary item, or per pair of items): they see
+        little data each, so the fit keeps them small. The previous-token table is penalised as the product
+        ‖factors @ basis‖², which, unlike penalising each factor, has zero gradient at the identity (zero factors)."""
+        total = torch.zeros(())
+        if self.token_bias is not None:
+            total = total + (self.token_bias * self.token_bias).sum()
+        if self.previous_token_factors is not None:
+            factors, basis = self.previous_token_factors, self.previous_token_basis
+            total = total + ((factors.T @ factors) * (basis @ basis.T)).sum()
+        return total
+
+    def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> CorrectionParameters:
+        """A copy with ``function`` applied to every tensor (``.to(device)``, ``.detach()``...)."""
+        return replace(self, **{name: function(tensor) for name, tensor in self.tensors().items()})
+
+    def validate(self) -> None:
+        """Raise ValueError when the tensors do not fit together (a corrupted or hand-edited file)."""
+        vocab, rank = self.vocab_size, self.rank
+        expected = {
+            "log_inverse_temperature": (),
+            "entropy_slope": (),
+            "entropy_center": (),
+            "token_bias": (vocab,),
+            "previous_token_factors": (vocab, rank),
+            "previous_token_basis": (rank, vocab),
+        }
+        for name, tensor in self.tensors().items():
+            if tuple(tensor.shape) != expected[name]:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {expected[name]}")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{name} holds NaN or inf values")
+        if (self.entropy_slope is None) != (self.entropy_center is None):
+            raise ValueError("entropy_slope and entropy_center come together")
+        if self.entropy_slope is not None and self.log_inverse_temperature is None:
+            raise ValueError("entropy_slope needs log_inverse_temperature")
+        if (self.previous_token_factors is None) != (self.previous_token_basis is None):
+            raise ValueError("previous_token_factors and previous_token_basis come together")
+
+
+def apply_correction(scores: torch.Tensor, previous_ids: torch.Tensor, parameters: CorrectionParameters) -> torch.Tensor:
+    """Corrected fp32 scores ``[..., vocab]``; ``previous_ids[...]`` is the token each position has just read.
+
+    Works for one generation step (``[batch, vocab]`` with ``input_ids[:, -1]``) and for whole sequences
+    (``[batch, time, vocab]`` with ``input_ids``) alike, so measured figures use exactly the math of generation.
+    """
+    corrected = scores.float()
+    if parameters.log_inverse_temperature is not None:
+        log_scale = parameters.log_inverse_temperature
+        if parameters.entropy_slope is not None:
+            log_scale = log_scale + parameters.entropy_slope * (entropy(corrected) - parameters.entropy_center)
+            log_scale = log_scale.unsqueeze(-1)
+        corrected = corrected * log_scale.exp()
+    if parameters.token_bias is not None:
+        corrected = corrected + parameters.token_bias
+    if parameters.previous_token_factors is not None:
+        corrected = corrected + parameters.previous_token_factors[previous_ids] @ parameters.previous_token_basis
+    return corrected
+
+
+@dataclass
+class CalibrationData:
+    """Aligned next-token logits of the two models at N positions. They are kept in fp16 (4 bytes × vocabulary per
+    position) because a fit revisits them many times; both models' logits are rounded alike, so two identical
+    models still give identical data."""
+
+    reference_logits: torch.Tensor  # [N, vocab] fp16
+    modified_logits: torch.Tensor  # [N, vocab] fp16
+    previous_ids: torch.Tensor  # [N]
+    target_ids: torch.Tensor  # [N]
+
+    def __len__(self) -> int:
+        return len(self.previous_ids)
+
+    @classmethod
+    def from_logits(
+        cls, reference_logits: torch.Tensor, modified_logits: torch.Tensor, previous_ids: torch.Tensor, target_ids: torch.Tensor
+    ) -> CalibrationData:
+        return cls(_to_half(reference_logits), _to_half(modified_logits), previous_ids, target_ids)
+
+    @classmethod
+    def concatenate(cls, parts: list[CalibrationData]) -> CalibrationData:
+        return cls(*(torch.cat([getattr(part, f.name) for part in parts]) for f in fields(cls)))
+
+    def chunks(self, size: int):
+        """(reference log-probs, modified logits, previous ids, targets) of ``size`` positions at a time, in fp32."""
+        for start in range(0, len(self), size):
+            stop = start + size
+            yield (
+                log_probs(self.reference_logits[start:stop]),
+                self.modified_logits[start:stop].float(),
+                self.previous_ids[start:stop],
+                self.target_ids[start:stop],
+            )
+
+
+def _to_half(logits: torch.Tensor) -> torch.Tensor:
+    half_range = torch.finfo(torch.float16).max
+    return logits.float().clamp(-half_range, half_range).half()
+
+
+def mean_modified_entropy(data: CalibrationData, chunk_size: int = 1024) -> float:
+    total = sum(entropy(modified).double().sum().item() for _, modified, _, _ in data.chunks(chunk_size))
+    return total / len(data)
+
+
+def fit_correction(
+    data: CalibrationData,
+    families: Iterable[str],
+    *,
+    rank: int = 8,
+    regularization: float = 1e-4,
+    max_iterations: int = 40,
+    chunk_size: int = 1024,
+    seed: int = 0,
+) -> CorrectionParameters:
+    """Minimise the mean KL(P_ref ‖ softmax(corrected)) over ``data`` plus ``regularization`` ×
+    :meth:`CorrectionParameters.penalty`, with full-batch L-BFGS.
+
+    Starting from the identity, two identical models give zero gradient and the fit returns the identity exactly.
+    """
+    vocab_size = data.modified_logits.shape[-1]
+    parameters = CorrectionParameters.identity(
+        families, vocab_size=vocab_size, rank=rank, entropy_center=mean_modified_entropy(data, chunk_size), seed=seed
+    )
+    trainable = parameters.trainable()
+    for tensor in trainable:
+        tensor.requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        trainable, max_iter=max_iterations, history_size=20, line_search_fn="strong_wolfe",
+        tolerance_grad=1e-7, tolerance_change=1e-12,
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        total = 0.0
+        # Chunks bound memory; their gradients accumulate into one full-batch gradient.
+        for reference_logprobs, modified, previous_ids, _ in data.chunks(chunk_size):
+            corrected = apply_correction(modified, previous_ids, parameters)
+            # KL up to a constant: logsumexp(z') − Σ p_ref z'.
+            loss = (torch.logsumexp(corrected, -1) - (reference_logprobs.exp() * corrected).sum(-1)).sum() / len(data)
+            loss.backward()
+            total += loss.item()
+        penalty = regularization * parameters.penalty()
+        if penalty.requires_grad:
+            penalty.backward()
+            total += penalty.item()
+        return torch.tensor(total)
+
+    # Callers may sit under no_grad (pipelines do); the fit needs gradients whatever the context.
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return parameters.map(lambda tensor: tensor.detach())
+
+
+@torch.no_grad()
+def kl_before_after(
+    data: CalibrationData, parameters: CorrectionParameters, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position KL(P_ref ‖ P_mod) without and with the correction."""
+    before, after = [], []
+    for reference_logprobs, modified, previous_ids, _ in data.chunks(chunk_size):
+        before.append(kl_divergence(reference_logprobs, log_probs(modified)))
+        after.append(kl_divergence(reference_logprobs, log_probs(apply_correction(modified, previous_ids, parameters))))
+    return torch.cat(before), torch.cat(after)
