@@ -163,6 +163,7 @@ def test_page_runs_a_comparison_in_chromium(space_url):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(space_url)
             page.fill("#text textarea", TEXT)
+            page.check("#calibrate input[type=checkbox]")
             page.click("#compare-button")
             table = page.locator("#figures-table")
             expect(table).to_contain_text("KL mean (nats)", timeout=240_000)
@@ -172,6 +173,7 @@ def test_page_runs_a_comparison_in_chromium(space_url):
             expect(plot).to_be_visible()
             assert plot.evaluate("image => image.complete && image.naturalWidth") > 400
             expect(page.locator("#token-kl span[title^='KL ']").first).to_be_visible()
+            expect(page.locator("#calibration-verdict")).to_contain_text("held-out KL")
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=ARTIFACTS / "space-compare.png", full_page=True)
         finally:

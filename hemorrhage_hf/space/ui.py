@@ -142,8 +142,8 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
                     new_tokens = gr.Slider(0, limits.new_tokens, value=min(32, limits.new_tokens), step=1,
                                            label="New tokens (greedy)", scale=1)
                     calibrate = gr.Checkbox(
-                        True, label="Decoding calibration", scale=1, elem_id="calibrate",
-                        info="mitigation for the generations: fitted on the fly on the Python docs",
+                        False, label="Decoding calibration", scale=1, elem_id="calibrate",
+                        info="mitigation for the generations, fitted on the Python docs on first use (slow once)",
                     )
                 run = gr.Button("Compare", variant="primary", elem_id="compare-button")
                 severity = gr.Markdown(elem_id="severity")
