@@ -12,7 +12,8 @@ both models, drop and flips. Per curve it applies both rules of :mod:`hemorrhage
 *damage* (KL; PPL ratio − 1; 1 − agreement; accuracy drop). The sweep's threshold is the breakpoint of its first
 curve (KL mean, or total variation for decoding), else that curve's tolerance crossing.
 
-Levels are listed from the weakest to the strongest modification. Strength is the level's number, negated when
+Each level records its figures and its wall time (``seconds``; a decoding sweep's one shared pass is split evenly
+over its levels). Levels are listed from the weakest to the strongest modification. Strength is the level's number, negated when
 the levels decrease (bits), on a log scale for ``top_k``; ``n:m`` levels count as the sparsity 100·(1 − n/m).
 
 Output (``save``): ``sweep.json`` (everything), ``sweep.csv`` (one row per level), ``sweep_<figure>.png`` (one
@@ -84,7 +85,7 @@ FAMILIES: dict[str, SweepFamily] = {
         _percent_family("sparsity:magnitude", "magnitude-{}", _SPARSITY),
         _percent_family("sparsity:gradient", "gradient-{}", _SPARSITY),
         SweepFamily("nm:wanda", "{}-wanda", (), ("3:4", "2:4", "1:4")),
-        _percent_family("heads", "heads-{}", (0, 10, 25, 40, 50, 75)),
+        _percent_family("heads", "heads-{}", (0, 33, 67)),  # SmolLM2 drops 1 or 2 of 3 query heads per KV group
         _percent_family("channels", "channels-{}", (0, 10, 25, 40, 50, 75)),
         _percent_family("layers", "layers-{}", (0, 1, 2, 4, 6, 8, 12)),
         _percent_family("expand:dup", "expand-dup-{}", (0, 1, 2, 4, 8)),
@@ -287,13 +288,18 @@ def _damage(curve: Curve, figures: dict) -> float:
 
 
 def plot_curve(result: SweepResult, curve: Curve, threshold: dict, path: Path) -> None:
-    """The curve with error bars, the breakpoint (line + 95 % band) and the tolerance line and crossing."""
+    """The curve with error bars, the breakpoint (line + 95 % band) and the tolerance line and crossing.
+
+    Identity levels are left out: the unmodified model's point (32 bits, say) would stretch the axis, and its
+    damage is zero by construction.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [(level_value(e["level"]), e["figures"].get(curve.key), e["figures"].get(f"{curve.key}_error")) for e in result.levels]
+    points = [(level_value(e["level"]), e["figures"].get(curve.key), e["figures"].get(f"{curve.key}_error"))
+              for e in result.levels if e["spec"] is not None]
     points = [(x, y, err) for x, y, err in points if y is not None and math.isfinite(y) and (y > 0 or not curve.log_scale)]
     figure, axis = plt.subplots(figsize=(7, 4.2))
     if points:
@@ -386,8 +392,9 @@ def run_sweep(
         raise SpecError(f"sweep levels repeat: {levels}")
     scale = StrengthScale.infer(family, levels)
     specs = [family.spec(level) for level in levels]
+    check_spec = Decoding.parse if family.kind == "decoding" else parse_spec
     for spec in filter(None, specs):
-        Decoding.parse(spec) if family.kind == "decoding" else parse_spec(spec)  # fail before any model runs
+        check_spec(spec)  # a bad level fails here, before any model runs
     if family.kind == "decoding" and tasks:
         raise HemorrhageError("tasks score a model's answers; decoding sweeps change sampling, not the model")
     output_dir = Path(output_dir) if output_dir is not None else None

@@ -93,3 +93,22 @@ def test_decoding_hemorrhage_on_smollm2(smollm2, wikitext_text):
                                       sample=False, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id, progress=False)
     assert collapsed["token_agreement"] < 0.5 and collapsed["identical_fraction"] == 0.0
     assert all(position is not None and position < 12 for position in collapsed["first_divergence"])
+
+
+@pytest.mark.heavy
+def test_decode_command(tmp_path, capsys):
+    import json
+
+    from conftest import shared_data_path
+    from hemorrhage_hf.cli import main
+
+    code = main(["decode", "--reference", "default", "--decoding", "temperature=0.7", "--decoding", "top_k=5",
+                 "--text-file", str(shared_data_path("wikitext-2-raw/wiki.valid.raw")), "--max-tokens", "256",
+                 "--window", "128", "--prompts", "2", "--prompt-tokens", "8", "--new-tokens", "4", "--quiet",
+                 "--output", str(tmp_path)])
+    assert code == 0
+    saved = json.loads((tmp_path / "decoding.json").read_text())
+    assert [d["decoding"] for d in saved["distributions"]] == ["temperature=0.7", "top_k=5"]
+    assert saved["distributions"][1]["kl_mean"] is None  # infinite: top-k rules out tokens the reference allows
+    assert [len(g["continuations"]) for g in saved["generations"]] == [2, 2]
+    assert "top_k=5" in capsys.readouterr().out

@@ -11,7 +11,8 @@ from hemorrhage_hf.cli import main
 from hemorrhage_hf.compare import CalibrationSettings
 from hemorrhage_hf.corpus import make_windows, tokenize_corpus
 from hemorrhage_hf.errors import SpecError
-from hemorrhage_hf.sweep import StrengthScale, level_value, resolve_family, run_sweep
+from hemorrhage_hf.models import load_tokenizer
+from hemorrhage_hf.sweep import FAMILIES, StrengthScale, level_value, resolve_family, run_sweep
 from hemorrhage_hf.tasks import load_task
 
 
@@ -63,6 +64,25 @@ def test_tiny_bits_sweep_writes_everything_and_resumes(tmp_path):
     assert all((out / f"sweep_{key}.png").stat().st_size > 10_000 for key in saved["thresholds"])
 
 
+def test_every_model_family_sweeps_a_tiny_model(tmp_path):
+    """Each family's first two levels are valid specs of the registry: an identity level is exactly zero."""
+    tokenizer = load_tokenizer("default")  # calibration text is tokenized with it, so the vocabulary must match
+    model = tiny_llama(n_layers=4, vocab_size=len(tokenizer), hidden=96, heads=6, kv_heads=2)
+    windows = make_windows(torch.arange(100) * 7919 % len(tokenizer), window=50)
+    calibration_text = tmp_path / "calibration.txt"  # short, so tokenizing it per family stays cheap
+    calibration_text.write_text(shared_data_path("wikitext-2-raw/wiki.valid.raw").read_text()[:20_000])
+    for name, family in FAMILIES.items():
+        if family.kind != "model":
+            continue
+        levels = list(family.default_levels[:2])
+        result = run_sweep(model, tokenizer, windows, family, levels, k=8, cache_root=tmp_path, progress=False,
+                           calibration=CalibrationSettings(str(calibration_text), n_sequences=4, seq_len=64))
+        assert [entry["spec"] for entry in result.levels] == [family.spec(level) for level in levels], name
+        first = result.levels[0]["figures"]
+        assert first["kl_max"] == 0.0 or family.identity_levels == (), name
+        assert all(entry["figures"]["n_tokens"] == first["n_tokens"] for entry in result.levels), name
+
+
 def test_tiny_temperature_sweep_runs_all_levels_in_one_pass(tmp_path):
     result = run_sweep(tiny_llama(), None, tiny_windows(), "temperature", None, output_dir=tmp_path, progress=False)
     tv = [entry["figures"]["tv_mean"] for entry in result.levels]
@@ -92,7 +112,7 @@ def test_smollm2_weight_bits_threshold(smollm2, wiki_windows, tmp_path):
 @pytest.mark.heavy
 def test_smollm2_wanda_sparsity_threshold_with_a_task(smollm2, wiki_windows, tmp_path):
     model, tokenizer = smollm2
-    piqa = load_task("piqa", shared_data_path("piqa"), limit=24 * SCALE)
+    piqa = load_task("piqa", shared_data_path("piqa"), limit=12 * SCALE)
     result = run_sweep(
         model, tokenizer, wiki_windows, "sparsity:wanda", ["0", "20", "40", "50", "60", "70", "80"],
         cache_root=tmp_path, tasks=[piqa], calibration=CalibrationSettings(n_sequences=4, seq_len=128),

@@ -86,30 +86,33 @@ def test_bad_task_arguments_are_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def piqa(smollm2):
-    return load_task("piqa", shared_data_path("piqa"), limit=60 * SCALE)
+def piqa():
+    return load_task("piqa", shared_data_path("piqa"), limit=40 * SCALE)
+
+
+@pytest.fixture(scope="module")
+def piqa_reference_answers(smollm2, piqa):
+    model, tokenizer = smollm2
+    return answer_task(model, tokenizer, piqa)
 
 
 @pytest.mark.heavy
-def test_smollm2_beats_chance_and_is_stable_against_itself(smollm2, piqa):
-    model, tokenizer = smollm2
-    answers = answer_task(model, tokenizer, piqa)
-    # SmolLM2-135M scores ~0.68 acc_norm on PIQA (its model card); chance is 0.5.
-    assert answers.accuracy > 0.5 + 2 * (0.25 / len(piqa)) ** 0.5
-    figures = compare_task_answers(answers, answer_task(model, tokenizer, piqa))
-    assert figures["accuracy_drop"] == 0 and figures["flip_rate"] == 0 and figures["metric"] == "acc_norm"
+def test_smollm2_beats_chance_on_piqa(piqa, piqa_reference_answers):
+    # SmolLM2-135M scores ~0.68 acc_norm on PIQA (0.68 on the first 100 items here); chance is 0.5.
+    assert piqa_reference_answers.accuracy > 0.5 + 2 * (0.25 / len(piqa)) ** 0.5
+    assert piqa_reference_answers.metric == "acc_norm" and piqa_reference_answers.gold == [item.gold for item in piqa.items]
 
 
 @pytest.mark.heavy
-def test_two_bit_weights_flip_answers(smollm2, piqa):
+def test_two_bit_weights_flip_answers(smollm2, piqa, piqa_reference_answers):
     model, tokenizer = smollm2
-    figures = task_hemorrhage(model, apply_modification(model, "int2-g64"), tokenizer, piqa)
+    figures = task_hemorrhage(piqa_reference_answers, apply_modification(model, "int2-g64"), tokenizer, piqa)
     assert figures["flip_rate"] > 0.15 and figures["correct_to_incorrect"] > 0
     assert figures["accuracy_modified"] < figures["accuracy_reference"]
     assert figures["accuracy_reference_error"] == pytest.approx(
         (figures["accuracy_reference"] * (1 - figures["accuracy_reference"]) / len(piqa)) ** 0.5
     )
-    assert len(figures["answers"]["modified"]) == len(piqa)
+    assert figures["answers"]["reference"] == piqa_reference_answers.answers and len(figures["answers"]["modified"]) == len(piqa)
 
 
 @pytest.mark.heavy
@@ -131,3 +134,15 @@ def test_task_answers_feed_the_metric_answers_config():
     metric = evaluate.load(str(REPO / "metrics" / "hemorrhage"), "answers")
     flips = metric.compute(predictions=modified.answers, references=reference.answers, gold=reference.gold)
     assert flips == {key: figures[key] for key in flips}
+
+
+@pytest.mark.heavy
+def test_tasks_command(tmp_path, capsys):
+    from hemorrhage_hf.cli import main
+
+    code = main(["tasks", "--reference", "default", "--modification", "int8", "--task", f"piqa={shared_data_path('piqa')}",
+                 "--limit", "8", "--quiet", "--output", str(tmp_path)])
+    assert code == 0
+    piqa = json.loads((tmp_path / "tasks.json").read_text())["tasks"]["piqa"]
+    assert piqa["n_items"] == 8 and len(piqa["answers"]["modified"]) == 8 and piqa["metric"] == "acc_norm"
+    assert "piqa" in capsys.readouterr().out

@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
         description="Over real contexts, compare each decoding's processed next-token distribution with the "
         "reference decoding's (total variation, Jensen–Shannon, KL, top-1 agreement), then generate from prompts "
         "taken from the text with both and compare the continuations (token agreement, first divergence). "
-        "Writes decoding.json.",
+        "Writes decoding.json. Unlike `report`, the defaults are --window 256 --max-tokens 2048.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

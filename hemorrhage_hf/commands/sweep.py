@@ -26,7 +26,8 @@ def add_parser(subparsers) -> None:
         description="Run the reference once into a reference cache (top-k log-probs per token), then measure the "
         "modification at each level against it, so K levels cost K + 1 forward passes. Writes sweep.json, "
         "sweep.csv and one PNG per figure with the threshold marked (a fitted breakpoint with its 95 % interval, "
-        "and the crossing of a tolerance). Rerunning into the same --output resumes an interrupted sweep.",
+        "and the crossing of a tolerance). Rerunning into the same --output resumes an interrupted sweep. "
+        "Unlike `report`, the defaults are --window 256 --max-tokens 4096: a sweep runs K + 1 passes.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -107,18 +108,24 @@ def sweep_table(result) -> str:
         values = [entry["figures"].get(key) for key in keys]
         cells = [f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value) for value in values]
         lines.append("  ".join(f"{cell:>14}" for cell in [entry["level"], entry["spec"] or "(unmodified)", *cells]))
-    threshold = result.threshold()
-    if threshold.get("rule") == "breakpoint":
-        low, high = threshold["interval"]
-        lines.append(f"\nthreshold ({threshold['figure']}, fitted breakpoint): {threshold['level']:.3g} "
-                     f"(95 % interval {low:.3g}–{high:.3g}), between levels {threshold['level_before']['level']} "
-                     f"and {threshold['level_after']['level'] if threshold['level_after'] else '—'}")
-    else:
-        lines.append(f"\nno fitted breakpoint: {threshold.get('breakpoint_reason')}")
-        if threshold.get("level") is not None:
-            lines.append(f"{threshold['figure']} crosses its tolerance {threshold['tolerance']:g} at level "
-                         f"{threshold['level']:.3g} (between {threshold['level_before']['level']} and "
-                         f"{threshold['level_after']['level']})")
-        else:
-            lines.append(f"tolerance rule: {threshold.get('reason')}")
+    lines.append("")
+    for key, rules in result.thresholds().items():
+        lines.append(f"{rules['label']}: " + describe_threshold(rules))
+    headline = result.threshold()
+    lines.append(f"\nthreshold of the sweep ({headline.get('figure')}, {headline.get('rule')}): "
+                 + ("none" if headline.get("level") is None else f"{headline['level']:.3g}"))
     return "\n".join(lines)
+
+
+def describe_threshold(rules: dict) -> str:
+    """One line: the fitted breakpoint (or why there is none) and the tolerance crossing."""
+    fitted, crossing = rules["breakpoint"], rules["tolerance"]
+    if fitted["strength"] is not None:
+        low, high = fitted["interval_levels"]
+        text = (f"breakpoint at level {fitted['level']:.3g} (95 % {low:.3g}–{high:.3g}, between "
+                f"{fitted['level_before']['level']} and {fitted['level_after']['level'] if fitted['level_after'] else '—'})")
+    else:
+        text = f"no breakpoint ({fitted['reason']})"
+    if crossing.get("crossing_level") is not None:
+        return text + f"; crosses tolerance {crossing['tolerance']:g} at level {crossing['crossing_level']:.3g}"
+    return text + f"; tolerance {crossing['tolerance']:g}: {crossing['reason']}"

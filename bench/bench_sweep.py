@@ -1,0 +1,85 @@
+"""Benchmark of `hemorrhage-hf sweep` against the forward passes it cannot avoid.
+
+Prints, measured side by side in one run on the same windows:
+  time ratio = run_sweep over K levels (reference cache built from scratch, every level's modification applied and
+               measured, sweep.json written; no PNGs) / (K + 1) bare forward passes of the model over the windows
+  cache size = bytes of the reference cache's shard files per scored token
+
+The bare passes are timed before and after the sweep; the ratio uses their mean, and both are printed so a change
+in machine load shows.
+
+Usage: python bench/bench_sweep.py [--tokens 4096] [--window 256] [--levels 32,8,6,5,4,3,2] [--k 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hemorrhage_hf.corpus import load_corpus, python_docs_text, tokenize_corpus
+from hemorrhage_hf.measure import batch_windows, model_outputs
+from hemorrhage_hf.models import load_model
+from hemorrhage_hf.modify import apply_modification
+from hemorrhage_hf.sweep import resolve_family, run_sweep
+
+
+@torch.inference_mode()
+def bare_passes(model, windows, n_passes: int) -> float:
+    started = time.perf_counter()
+    for _ in range(n_passes):
+        for batch in batch_windows(windows, 1):
+            model_outputs(model, batch.input_ids)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--family", default="bits")
+    parser.add_argument("--levels", default="32,8,6,5,4,3,2")
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--text-file", default=None, help="default: the prose of Python's own docs")
+    args = parser.parse_args()
+
+    model, tokenizer = load_model("default")
+    text = load_corpus(args.text_file) if args.text_file else python_docs_text()
+    windows = tokenize_corpus(tokenizer, text, window=args.window, max_tokens=args.tokens)
+    levels = args.levels.split(",")
+    family = resolve_family(args.family)
+    bare_passes(model, windows[:1], 1)  # warm-up: first calls allocate and pick kernels
+
+    bare_before = bare_passes(model, windows, len(levels) + 1)
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        result = run_sweep(model, tokenizer, windows, family, levels, k=args.k, cache_root=Path(folder) / "cache",
+                           output_dir=Path(folder) / "out", plots=False, progress=False)
+        sweep_s = time.perf_counter() - started
+    bare_after = bare_passes(model, windows, len(levels) + 1)
+    spec = next(spec for spec in map(family.spec, levels) if spec is not None)
+    started = time.perf_counter()
+    apply_modification(model, spec)
+    modification_s = time.perf_counter() - started
+
+    bare_s = (bare_before + bare_after) / 2
+    cache = result.metadata["reference_cache"]
+    print(json.dumps({
+        "family": family.name, "levels": levels, "k": args.k, "tokens_scored": result.levels[0]["figures"]["n_tokens"],
+        "window": args.window, "threads": torch.get_num_threads(),
+        "bare_forward_passes": len(levels) + 1, "bare_s_before": round(bare_before, 2), "bare_s_after": round(bare_after, 2),
+        "sweep_s": round(sweep_s, 2), "reference_cache_s": round(result.metadata["reference_cache_seconds"], 2),
+        "level_s": [round(entry["seconds"], 2) for entry in result.levels],
+        f"apply_{spec}_s": round(modification_s, 2),
+        "time_ratio": round(sweep_s / bare_s, 3),
+        "cache_bytes_per_token": round(cache["bytes_per_token"], 1), "tail_mass_mean": round(cache["tail_mass_mean"], 4),
+        "threshold": result.threshold(),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
