@@ -86,6 +86,11 @@ def report_markdown(report: HemorrhageReport, plot_files: dict[str, str]) -> str
     ]
     lines += [f"| {label} | {value} |" for label, value in summary_rows(report)]
     lines += ["", delta_p_reading(report.figures)]
+    if meta.get("reference_cache"):
+        cache = meta["reference_cache"]
+        lines += ["", f"**Reference cache:** the reference side came from a cache of its top-{cache['k']} tokens per "
+                  f"position (mean reference probability outside them: {cache['tail_mass_mean']:.4f}). KL figures are "
+                  "lower bounds (KL over the k bins plus one tail bin); the other figures are exact."]
     if report.figures.get("non_finite_tokens"):
         lines += ["", f"**Warning:** {report.figures['non_finite_tokens']} tokens got NaN/inf logits from the "
                   "modified model; they are counted, excluded from the KL/Δp averages, and make PPL infinite."]
