@@ -18,6 +18,7 @@ from .errors import (
     SpecError,
     TokenizerMismatchError,
 )
+from .integrations import HemorrhageQuantConfig  # registers the transformers quantizer
 from .measure import measure
 from .models import assert_same_tokenizer, load_model
 from .modify import apply_modification, parse_spec
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CorpusError",
     "HemorrhageError",
+    "HemorrhageQuantConfig",
     "HemorrhageReport",
     "ModelLoadError",
     "ModificationError",

@@ -146,7 +146,7 @@ def test_scale_migration_keeps_the_function_before_rounding():
         for previous, linears in ((block.input_norm, [block.q_proj, block.k_proj, block.v_proj]),
                                   (block.post_norm, [block.gate_proj, block.up_proj]), (block.up_proj, [block.down_proj])):
             scales = torch.rand(linears[0].in_features, generator=generator) * 4 + 0.25
-            Migration("test", previous, linears, statistics=None).apply(scales)
+            Migration("test", previous, dict(enumerate(linears)), statistics=None).apply(scales)
     with torch.no_grad():
         after = model(ids).logits
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
@@ -155,6 +155,7 @@ def test_scale_migration_keeps_the_function_before_rounding():
 def test_awq_scales_with_exponent_zero_are_plain_quantization():
     weight, rows = torch.randn(8, 16), torch.randn(32, 16)
     quantize = parse_spec("int4-g8")
-    unscaled = scaled_output_error(weight, rows, None, quantize.quantize_weight, quantize.quantize_input)
-    assert scaled_output_error(weight, rows, awq_scales(rows.abs().mean(0), 0.0), quantize.quantize_weight,
+    exact = rows @ weight.T
+    unscaled = scaled_output_error(weight, rows, exact, None, quantize.quantize_weight, quantize.quantize_input)
+    assert scaled_output_error(weight, rows, exact, awq_scales(rows.abs().mean(0), 0.0), quantize.quantize_weight,
                                quantize.quantize_input) == pytest.approx(unscaled)

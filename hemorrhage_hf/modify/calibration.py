@@ -183,25 +183,44 @@ def layerwise(
 def gradient_norms(
     model: PreTrainedModel, calibration: torch.Tensor, linears: dict[str, nn.Linear], *, progress: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Per weight, the root mean square over calibration sequences of ∂loss/∂W (GBLM-Pruner's gradient term).
+    """Per weight W_ij of each of ``linears``, ‖G_ij‖ = sqrt(Σ_t (∂loss/∂y_ti · x_tj)²) over calibration tokens t: the
+    ℓ2 norm of the per-token gradient contributions (the root of the token-level empirical Fisher diagonal).
 
-    One backward pass per sequence, of the language-modelling loss of the unmodified model; gradients are
-    taken for the weights of ``linears`` only, and the model's ``requires_grad`` flags are restored afterwards.
+    GBLM-Pruner takes the ℓ2 norm of whole-sequence gradients instead; with the 8–128 sequences calibration affords
+    here, that estimate rests on a handful of samples, and measured no better than Wanda (BENCHMARKS.md). Token-level
+    contributions come out of the same backward passes: a hook multiplies each Linear's squared output gradient
+    by its squared input. No weight gradients are formed (and no ``requires_grad`` flag is left changed).
     """
-    flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
     sums = {name: torch.zeros_like(linear.weight, dtype=torch.float32) for name, linear in linears.items()}
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep_input(name):
+        def hook(module, args, output):
+            inputs[name] = args[0].detach().reshape(-1, module.in_features).float().square()
+
+        return hook
+
+    def accumulate(name):
+        def hook(module, grad_input, grad_output):
+            output_gradients = grad_output[0].reshape(-1, module.out_features).float().square()
+            sums[name].addmm_(output_gradients.T, inputs.pop(name))
+
+        return hook
+
+    handles = [h for name, linear in linears.items()
+               for h in (linear.register_forward_hook(keep_input(name)), linear.register_full_backward_hook(accumulate(name)))]
+    flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
     try:
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        for linear in linears.values():
-            linear.weight.requires_grad_(True)
-        for sequence in tqdm(calibration, desc="gradients", unit="sequence", disable=not progress):
-            ids = sequence[None].to(model.device)
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            for name, linear in linears.items():
-                sums[name] += linear.weight.grad.float().square()
-                linear.weight.grad = None
+        for batch in tqdm(calibration.split(1), desc="gradients", unit="sequence", disable=not progress):
+            ids = batch.to(model.device)
+            # Gradients flow from the embeddings on, so every Linear's output gradient exists without weight grads.
+            embeddings = model.get_input_embeddings()(ids).detach().requires_grad_()
+            model(inputs_embeds=embeddings, labels=ids, use_cache=False).loss.backward()
     finally:
+        for handle in handles:
+            handle.remove()
         for parameter, flag in flags.items():
             parameter.requires_grad_(flag)
-    return {name: (total / len(calibration)).sqrt() for name, total in sums.items()}
+    return {name: total.sqrt() for name, total in sums.items()}

@@ -1,16 +1,22 @@
 """Weight pruning: unstructured (``wanda-50``) and N:M semi-structured (``2:4-wanda``), by one of three scores.
 
-=============  ==========================================================  ====================
-score          importance of weight W_ij                                   calibration
-=============  ==========================================================  ====================
-``magnitude``  |W_ij|                                                      none
-``wanda``      |W_ij|·‖X_j‖₂ (Sun et al. 2023)                             activations
-``gradient``   |W_ij|·(x̂_j + α·ĝ_ij), GBLM-Pruner (Das et al. 2023)        activations, gradients
-=============  ==========================================================  ====================
+=============  ===========================================  ======================  ====================
+score          importance of weight W_ij                    competes within         calibration
+=============  ===========================================  ======================  ====================
+``magnitude``  |W_ij|                                       its output row          none
+``wanda``      |W_ij|·‖X_j‖₂ (Sun et al. 2023)              its output row          activations
+``gradient``   |W_ij|·(x̂_j + α·ĝ_ij) (GBLM-Pruner,          the whole matrix        activations, gradients
+               Das et al. 2023)
+=============  ===========================================  ======================  ====================
 
-Weights compete within their output row, so each row, each layer and the model are pruned exactly as asked.
-Data-aware scores prune layer by layer: each layer's activations come from the layers before it as already
-pruned (as Wanda's reference code does). The sparsity reached, per Linear and per decoder layer, is recorded in
+x̂ and ĝ are the activation norm ‖X_j‖₂ and the gradient norm ‖G_ij‖ (see
+:func:`~hemorrhage_hf.modify.calibration.gradient_norms`), each divided by its mean over the matrix. Wanda's score
+has no notion of how much an output row matters, so it must compare weights within a row; the gradient term
+carries each row's effect on the loss, so gradient-aware scores compete across the whole matrix and rows that
+matter less give up more weights. Each Linear, decoder layer and the model are pruned exactly as asked (N:M:
+exactly N of every M). Data-aware scores prune layer by layer: each layer's activations come from the layers
+before it as already pruned, as in Wanda's reference code; gradients are taken once, on the unpruned model,
+as GBLM does. The sparsity reached, per Linear and per decoder layer, is recorded in
 ``model.config.hemorrhage_sparsity``.
 
 Example:
@@ -30,7 +36,7 @@ from ..errors import ModificationError, SpecError
 from .architecture import linears_by_layer
 from .base import Modification, register
 from .calibration import gradient_norms, layerwise
-from .prune_ops import gradient_scores, magnitude_scores, n_m_mask, row_mask, wanda_scores
+from .prune_ops import gradient_scores, layer_mask, magnitude_scores, n_m_mask, row_mask, wanda_scores
 
 SPARSITY_ATTRIBUTE = "hemorrhage_sparsity"
 SCORES = ("magnitude", "wanda", "gradient")
@@ -82,15 +88,16 @@ class WeightPruning(Modification):
             return f"{self.n_m[0]}:{self.n_m[1]}-{self.score}"
         return f"{self.score}-{self.sparsity * 100:g}"
 
-    def _mask(self, weight: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def _mask(self, scores: torch.Tensor) -> torch.Tensor:
         if self.n_m is not None:
             return n_m_mask(scores, *self.n_m)
-        return row_mask(scores, self.sparsity)
+        # Gradients carry each output row's effect on the loss, so gradient-aware scores compare across rows too.
+        return layer_mask(scores, self.sparsity) if self.score == "gradient" else row_mask(scores, self.sparsity)
 
     @torch.no_grad()
     def _prune(self, linears: dict[str, torch.nn.Linear], scores: dict[str, torch.Tensor], record: dict) -> None:
         for name, linear in linears.items():
-            mask = self._mask(linear.weight, scores[name])
+            mask = self._mask(scores[name])
             linear.weight.mul_(mask.to(linear.weight.dtype))
             record[name] = (mask.numel() - int(mask.sum()), mask.numel())
 

@@ -15,8 +15,10 @@ method      scales                                 searched
             (Xiao et al. 2022)
 ==========  =====================================  ============================================
 
-Unscaled is always a candidate, so on the calibration tokens no group ends up worse than plain RTN. The choice
-per group (and both errors) is recorded in ``model.config.hemorrhage_scaling``. Groups whose previous op cannot
+Unscaled is always a candidate, so on the calibration tokens no group ends up worse than plain RTN. ``awq`` then
+also searches, as AWQ does, a clipping ratio per output row and input group (1, 0.95, …, 0.55 of the group's
+range) against the error of that group's share of the output, for every Linear but q/k. The choices per group
+(and both errors) are recorded in ``model.config.hemorrhage_scaling``. Groups whose previous op cannot
 absorb a scale (``o_proj`` under grouped-query attention, whose inputs mix several heads per value channel) are
 quantized unscaled and listed there too. Layers are calibrated in order with the scales of the layers before
 already applied, as AWQ does; weights are quantized once all scales are in place.
@@ -42,11 +44,13 @@ from .architecture import DecoderBlock, decoder_blocks
 from .base import Modification, parse_spec, register
 from .calibration import InputStatistics, layerwise
 from .quantization import WeightQuantization
-from .scaling_ops import awq_scales, scaled_output_error, smooth_scales
+from .scaling_ops import awq_scales, clip_weight, column_groups, scaled_output_error, search_clip_ratios, smooth_scales
 
 SCALING_ATTRIBUTE = "hemorrhage_scaling"
 #: Calibration tokens per group the error search runs on (the statistics that build the scales use all tokens).
-SAMPLE_ROWS = 2048
+SAMPLE_ROWS = 1024
+#: Fractions of each (row, group) range AWQ's clipping search tries: 1 (no clipping) down to 0.55.
+CLIP_RATIOS = tuple(1 - i / 20 for i in range(10))
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class ScaleFamily:
     method: str
     parameter: str
     grid: tuple[float, ...]
+    #: Also search a clipping ratio per output row and input group (AWQ's second half; SmoothQuant has none).
+    clips: bool
 
     def scales(self, statistics: InputStatistics, weight: torch.Tensor, value: float) -> torch.Tensor:
         if self.method == "awq":
@@ -62,19 +68,21 @@ class ScaleFamily:
 
 
 FAMILIES = {
-    "awq": ScaleFamily("awq", "exponent", tuple(i / 20 for i in range(20))),
-    "smooth": ScaleFamily("smooth", "alpha", tuple(i / 20 for i in range(1, 20))),
+    "awq": ScaleFamily("awq", "exponent", tuple(i / 20 for i in range(20)), clips=True),
+    "smooth": ScaleFamily("smooth", "alpha", tuple(i / 20 for i in range(1, 20)), clips=False),
 }
 
 
 @dataclass
 class Migration:
-    """Linear layers reading one input, the op that produces it, and the statistics of that input."""
+    """Linear layers reading one input, the op that produces it (None: no op can absorb a scale), and the
+    statistics of that input. ``scales`` holds what :meth:`apply` migrated."""
 
     name: str
-    previous: nn.Module
-    linears: list[nn.Linear]
+    previous: nn.Module | None
+    linears: dict[str, nn.Linear]
     statistics: InputStatistics
+    scales: torch.Tensor | None = None
 
     @torch.no_grad()
     def apply(self, scales: torch.Tensor) -> None:
@@ -85,8 +93,14 @@ class Migration:
             self.previous.weight.div_(scales.to(self.previous.weight.dtype))
         if getattr(self.previous, "bias", None) is not None:
             self.previous.bias.div_(scales.to(self.previous.bias.dtype))
-        for linear in self.linears:
+        for linear in self.linears.values():
             linear.weight.mul_(scales[None, :].to(linear.weight.dtype))
+        self.scales = scales
+
+    def rows(self) -> torch.Tensor:
+        """The sampled input rows, as the Linear layers now see them (divided by the migrated scales)."""
+        rows = self.statistics.rows()
+        return rows if self.scales is None else rows / self.scales
 
 
 class ActivationAwareScaling(Modification):
@@ -113,34 +127,51 @@ class ActivationAwareScaling(Modification):
         return self.quantization.restore(model)
 
     @staticmethod
-    def _migrations(block: DecoderBlock, statistics: dict[str, InputStatistics], prefix: str) -> list[Migration]:
-        migrations = [
-            Migration(f"{prefix}.self_attn.q_proj+k_proj+v_proj", block.input_norm,
-                      [block.q_proj, block.k_proj, block.v_proj], statistics["attention"]),
-            Migration(f"{prefix}.mlp.gate_proj+up_proj", block.post_norm,
-                      [block.gate_proj, block.up_proj], statistics["mlp"]),
-            Migration(f"{prefix}.mlp.down_proj", block.up_proj, [block.down_proj], statistics["down"]),
-        ]
-        if block.v_proj.out_features == block.o_proj.in_features:
-            migrations.insert(1, Migration(f"{prefix}.self_attn.o_proj", block.v_proj, [block.o_proj], statistics["output"]))
-        return migrations
+    def _migrations(block: DecoderBlock, statistics: dict[str, InputStatistics], names: dict) -> list[Migration]:
+        def named(*linears):
+            return {names[linear]: linear for linear in linears}
 
-    def _search(self, migration: Migration) -> dict:
+        output_previous = block.v_proj if block.v_proj.out_features == block.o_proj.in_features else None
+        return [
+            Migration("q_proj+k_proj+v_proj", block.input_norm, named(block.q_proj, block.k_proj, block.v_proj),
+                      statistics["attention"]),
+            Migration("o_proj", output_previous, named(block.o_proj), statistics["output"]),
+            Migration("gate_proj+up_proj", block.post_norm, named(block.gate_proj, block.up_proj), statistics["mlp"]),
+            Migration("down_proj", block.up_proj, named(block.down_proj), statistics["down"]),
+        ]
+
+    def _search_scales(self, migration: Migration) -> dict:
         """Error of every candidate on the sampled rows; migrates the best one and returns the record."""
-        weight = torch.cat([linear.weight for linear in migration.linears]).float()
+        weight = torch.cat([linear.weight for linear in migration.linears.values()]).float()
         rows = migration.statistics.rows()
-        quantization = self.quantization
+        exact = rows @ weight.T
+        quantization, rule = self.quantization, self.family_rule
 
         def error(scales):
-            return scaled_output_error(weight, rows, scales, quantization.quantize_weight, quantization.quantize_input)
+            return scaled_output_error(weight, rows, exact, scales, quantization.quantize_weight, quantization.quantize_input)
 
         unscaled = error(None)
-        errors = {value: error(self.family_rule.scales(migration.statistics, weight, value)) for value in self.family_rule.grid}
+        errors = {value: error(rule.scales(migration.statistics, weight, value)) for value in rule.grid}
         best = min(errors, key=errors.get)
         if errors[best] >= unscaled:
-            return {self.family_rule.parameter: None, "error_unscaled": unscaled, "error": unscaled}
-        migration.apply(self.family_rule.scales(migration.statistics, weight, best))
-        return {self.family_rule.parameter: best, "error_unscaled": unscaled, "error": errors[best]}
+            return {rule.parameter: None, "error_unscaled": unscaled, "error": unscaled}
+        migration.apply(rule.scales(migration.statistics, weight, best))
+        return {rule.parameter: best, "error_unscaled": unscaled, "error": errors[best]}
+
+    def _clip(self, migration: Migration) -> dict[str, float]:
+        """AWQ's clipping search for each Linear of ``migration`` but q/k, whose errors attention amplifies in ways
+        their own outputs do not show (AWQ skips them too). Returns the mean ratio kept per Linear."""
+        quantization = self.quantization
+        groups = column_groups(next(iter(migration.linears.values())).in_features, quantization.group_size)
+        rows, chosen = migration.rows(), {}
+        for name, linear in migration.linears.items():
+            if name.endswith(("q_proj", "k_proj")):
+                continue
+            weight = linear.weight.float()
+            ratios = search_clip_ratios(weight, rows, groups, quantization.symmetric, quantization.quantize_weight, CLIP_RATIOS)
+            linear.weight.copy_(clip_weight(weight, ratios, groups, quantization.symmetric))
+            chosen[name] = float(ratios.mean())
+        return chosen
 
     @torch.no_grad()
     def apply(
@@ -149,20 +180,21 @@ class ActivationAwareScaling(Modification):
         self.quantization.checked_linears(model)
         blocks = decoder_blocks(model)
         names = {module: name for name, module in model.named_modules()}
-        groups, unscaled = {}, []
+        groups, unscaled, clipping = {}, [], {}
         steps = layerwise(model, calibration, sample_rows=self.sample_rows, progress=progress, description=f"searching {self.spec}")
         for step, block in zip(steps, blocks):
             statistics = step.input_statistics(
                 {"attention": block.q_proj, "output": block.o_proj, "mlp": block.gate_proj, "down": block.down_proj}
             )
-            prefix = names[block.layer]
-            migrations = self._migrations(block, statistics, prefix)
-            if len(migrations) == 3:
-                unscaled.append(f"{prefix}.self_attn.o_proj")
-            for migration in migrations:
-                groups[migration.name] = self._search(migration)
+            for migration in self._migrations(block, statistics, names):
+                if migration.previous is None:
+                    unscaled.extend(migration.linears)
+                else:
+                    groups[f"{names[block.layer]}.{migration.name}"] = self._search_scales(migration)
+                if self.family_rule.clips:
+                    clipping.update(self._clip(migration))
         self.quantization.apply(model, progress=progress)
-        setattr(model.config, SCALING_ATTRIBUTE, {
+        record = {
             "method": self.family_rule.method,
             "parameter": self.family_rule.parameter,
             "grid": list(self.family_rule.grid),
@@ -170,7 +202,11 @@ class ActivationAwareScaling(Modification):
             "sample_rows": self.sample_rows,
             "groups": groups,
             "unscaled": unscaled,
-        })
+        }
+        if self.family_rule.clips:
+            record["clip_ratios"] = list(CLIP_RATIOS)
+            record["mean_clip_ratio"] = clipping
+        setattr(model.config, SCALING_ATTRIBUTE, record)
         return model
 
 

@@ -33,19 +33,65 @@ def smooth_scales(max_abs_input: torch.Tensor, max_abs_weight: torch.Tensor, alp
 def scaled_output_error(
     weight: torch.Tensor,
     rows: torch.Tensor,
+    exact: torch.Tensor,
     scales: torch.Tensor | None,
     quantize_weight: Quantizer,
     quantize_input: Quantizer,
 ) -> float:
-    """Mean squared error of the quantized, scaled layer's outputs against the exact ones on input ``rows``.
+    """Mean squared error of the quantized, scaled layer's outputs on input ``rows`` against ``exact`` (rows @ Wᵀ,
+    computed once per search by the caller).
 
     ``scales=None`` is plain quantization. ``weight`` may stack the weights of several Linear layers that read the
     same input (q, k and v): row-wise quantization treats each row alike either way.
     """
-    weight = weight.float()
-    exact = rows @ weight.T
     if scales is None:
         approximate = quantize_input(rows) @ quantize_weight(weight).T
     else:
         approximate = quantize_input(rows / scales) @ quantize_weight(weight * scales).T
     return float((approximate - exact).square().mean())
+
+
+def column_groups(columns: int, group_size: int | None) -> list[slice]:
+    """The input-column groups :func:`~.quant_ops.fake_quantize` gives scales of their own (a shorter last group
+    where ``group_size`` does not divide ``columns``; one group without ``group_size``)."""
+    group_size = group_size or columns
+    return [slice(start, min(start + group_size, columns)) for start in range(0, columns, group_size)]
+
+
+def clip_weight(weight: torch.Tensor, ratios: torch.Tensor, groups: list[slice], symmetric: bool) -> torch.Tensor:
+    """``weight`` with each (row, group) clamped to ``ratio`` × its range (``ratios``: ``[rows, n_groups]``)."""
+    clipped = weight.clone()
+    for index, columns in enumerate(groups):
+        part, ratio = weight[:, columns], ratios[:, index : index + 1]
+        if symmetric:
+            bound = part.abs().amax(1, keepdim=True) * ratio
+            clipped[:, columns] = part.clamp(-bound, bound)
+        else:
+            clipped[:, columns] = part.clamp(part.amin(1, keepdim=True) * ratio, part.amax(1, keepdim=True) * ratio)
+    return clipped
+
+
+def search_clip_ratios(
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    groups: list[slice],
+    symmetric: bool,
+    quantize_weight: Quantizer,
+    candidates: tuple[float, ...],
+) -> torch.Tensor:
+    """Per (output row, input group), the clipping ratio whose quantized weights best reproduce that group's
+    contribution to the row's output on input ``rows`` (AWQ's weight clipping search). Ratio 1 is no clipping.
+
+    Example:
+        >>> from hemorrhage_hf.modify.quant_ops import fake_quantize
+        >>> w = torch.tensor([[0.1, 0.2, -0.15, 4.0]])
+        >>> q = lambda m: fake_quantize(m, bits=2, group_size=None, symmetric=True)
+        >>> search_clip_ratios(w, torch.tensor([[1.0, 1.0, 0.0, 0.0]]), [slice(0, 4)], True, q, (1.0, 0.05))
+        tensor([[0.0500]])
+    """
+    errors = []
+    for ratio in candidates:
+        difference = quantize_weight(clip_weight(weight, torch.full((weight.shape[0], len(groups)), ratio), groups, symmetric)) - weight
+        errors.append(torch.stack([(rows[:, c] @ difference[:, c].T).square().sum(0) for c in groups], dim=1))
+    best = torch.stack(errors).argmin(0)
+    return torch.tensor(candidates, dtype=weight.dtype)[best]
