@@ -83,7 +83,7 @@ def test_decoding_hemorrhage_on_smollm2(smollm2, wikitext_text):
     cold, warm, nucleus, typical = results
     assert cold["top1_agreement"] == warm["top1_agreement"] == nucleus["top1_agreement"] == 1.0
     assert 0.05 < cold["tv_mean"] < 0.5 and 0.05 < warm["tv_mean"] < 0.5
-    assert 0 < nucleus["kl_infinite_fraction"] < 1 and nucleus["tv_mean"] < typical["tv_mean"]
+    assert nucleus["kl_infinite_fraction"] > 0.5 and nucleus["tv_mean"] < typical["tv_mean"]
 
     prompts = corpus_prompts(windows, n_prompts=2, prompt_tokens=16)
     same = generation_divergence(model, prompts, Decoding(temperature=0.7), reference_decoding=Decoding(temperature=0.7),
