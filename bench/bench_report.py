@@ -2,8 +2,9 @@
 
 Prints, measured side by side in one run on the same windows:
   time ratio  = measure() without layer statistics / (reference forward + modified forward, logits only)
-  memory ratio = peak RSS growth while loading both models and measuring a long corpus / bytes of the two models'
-                 weights (run in a fresh subprocess so earlier allocations do not hide the peak)
+  memory ratio = peak RSS growth while loading, modifying and measuring a long corpus / bytes of the two models'
+                 weights, with both models in memory and in --sequential mode (each in a fresh subprocess so
+                 earlier allocations do not hide the peak)
 
 Usage: python bench/bench_report.py [--tokens 8192] [--memory-tokens 100000] [--window 512]
 """
@@ -50,19 +51,23 @@ def time_ratio(n_tokens: int, window: int, repeats: int) -> dict:
             "time_ratio": min(engine) / min(bare)}
 
 
-def memory_child(n_tokens: int, window: int) -> None:
+def memory_child(n_tokens: int, window: int, sequential: bool) -> None:
     import numpy as np  # noqa: F401  (imported before the baseline so its pages count there)
 
-    tokenizer = load_tokenizer("default")  # not load_model: its weights would raise the peak before the baseline
-    windows = tokenize_corpus(tokenizer, python_docs_text(), window=window, max_tokens=n_tokens)
+    from hemorrhage_hf.compare import compare
+
+    load_tokenizer("default")  # not load_model: its weights would raise the peak before the baseline
+    text = python_docs_text()
+    weight_bytes = 2 * 134_515_008 * 4  # two fp32 SmolLM2-135M models (134.5 M parameters each)
     baseline = _peak_rss_bytes()
-    reference, _ = load_model("default")
-    modified = apply_modification(reference, "int4-g64")
-    weight_bytes = 2 * sum(p.numel() * p.element_size() for p in reference.parameters())
-    report = measure(reference, modified, windows, progress=False)
+    # In sequential mode the reference is loaded (and its cache built, or found from an earlier run) before the
+    # modification is applied in place: the peak holds one model either way.
+    report = compare("default", modification="int4-g64", text=text, window=window, max_tokens=n_tokens,
+                     sequential=sequential, progress=False)
     growth = _peak_rss_bytes() - baseline
-    print(json.dumps({"tokens": report.figures["n_tokens"], "weights_bytes": weight_bytes, "peak_growth_bytes": growth,
-                      "memory_ratio": growth / weight_bytes}))
+    print(json.dumps({"mode": "sequential" if sequential else "both models", "tokens": report.figures["n_tokens"],
+                      "two_models_weights_bytes": weight_bytes, "peak_growth_bytes": growth,
+                      "memory_ratio": growth / weight_bytes, "kl_mean": report.figures["kl_mean"]}))
 
 
 def main() -> None:
@@ -72,15 +77,17 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--sequential", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        memory_child(args.memory_tokens, args.window)
+        memory_child(args.memory_tokens, args.window, args.sequential)
         return
     print(f"torch threads: {torch.get_num_threads()}")
     print(json.dumps(time_ratio(args.tokens, args.window, args.repeats)))
-    child = subprocess.run([sys.executable, __file__, "--memory-child", "--memory-tokens", str(args.memory_tokens),
-                            "--window", str(args.window)], capture_output=True, text=True, check=True)
-    print(child.stdout.strip().splitlines()[-1])
+    for mode in ([], ["--sequential"]):
+        child = subprocess.run([sys.executable, __file__, "--memory-child", "--memory-tokens", str(args.memory_tokens),
+                                "--window", str(args.window), *mode], capture_output=True, text=True, check=True)
+        print(child.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":
