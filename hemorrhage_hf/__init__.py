@@ -22,7 +22,9 @@ from .integrations import HemorrhageQuantConfig  # registers the transformers qu
 from .measure import measure
 from .models import assert_same_tokenizer, load_model
 from .modify import apply_modification, parse_spec
+from .refcache import ReferenceCache
 from .report import HemorrhageReport, severity_grade
+from .sweep import run_sweep
 
 __version__ = "0.1.0"
 
@@ -33,6 +35,7 @@ __all__ = [
     "HemorrhageReport",
     "ModelLoadError",
     "ModificationError",
+    "ReferenceCache",
     "SpecError",
     "TokenizerMismatchError",
     "apply_modification",
@@ -43,6 +46,7 @@ __all__ = [
     "measure",
     "parse_spec",
     "python_docs_text",
+    "run_sweep",
     "severity_grade",
     "tokenize_corpus",
     "tokenize_documents",
