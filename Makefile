@@ -16,7 +16,7 @@ install:
 		(apt-get update -q && apt-get install -y -q chromium)
 
 demo: install
-	$(PYTHON) -m hemorrhage_hf.cli report --reference default --modification int4-g64 --output $(OUT)
+	$(PYTHON) -m hemorrhage_hf.cli report --reference default --modification int4-g64 --max-tokens 16384 --layers --output $(OUT)
 
 test: install
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
