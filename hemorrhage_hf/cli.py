@@ -12,7 +12,7 @@ import sys
 
 from .errors import HemorrhageError
 
-COMMANDS = ("report", "install_metric", "card", "space", "quantize", "prune", "expand", "sweep", "tasks", "decode")
+COMMANDS = ("report", "install_metric", "card", "space", "quantize", "prune", "expand", "sweep", "tasks", "decode", "calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -183,6 +183,7 @@ def compare(
     sequential: bool = False,
     top_k: int = DEFAULT_TOP_K,
     progress: bool = True,
+    modified_variants: dict | None = None,
 ) -> HemorrhageReport:
     """Measure ``modified`` (or ``modification`` applied to ``reference``) against ``reference``.
 
@@ -193,6 +194,9 @@ def compare(
     reference cache (:mod:`hemorrhage_hf.refcache`), is freed (or, for a modification of a reference loaded here,
     modified in place), then the modified model runs against the cache. Peak memory halves; KL becomes the cache's
     lower bound (stated in the report with k and the tail mass); layer statistics are not available.
+
+    ``modified_variants`` (name → logit transform, e.g. a decoding calibration's ``calibrate_sequence``) are measured
+    from the same forward passes into ``report.variants``; see :func:`~hemorrhage_hf.measure.measure`.
     """
     if batch_size < 1:
         raise HemorrhageError(f"batch size must be at least 1, got {batch_size}")
@@ -213,7 +217,7 @@ def compare(
         "dtype": str(dtype),
     }
     measure_options = dict(batch_size=batch_size, layers=layers, attention=attention, layer_map=layer_map,
-                           progress=progress)
+                           progress=progress, modified_variants=modified_variants)
     if sequential:
         return _compare_sequential(reference, modified, modification, tokenizer, text_options, metadata,
                                    measure_options, ModelLoader(dtype=dtype, device_map=device_map,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +35,10 @@ from .errors import HemorrhageError, ModificationError
 from .report import HemorrhageReport, LayerFigures, TokenArrays
 
 LAYER_MAP_ATTRIBUTE = "hemorrhage_layer_map"
+
+#: ``transform(input_ids [B, T], logits [B, T, V]) -> logits [B, T, V]``, applied to the modified model's logits
+#: (e.g. :meth:`hemorrhage_hf.calibration.DecodingCalibration.calibrate_sequence`).
+LogitTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -265,6 +269,7 @@ def measure(
     layer_map: Sequence[int] | None = None,
     progress: bool = True,
     metadata: dict | None = None,
+    modified_variants: Mapping[str, LogitTransform] | None = None,
 ) -> HemorrhageReport:
     """Measure how much ``modified`` bled relative to ``reference`` on ``windows``.
 
@@ -276,10 +281,17 @@ def measure(
         attention: also compute per-layer attention JS divergence (switches both models to eager attention).
         layer_map: reference layer i → modified layer ``layer_map[i]``; see :func:`resolve_layer_map`.
         metadata: what was compared (names, corpus, window...), carried into the report verbatim.
+        modified_variants: name → transform of the modified model's logits. Each transformed copy is measured against
+            the same reference outputs, from the same forward passes, into ``report.variants[name]`` (token figures
+            only; needs the live reference model).
     """
     if not windows:
         raise ValueError("no windows to measure")
     source = LiveReference(reference) if isinstance(reference, torch.nn.Module) else reference
+    variants = dict(modified_variants or {})
+    if variants and not isinstance(source, LiveReference):
+        raise HemorrhageError("measuring modified variants needs the reference model itself, not a reference cache")
+    variant_tokens = {name: TokenAccumulator() for name in variants}
     # A cache refuses layers/attention here, so below `reference` is a model wherever they are asked for.
     source.begin(windows, batch_size=batch_size, layers=layers, attention=attention)
     if distributed.n_processes() > 1 and not isinstance(source, LiveReference):
@@ -298,14 +310,23 @@ def measure(
             targets = batch.targets()
             statistics, reference_outputs = source.compare(batch, modified_outputs.logits[rows, positions].cpu(), targets)
             tokens.add(statistics, targets)
+            for name, transform in variants.items():
+                variant_logits = transform(batch.input_ids, modified_outputs.logits)[rows, positions].cpu()
+                variant_statistics = token_statistics(reference_outputs.logits[rows, positions].cpu(), variant_logits, targets)
+                variant_tokens[name].add(variant_statistics, targets)
             if layer_accumulator is not None:
                 layer_accumulator.add(reference_outputs, modified_outputs, rows, positions)
             bar.update(len(batch.first_scored))
     tokens = TokenAccumulator().merge(distributed.gather(tokens))
     if layer_accumulator is not None:
         layer_accumulator = LayerAccumulator(layer_accumulator.layer_map).merge(distributed.gather(layer_accumulator))
-    return HemorrhageReport.build(
+    report = HemorrhageReport.build(
         tokens.finish(),
         layers=layer_accumulator.finish() if layer_accumulator is not None else None,
         metadata={**(metadata or {}), **source.metadata()},
     )
+    for name, accumulator in variant_tokens.items():
+        variant_metadata = {**report.metadata, "modified": f"{report.metadata.get('modified', 'modified')} + {name}"}
+        merged = TokenAccumulator().merge(distributed.gather(accumulator))
+        report.variants[name] = HemorrhageReport.build(merged.finish(), layers=None, metadata=variant_metadata)
+    return report

@@ -175,12 +175,17 @@ def _json_safe(value):
 
 @dataclass
 class HemorrhageReport:
-    """Everything measured in one comparison. ``figures`` is flat; ``layers`` is None unless asked for."""
+    """Everything measured in one comparison. ``figures`` is flat; ``layers`` is None unless asked for.
+
+    ``variants`` holds reports of transformed copies of the modified model's logits measured in the same pass
+    (e.g. ``"calibrated"``: :func:`~hemorrhage_hf.measure.measure`'s ``modified_variants``); they are not serialised.
+    """
 
     figures: dict
     layers: LayerFigures | None = None
     metadata: dict = field(default_factory=dict)
     tokens: TokenArrays | None = None
+    variants: dict[str, HemorrhageReport] = field(default_factory=dict)
 
     @classmethod
     def build(cls, tokens: TokenArrays, *, layers: LayerFigures | None, metadata: dict) -> HemorrhageReport:

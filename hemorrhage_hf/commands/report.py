@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from .. import distributed
+from .calibrate import CALIBRATED, load_calibration, save_calibrated_report, side_by_side_table
 from .common import add_device_map_argument, add_model_arguments, add_text_arguments, text_from_arguments
 
 EPILOG = """examples:
@@ -60,6 +61,12 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--top-k", type=int, default=64, metavar="K",
                         help="reference tokens kept per position in --sequential mode (default: 64)")
+    parser.add_argument(
+        "--calibration", metavar="DIR",
+        help="also measure the modified model corrected by this decoding calibration (from `hemorrhage-hf "
+        "calibrate`), from the same forward passes: its report goes to OUTPUT/calibrated/, and a side-by-side table "
+        "to the console and OUTPUT/calibration_comparison.md",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for report.json, report.md and plots")
@@ -71,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from ..render import console_table
 
     text, corpus_label = text_from_arguments(args)
+    calibration = load_calibration(args.calibration) if args.calibration else None  # bad folders fail before models load
     report = compare(
         args.reference,
         args.modified,
@@ -90,10 +98,14 @@ def run(args: argparse.Namespace) -> int:
         sequential=args.sequential,
         top_k=args.top_k,
         progress=not args.quiet,
+        modified_variants={CALIBRATED: calibration.calibrate_sequence} if calibration else None,
     )
     if not distributed.is_main_process():
         return 0  # under `accelerate launch` every process holds the merged report; the first one writes it
     written = report.save(Path(args.output), plots=not args.no_plots)
     print(console_table(report))
+    if calibration is not None:
+        written.update(save_calibrated_report(report, Path(args.output), plots=not args.no_plots))
+        print("\n" + side_by_side_table(report))
     print("\nwrote " + ", ".join(str(path) for path in written.values()))
     return 0
