@@ -160,10 +160,7 @@ class DecodingCalibration(LogitsProcessor):
 
     def is_identity(self) -> bool:
         """All corrections at their identity values (what a fit on two identical models returns)."""
-        return all(
-            name == "entropy_center" or name == "previous_token_basis" or not tensor.any()
-            for name, tensor in self.parameters.tensors().items()
-        )
+        return self.parameters.is_identity()
 
     @classmethod
     def fit(
@@ -369,10 +366,7 @@ def _collect(
         modified_logits = modified(input_ids=batch.input_ids.to(modified.device), use_cache=False).logits
         parts.append(
             CalibrationData.from_logits(
-                reference_logits[rows, positions].cpu(),
-                modified_logits[rows, positions].cpu(),
-                batch.input_ids[rows, positions],
-                batch.targets(),
+                reference_logits[rows, positions].cpu(), modified_logits[rows, positions].cpu(), batch.input_ids[rows, positions]
             )
         )
         bar.update(len(batch.first_scored))

@@ -2,10 +2,15 @@
 
 A correction maps the modified model's scores ``z`` (``[..., vocab]``) and the token each position has just seen
 (``previous_ids``, ``[...]``) to corrected scores. Each family adds one term; a family that is absent, or present
-with its identity values (all zeros), leaves ``z`` bit-for-bit unchanged::
+with its identity values (zero scalars, zero bias, zero first factors), leaves ``z`` bit-for-bit unchanged::
 
-    s  = log_inverse_temperature + entropy_slope · (H(softmax z) − entropy_center)     # temperature families
-    z' = z · exp(s) + token_bias + previous_token_factors[previous_ids] @ previous_token_basis
+    s  = log_inverse_temperature + entropy_slope · (H(softmax z) − entropy_center)        # temperature families
+    z' = z · exp(s) + token_bias                                                          # per-token bias
+         + previous_token_factors[previous_ids] @ previous_token_basis                    # low-rank, previous token
+         + ((z − mean z) @ state_bias_in) @ state_bias_out                                # low-rank, own logits
+
+``state_bias`` reads the modified model's own logits: since they are a linear image of its final hidden state, it
+is a rank-``r`` linear correction of that state, learnt without access to the model.
 
 Example:
     >>> import torch
@@ -19,15 +24,16 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields, replace
+from typing import NamedTuple
 
 import torch
 
 from .divergence import kl_divergence, log_probs
 
 #: Every correction family, cheapest first. ``entropy_temperature`` includes the global temperature.
-FAMILIES = ("temperature", "entropy_temperature", "token_bias", "previous_token")
+FAMILIES = ("temperature", "entropy_temperature", "token_bias", "previous_token", "state_bias")
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -48,6 +54,8 @@ class CorrectionParameters:
     token_bias: torch.Tensor | None = None  # [vocab]
     previous_token_factors: torch.Tensor | None = None  # [vocab, rank]; zero rows for tokens never seen
     previous_token_basis: torch.Tensor | None = None  # [rank, vocab]
+    state_bias_in: torch.Tensor | None = None  # [vocab, rank]; 0 is the identity
+    state_bias_out: torch.Tensor | None = None  # [rank, vocab]
 
     @classmethod
     def identity(
@@ -55,8 +63,8 @@ class CorrectionParameters:
     ) -> CorrectionParameters:
         """Parameters at which the correction is exactly the identity, ready to be fitted.
 
-        The previous-token factors start at zero and its basis at small random values: the bias is then zero, yet
-        the gradient of the factors is not (two zero factors would be a saddle point the fit never leaves).
+        Each low-rank bias starts with a zero first factor and a small random second one: the bias is then zero,
+        yet the gradient of the first factor is not (two zero factors would be a saddle point the fit never leaves).
         """
         families = set(families)
         unknown = families - set(FAMILIES)
@@ -70,10 +78,13 @@ class CorrectionParameters:
             parameters.entropy_center = torch.tensor(float(entropy_center))
         if "token_bias" in families:
             parameters.token_bias = torch.zeros(vocab_size)
+        generator = torch.Generator().manual_seed(seed)
         if "previous_token" in families:
-            generator = torch.Generator().manual_seed(seed)
             parameters.previous_token_factors = torch.zeros(vocab_size, rank)
             parameters.previous_token_basis = torch.randn(rank, vocab_size, generator=generator) / math.sqrt(vocab_size)
+        if "state_bias" in families:
+            parameters.state_bias_in = torch.zeros(vocab_size, rank)
+            parameters.state_bias_out = torch.randn(rank, vocab_size, generator=generator) / math.sqrt(vocab_size)
         return parameters
 
     @property
@@ -83,12 +94,21 @@ class CorrectionParameters:
             "entropy_temperature": self.entropy_slope is not None,
             "token_bias": self.token_bias is not None,
             "previous_token": self.previous_token_factors is not None,
+            "state_bias": self.state_bias_in is not None,
         }
         return tuple(family for family in FAMILIES if present[family])
 
     @property
     def rank(self) -> int:
-        return 0 if self.previous_token_factors is None else self.previous_token_factors.shape[1]
+        """Rank of the low-rank biases (they share it); 0 without any."""
+        factors = self.previous_token_factors if self.previous_token_factors is not None else self.state_bias_in
+        return 0 if factors is None else factors.shape[1]
+
+    def is_identity(self) -> bool:
+        """Every term at its identity value (what a fit on two identical models returns)."""
+        terms = (self.log_inverse_temperature, self.entropy_slope, self.token_bias, self.previous_token_factors,
+                 self.state_bias_in)
+        return all(term is None or not term.any() for term in terms)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors in use, by field name (the safetensors layout)."""
@@ -100,14 +120,15 @@ class CorrectionParameters:
 
     def penalty(self) -> torch.Tensor:
         """Squared Frobenius norm of the bias tables (one entry per vocabulary item, or per pair of items): they see
-        little data each, so the fit keeps them small. The previous-token table is penalised as the product
-        ‖factors @ basis‖², which, unlike penalising each factor, has zero gradient at the identity (zero factors)."""
+        little data each, so the fit keeps them small. A low-rank table is penalised as the product
+        ‖first @ second‖², which, unlike penalising each factor, has zero gradient at the identity (zero first factor)."""
         total = torch.zeros(())
         if self.token_bias is not None:
             total = total + (self.token_bias * self.token_bias).sum()
-        if self.previous_token_factors is not None:
-            factors, basis = self.previous_token_factors, self.previous_token_basis
-            total = total + ((factors.T @ factors) * (basis @ basis.T)).sum()
+        for factors, basis in ((self.previous_token_factors, self.previous_token_basis),
+                               (self.state_bias_in, self.state_bias_out)):
+            if factors is not None:
+                total = total + ((factors.T @ factors) * (basis @ basis.T)).sum()
         return total
 
     def map(self, function: Callable[[torch.Tensor], torch.Tensor]) -> CorrectionParameters:
@@ -124,6 +145,8 @@ class CorrectionParameters:
             "token_bias": (vocab,),
             "previous_token_factors": (vocab, rank),
             "previous_token_basis": (rank, vocab),
+            "state_bias_in": (vocab, rank),
+            "state_bias_out": (rank, vocab),
         }
         for name, tensor in self.tensors().items():
             if tuple(tensor.shape) != expected[name]:
@@ -136,72 +159,98 @@ class CorrectionParameters:
             raise ValueError("entropy_slope needs log_inverse_temperature")
         if (self.previous_token_factors is None) != (self.previous_token_basis is None):
             raise ValueError("previous_token_factors and previous_token_basis come together")
+        if (self.state_bias_in is None) != (self.state_bias_out is None):
+            raise ValueError("state_bias_in and state_bias_out come together")
 
 
-def apply_correction(scores: torch.Tensor, previous_ids: torch.Tensor, parameters: CorrectionParameters) -> torch.Tensor:
+def apply_correction(
+    scores: torch.Tensor,
+    previous_ids: torch.Tensor,
+    parameters: CorrectionParameters,
+    *,
+    scores_entropy: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Corrected fp32 scores ``[..., vocab]``; ``previous_ids[...]`` is the token each position has just read.
 
     Works for one generation step (``[batch, vocab]`` with ``input_ids[:, -1]``) and for whole sequences
     (``[batch, time, vocab]`` with ``input_ids``) alike, so measured figures use exactly the math of generation.
+    ``scores_entropy`` (``[...]``) spares recomputing :func:`entropy` of ``scores`` where it is already known.
     """
-    corrected = scores.float()
+    scores = scores.float()
+    corrected = scores
     if parameters.log_inverse_temperature is not None:
         log_scale = parameters.log_inverse_temperature
         if parameters.entropy_slope is not None:
-            log_scale = log_scale + parameters.entropy_slope * (entropy(corrected) - parameters.entropy_center)
+            scores_entropy = entropy(corrected) if scores_entropy is None else scores_entropy
+            log_scale = log_scale + parameters.entropy_slope * (scores_entropy - parameters.entropy_center)
             log_scale = log_scale.unsqueeze(-1)
         corrected = corrected * log_scale.exp()
     if parameters.token_bias is not None:
         corrected = corrected + parameters.token_bias
     if parameters.previous_token_factors is not None:
         corrected = corrected + parameters.previous_token_factors[previous_ids] @ parameters.previous_token_basis
+    if parameters.state_bias_in is not None:
+        corrected = corrected + (_state_features(scores) @ parameters.state_bias_in) @ parameters.state_bias_out
     return corrected
+
+
+def _state_features(scores: torch.Tensor) -> torch.Tensor:
+    """Scores centred over the vocabulary (a constant shift of all scores changes nothing). A -inf score (a token an
+    earlier processor banned) reads as the row's lowest finite score, so it cannot turn the bias into NaN."""
+    if not torch.isfinite(scores).all():
+        finite = torch.isfinite(scores)
+        floor = torch.where(finite, scores, torch.inf).amin(-1, keepdim=True)
+        scores = torch.where(finite, scores, floor)
+    return scores - scores.mean(-1, keepdim=True)
+
+
+class Chunk(NamedTuple):
+    """Some positions of :class:`CalibrationData`, in fp32, as a fit and its check read them."""
+
+    reference_logprobs: torch.Tensor
+    modified_logits: torch.Tensor
+    modified_entropy: torch.Tensor
+    previous_ids: torch.Tensor
 
 
 @dataclass
 class CalibrationData:
     """Aligned next-token logits of the two models at N positions. They are kept in fp16 (4 bytes × vocabulary per
     position) because a fit revisits them many times; both models' logits are rounded alike, so two identical
-    models still give identical data."""
+    models still give identical data. The modified model's entropies never change during a fit: they are kept."""
 
     reference_logits: torch.Tensor  # [N, vocab] fp16
     modified_logits: torch.Tensor  # [N, vocab] fp16
+    modified_entropy: torch.Tensor  # [N] fp32, of the fp32 logits
     previous_ids: torch.Tensor  # [N]
-    target_ids: torch.Tensor  # [N]
 
     def __len__(self) -> int:
         return len(self.previous_ids)
 
     @classmethod
     def from_logits(
-        cls, reference_logits: torch.Tensor, modified_logits: torch.Tensor, previous_ids: torch.Tensor, target_ids: torch.Tensor
+        cls, reference_logits: torch.Tensor, modified_logits: torch.Tensor, previous_ids: torch.Tensor
     ) -> CalibrationData:
-        return cls(_to_half(reference_logits), _to_half(modified_logits), previous_ids, target_ids)
+        return cls(_to_half(reference_logits), _to_half(modified_logits), entropy(modified_logits), previous_ids)
 
     @classmethod
     def concatenate(cls, parts: list[CalibrationData]) -> CalibrationData:
         return cls(*(torch.cat([getattr(part, f.name) for part in parts]) for f in fields(cls)))
 
-    def chunks(self, size: int):
-        """(reference log-probs, modified logits, previous ids, targets) of ``size`` positions at a time, in fp32."""
+    def chunks(self, size: int) -> Iterator[Chunk]:
         for start in range(0, len(self), size):
             stop = start + size
-            yield (
+            yield Chunk(
                 log_probs(self.reference_logits[start:stop]),
                 self.modified_logits[start:stop].float(),
+                self.modified_entropy[start:stop],
                 self.previous_ids[start:stop],
-                self.target_ids[start:stop],
             )
 
 
 def _to_half(logits: torch.Tensor) -> torch.Tensor:
     half_range = torch.finfo(torch.float16).max
     return logits.float().clamp(-half_range, half_range).half()
-
-
-def mean_modified_entropy(data: CalibrationData, chunk_size: int = 1024) -> float:
-    total = sum(entropy(modified).double().sum().item() for _, modified, _, _ in data.chunks(chunk_size))
-    return total / len(data)
 
 
 def fit_correction(
@@ -221,7 +270,7 @@ def fit_correction(
     """
     vocab_size = data.modified_logits.shape[-1]
     parameters = CorrectionParameters.identity(
-        families, vocab_size=vocab_size, rank=rank, entropy_center=mean_modified_entropy(data, chunk_size), seed=seed
+        families, vocab_size=vocab_size, rank=rank, entropy_center=data.modified_entropy.double().mean().item(), seed=seed
     )
     trainable = parameters.trainable()
     for tensor in trainable:
@@ -235,10 +284,12 @@ def fit_correction(
         optimizer.zero_grad()
         total = 0.0
         # Chunks bound memory; their gradients accumulate into one full-batch gradient.
-        for reference_logprobs, modified, previous_ids, _ in data.chunks(chunk_size):
-            corrected = apply_correction(modified, previous_ids, parameters)
+        for chunk in data.chunks(chunk_size):
+            corrected = apply_correction(chunk.modified_logits, chunk.previous_ids, parameters,
+                                         scores_entropy=chunk.modified_entropy)
             # KL up to a constant: logsumexp(z') − Σ p_ref z'.
-            loss = (torch.logsumexp(corrected, -1) - (reference_logprobs.exp() * corrected).sum(-1)).sum() / len(data)
+            reference_probs = chunk.reference_logprobs.exp()
+            loss = (torch.logsumexp(corrected, -1) - (reference_probs * corrected).sum(-1)).sum() / len(data)
             loss.backward()
             total += loss.item()
         penalty = regularization * parameters.penalty()
@@ -259,7 +310,9 @@ def kl_before_after(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position KL(P_ref ‖ P_mod) without and with the correction."""
     before, after = [], []
-    for reference_logprobs, modified, previous_ids, _ in data.chunks(chunk_size):
-        before.append(kl_divergence(reference_logprobs, log_probs(modified)))
-        after.append(kl_divergence(reference_logprobs, log_probs(apply_correction(modified, previous_ids, parameters))))
+    for chunk in data.chunks(chunk_size):
+        corrected = apply_correction(chunk.modified_logits, chunk.previous_ids, parameters,
+                                     scores_entropy=chunk.modified_entropy)
+        before.append(kl_divergence(chunk.reference_logprobs, log_probs(chunk.modified_logits)))
+        after.append(kl_divergence(chunk.reference_logprobs, log_probs(corrected)))
     return torch.cat(before), torch.cat(after)
