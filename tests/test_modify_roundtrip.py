@@ -75,6 +75,7 @@ def test_expanded_model_generates_the_same_with_and_without_kv_cache(model, kind
     expanded = apply_modification(model, f"expand-{kind}-3")
     assert expanded.config.num_hidden_layers == 7 and len(expanded.model.layers) == 7
     assert [layer.self_attn.layer_idx for layer in expanded.model.layers] == list(range(7))
+    assert all(layer.self_attn.config is expanded.config for layer in expanded.model.layers)
     assert expanded.config.hemorrhage_layer_map == [0, 2, 3, 5]
     assert expanded.config.hemorrhage_expansion["inserted_layers"] == [1, 4, 6]
     prompt = IDS[:1, :6]

@@ -67,15 +67,17 @@ class LayerExpansion(Modification):
             sources.append(index)
             if index in points:
                 inserted.append(len(expanded))
-                expanded.append(self._new_layer(layer))
+                expanded.append(self._new_layer(layer, model.config))
                 sources.append(index)
         restack_layers(model, expanded, sources)
         setattr(model.config, LAYER_MAP_ATTRIBUTE, layer_map)
         setattr(model.config, EXPANSION_ATTRIBUTE, {"spec": self.spec, "inserted_layers": inserted, "copied_from": sorted(points)})
         return model
 
-    def _new_layer(self, layer: torch.nn.Module) -> torch.nn.Module:
-        new = copy.deepcopy(layer)
+    def _new_layer(self, layer: torch.nn.Module, config) -> torch.nn.Module:
+        # The copy must share the model's config (attention implementation, cache layout), not carry a private copy.
+        shared = {id(config): config, id(config.get_text_config()): config.get_text_config()}
+        new = copy.deepcopy(layer, memo=shared)
         if self.kind == "identity":
             for projection in (new.self_attn.o_proj, new.mlp.down_proj):
                 projection.weight.zero_()
