@@ -12,7 +12,7 @@ from hemorrhage_hf.modify import apply_modification, parse_spec
 from hemorrhage_hf.modify.architecture import decoder_blocks
 from hemorrhage_hf.modify.prune_ops import gradient_scores, n_m_mask, row_mask, wanda_scores
 from hemorrhage_hf.modify.scaling import Migration
-from hemorrhage_hf.modify.scaling_ops import awq_scales, scaled_output_error
+from hemorrhage_hf.modify.scaling_ops import awq_scales, quantized_weight_error, scaled_output_error
 
 SPECS = ["int4-g64", "int8", "int3-g128-asym", "w8a8", "w4a8-g64", "awq-int4-g64", "awq-int3-g128", "smooth-w8a8",
          "magnitude-50", "wanda-50", "gradient-50", "wanda-12.5", "2:4-wanda", "4:8-wanda", "2:4-magnitude",
@@ -155,7 +155,14 @@ def test_scale_migration_keeps_the_function_before_rounding():
 def test_awq_scales_with_exponent_zero_are_plain_quantization():
     weight, rows = torch.randn(8, 16), torch.randn(32, 16)
     quantize = parse_spec("int4-g8")
-    exact = rows @ weight.T
-    unscaled = scaled_output_error(weight, rows, exact, None, quantize.quantize_weight, quantize.quantize_input)
-    assert scaled_output_error(weight, rows, exact, awq_scales(rows.abs().mean(0), 0.0), quantize.quantize_weight,
-                               quantize.quantize_input) == pytest.approx(unscaled)
+    unscaled = quantized_weight_error(weight, rows.T @ rows, None, quantize.quantize_weight)
+    assert quantized_weight_error(weight, rows.T @ rows, awq_scales(rows.abs().mean(0), 0.0),
+                                  quantize.quantize_weight) == pytest.approx(unscaled)
+
+
+def test_gram_error_equals_the_output_error_on_every_row():
+    generator = torch.Generator().manual_seed(0)
+    weight, rows, scales = torch.randn(8, 16, generator=generator), torch.randn(64, 16, generator=generator), torch.rand(16, generator=generator) + 0.5
+    quantize = parse_spec("int3-g8")
+    on_rows = scaled_output_error(weight, rows, rows @ weight.T, scales, quantize.quantize_weight, quantize.quantize_input)
+    assert quantized_weight_error(weight, rows.T @ rows, scales, quantize.quantize_weight) == pytest.approx(on_rows, rel=1e-4)

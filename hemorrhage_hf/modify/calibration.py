@@ -29,19 +29,23 @@ BATCH_SIZE = 4
 
 @dataclass
 class InputStatistics:
-    """Running per-input-channel statistics of what one Linear layer receives, plus a seeded sample of its rows."""
+    """Running per-input-channel statistics of what one Linear layer receives; optionally its Gram matrix XᵀX over
+    all tokens (``with_gram``) and a seeded sample of its rows."""
 
     channels: int
+    with_gram: bool = False
     n_tokens: int = 0
     sum_squares: torch.Tensor = field(init=False)
     sum_abs: torch.Tensor = field(init=False)
     max_abs: torch.Tensor = field(init=False)
+    gram: torch.Tensor | None = field(init=False)
     sampled_rows: list[torch.Tensor] = field(default_factory=list)
 
     def __post_init__(self):
         self.sum_squares = torch.zeros(self.channels, dtype=torch.float64)
         self.sum_abs = torch.zeros(self.channels, dtype=torch.float64)
         self.max_abs = torch.zeros(self.channels)
+        self.gram = torch.zeros(self.channels, self.channels) if self.with_gram else None
 
     def add(self, rows: torch.Tensor, sample: torch.Tensor | None) -> None:
         rows = rows.detach().reshape(-1, self.channels).float()
@@ -49,12 +53,18 @@ class InputStatistics:
         self.sum_squares += rows.double().square().sum(0)
         self.sum_abs += rows.double().abs().sum(0)
         self.max_abs = torch.maximum(self.max_abs, rows.abs().amax(0))
+        if self.gram is not None:
+            self.gram.addmm_(rows.T, rows)
         if sample is not None:
             self.sampled_rows.append(rows[sample].clone())
 
     def input_norms(self) -> torch.Tensor:
         """‖X_j‖₂ over all calibration tokens, per input channel (Wanda's activation term)."""
         return self.sum_squares.sqrt().float()
+
+    def mean_squares(self) -> torch.Tensor:
+        """E[x_j²] per input channel."""
+        return (self.sum_squares / max(self.n_tokens, 1)).float()
 
     def mean_abs(self) -> torch.Tensor:
         """Mean |x_j| per input channel (AWQ's activation scale)."""
@@ -131,9 +141,9 @@ class LayerStep:
         return self._inputs.hidden
 
     @torch.no_grad()
-    def input_statistics(self, linears: dict[str, nn.Linear]) -> dict[str, InputStatistics]:
+    def input_statistics(self, linears: dict[str, nn.Linear], *, gram: bool = False) -> dict[str, InputStatistics]:
         """Run the layer over every calibration batch and gather what each of ``linears`` receives."""
-        statistics = {name: InputStatistics(linear.in_features) for name, linear in linears.items()}
+        statistics = {name: InputStatistics(linear.in_features, gram) for name, linear in linears.items()}
         current_sample: list[torch.Tensor | None] = [None]
 
         def recorder(name):

@@ -5,7 +5,8 @@ Per decoder layer and per group of Linear layers that read the same input, a per
 computed from calibration activations and migrated into the op before (RMSNorm weight, or the rows of the
 previous Linear), so the model computes the same function before rounding; the Linear then quantizes W·diag(s)
 and sees X·diag(1/s). The scale family's free parameter is searched per group, against the mean squared error
-of the group's quantized outputs on sampled calibration tokens:
+of the group's quantized outputs over the calibration tokens (all of them, through the inputs' Gram matrix XᵀX,
+for weight-only formats; a seeded sample of them when the inputs are quantized too, as in W8A8):
 
 ==========  =====================================  ============================================
 method      scales                                 searched
@@ -17,7 +18,7 @@ method      scales                                 searched
 
 Unscaled is always a candidate, so on the calibration tokens no group ends up worse than plain RTN. ``awq`` then
 also searches, as AWQ does, a clipping ratio per output row and input group (1, 0.95, …, 0.55 of the group's
-range) against the error of that group's share of the output, for every Linear but q/k. The choices per group
+range) against the error of that group's share of the output (from XᵀX), for every Linear but q/k. The choices per group
 (and both errors) are recorded in ``model.config.hemorrhage_scaling``. Groups whose previous op cannot
 absorb a scale (``o_proj`` under grouped-query attention, whose inputs mix several heads per value channel) are
 quantized unscaled and listed there too. Layers are calibrated in order with the scales of the layers before
@@ -44,10 +45,19 @@ from .architecture import DecoderBlock, decoder_blocks
 from .base import Modification, parse_spec, register
 from .calibration import InputStatistics, layerwise
 from .quantization import WeightQuantization
-from .scaling_ops import awq_scales, clip_weight, column_groups, scaled_output_error, search_clip_ratios, smooth_scales
+from .scaling_ops import (
+    awq_scales,
+    clip_weight,
+    column_groups,
+    quantized_weight_error,
+    scaled_output_error,
+    search_clip_ratios,
+    smooth_scales,
+)
 
 SCALING_ATTRIBUTE = "hemorrhage_scaling"
-#: Calibration tokens per group the error search runs on (the statistics that build the scales use all tokens).
+#: Calibration tokens per group the error search runs on when inputs are quantized too (w8a8); weight-only
+#: formats are searched on all tokens through the inputs' Gram matrix.
 SAMPLE_ROWS = 1024
 #: Fractions of each (row, group) range AWQ's clipping search tries: 1 (no clipping) down to 0.55.
 CLIP_RATIOS = tuple(1 - i / 20 for i in range(10))
@@ -97,10 +107,10 @@ class Migration:
             linear.weight.mul_(scales[None, :].to(linear.weight.dtype))
         self.scales = scales
 
-    def rows(self) -> torch.Tensor:
-        """The sampled input rows, as the Linear layers now see them (divided by the migrated scales)."""
-        rows = self.statistics.rows()
-        return rows if self.scales is None else rows / self.scales
+    def gram(self) -> torch.Tensor:
+        """XᵀX of the input as the Linear layers now see it (X divided by the migrated scales)."""
+        gram = self.statistics.gram
+        return gram if self.scales is None else gram / (self.scales[:, None] * self.scales[None, :])
 
 
 class ActivationAwareScaling(Modification):
@@ -140,16 +150,22 @@ class ActivationAwareScaling(Modification):
             Migration("down_proj", block.up_proj, named(block.down_proj), statistics["down"]),
         ]
 
-    def _search_scales(self, migration: Migration) -> dict:
-        """Error of every candidate on the sampled rows; migrates the best one and returns the record."""
-        weight = torch.cat([linear.weight for linear in migration.linears.values()]).float()
-        rows = migration.statistics.rows()
+    def _output_error(self, migration: Migration, weight: torch.Tensor):
+        """error(scales): mean squared output error per calibration token of the quantized group. Weight-only
+        formats use the Gram matrix of all calibration tokens; quantized inputs need the sampled rows."""
+        quantization, statistics = self.quantization, migration.statistics
+        if not quantization.runtime_state:
+            return lambda scales: quantized_weight_error(
+                weight, statistics.gram, scales, quantization.quantize_weight) / statistics.n_tokens
+        rows = statistics.rows()
         exact = rows @ weight.T
-        quantization, rule = self.quantization, self.family_rule
+        return lambda scales: scaled_output_error(
+            weight, rows, exact, scales, quantization.quantize_weight, quantization.quantize_input) / len(rows)
 
-        def error(scales):
-            return scaled_output_error(weight, rows, exact, scales, quantization.quantize_weight, quantization.quantize_input)
-
+    def _search_scales(self, migration: Migration) -> dict:
+        """Error of every candidate; migrates the best one and returns the record."""
+        weight = torch.cat([linear.weight for linear in migration.linears.values()]).float()
+        error, rule = self._output_error(migration, weight), self.family_rule
         unscaled = error(None)
         errors = {value: error(rule.scales(migration.statistics, weight, value)) for value in rule.grid}
         best = min(errors, key=errors.get)
@@ -163,12 +179,12 @@ class ActivationAwareScaling(Modification):
         their own outputs do not show (AWQ skips them too). Returns the mean ratio kept per Linear."""
         quantization = self.quantization
         groups = column_groups(next(iter(migration.linears.values())).in_features, quantization.group_size)
-        rows, chosen = migration.rows(), {}
+        gram, chosen = migration.gram(), {}
         for name, linear in migration.linears.items():
             if name.endswith(("q_proj", "k_proj")):
                 continue
             weight = linear.weight.float()
-            ratios = search_clip_ratios(weight, rows, groups, quantization.symmetric, quantization.quantize_weight, CLIP_RATIOS)
+            ratios = search_clip_ratios(weight, gram, groups, quantization.symmetric, quantization.quantize_weight, CLIP_RATIOS)
             linear.weight.copy_(clip_weight(weight, ratios, groups, quantization.symmetric))
             chosen[name] = float(ratios.mean())
         return chosen
@@ -181,10 +197,12 @@ class ActivationAwareScaling(Modification):
         blocks = decoder_blocks(model)
         names = {module: name for name, module in model.named_modules()}
         groups, unscaled, clipping = {}, [], {}
-        steps = layerwise(model, calibration, sample_rows=self.sample_rows, progress=progress, description=f"searching {self.spec}")
+        sample_rows = self.sample_rows if self.quantization.runtime_state else 0
+        steps = layerwise(model, calibration, sample_rows=sample_rows, progress=progress, description=f"searching {self.spec}")
         for step, block in zip(steps, blocks):
             statistics = step.input_statistics(
-                {"attention": block.q_proj, "output": block.o_proj, "mlp": block.gate_proj, "down": block.down_proj}
+                {"attention": block.q_proj, "output": block.o_proj, "mlp": block.gate_proj, "down": block.down_proj},
+                gram=True,
             )
             for migration in self._migrations(block, statistics, names):
                 if migration.previous is None:
@@ -199,7 +217,8 @@ class ActivationAwareScaling(Modification):
             "parameter": self.family_rule.parameter,
             "grid": list(self.family_rule.grid),
             "quantization": self.quantization.spec,
-            "sample_rows": self.sample_rows,
+            "error": "mean squared output error per calibration token" + (
+                f", on {sample_rows} sampled tokens" if sample_rows else ", on all of them (from XᵀX)"),
             "groups": groups,
             "unscaled": unscaled,
         }

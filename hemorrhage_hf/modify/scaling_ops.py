@@ -30,6 +30,19 @@ def smooth_scales(max_abs_input: torch.Tensor, max_abs_weight: torch.Tensor, alp
     return max_abs_input.float().clamp_min(1e-5).pow(alpha) / max_abs_weight.float().clamp_min(1e-5).pow(1 - alpha)
 
 
+def quantized_weight_error(
+    weight: torch.Tensor, gram: torch.Tensor, scales: torch.Tensor | None, quantize_weight: Quantizer
+) -> float:
+    """Σ over calibration tokens of ‖(Ŵ − W)·x‖², from the inputs' Gram matrix XᵀX: the output error of weight-only
+    quantization on *every* calibration token, at the cost of one ``[out, in] × [in, in]`` product.
+
+    Ŵ = Q(W·diag(s))·diag(1/s) is what the layer computes with scales ``s`` migrated (``None``: plain Q(W)).
+    """
+    quantized = quantize_weight(weight) if scales is None else quantize_weight(weight * scales) / scales
+    difference = quantized - weight
+    return float(((difference @ gram) * difference).sum())
+
+
 def scaled_output_error(
     weight: torch.Tensor,
     rows: torch.Tensor,
@@ -38,17 +51,14 @@ def scaled_output_error(
     quantize_weight: Quantizer,
     quantize_input: Quantizer,
 ) -> float:
-    """Mean squared error of the quantized, scaled layer's outputs on input ``rows`` against ``exact`` (rows @ Wᵀ,
-    computed once per search by the caller).
-
-    ``scales=None`` is plain quantization. ``weight`` may stack the weights of several Linear layers that read the
-    same input (q, k and v): row-wise quantization treats each row alike either way.
+    """Σ of squared output errors on sampled input ``rows`` when the input is quantized too (a Gram matrix cannot
+    say what rounding the inputs does); ``exact`` is rows @ Wᵀ, computed once per search by the caller.
     """
     if scales is None:
         approximate = quantize_input(rows) @ quantize_weight(weight).T
     else:
         approximate = quantize_input(rows / scales) @ quantize_weight(weight * scales).T
-    return float((approximate - exact).square().mean())
+    return float((approximate - exact).square().sum())
 
 
 def column_groups(columns: int, group_size: int | None) -> list[slice]:
@@ -73,25 +83,28 @@ def clip_weight(weight: torch.Tensor, ratios: torch.Tensor, groups: list[slice],
 
 def search_clip_ratios(
     weight: torch.Tensor,
-    rows: torch.Tensor,
+    gram: torch.Tensor,
     groups: list[slice],
     symmetric: bool,
     quantize_weight: Quantizer,
     candidates: tuple[float, ...],
 ) -> torch.Tensor:
-    """Per (output row, input group), the clipping ratio whose quantized weights best reproduce that group's
-    contribution to the row's output on input ``rows`` (AWQ's weight clipping search). Ratio 1 is no clipping.
+    """Per (output row, input group), the clipping ratio whose quantized weights best reproduce that group's share
+    of the row's output over the calibration tokens (AWQ's weight clipping search; ``gram`` is their XᵀX).
+    Ratio 1 is no clipping.
 
     Example:
         >>> from hemorrhage_hf.modify.quant_ops import fake_quantize
         >>> w = torch.tensor([[0.1, 0.2, -0.15, 4.0]])
+        >>> inputs = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
         >>> q = lambda m: fake_quantize(m, bits=2, group_size=None, symmetric=True)
-        >>> search_clip_ratios(w, torch.tensor([[1.0, 1.0, 0.0, 0.0]]), [slice(0, 4)], True, q, (1.0, 0.05))
+        >>> search_clip_ratios(w, inputs.T @ inputs, [slice(0, 4)], True, q, (1.0, 0.05))
         tensor([[0.0500]])
     """
     errors = []
     for ratio in candidates:
-        difference = quantize_weight(clip_weight(weight, torch.full((weight.shape[0], len(groups)), ratio), groups, symmetric)) - weight
-        errors.append(torch.stack([(rows[:, c] @ difference[:, c].T).square().sum(0) for c in groups], dim=1))
+        ratios = torch.full((weight.shape[0], len(groups)), ratio)
+        difference = quantize_weight(clip_weight(weight, ratios, groups, symmetric)) - weight
+        errors.append(torch.stack([((difference[:, c] @ gram[c, c]) * difference[:, c]).sum(1) for c in groups], dim=1))
     best = torch.stack(errors).argmin(0)
     return torch.tensor(candidates, dtype=weight.dtype)[best]

@@ -49,13 +49,12 @@ def _sliced_linear(linear: nn.Linear, *, rows: list[int] | None = None, columns:
     return sliced
 
 
-def _mean_squares(statistics) -> torch.Tensor:
-    return (statistics.sum_squares / max(statistics.n_tokens, 1)).float()
+class _FractionPruning(Modification):
+    """Removes a fraction of some unit (heads, channels) from every decoder layer."""
 
-
-class HeadPruning(Modification):
     family = "pruning"
     needs_calibration = True
+    unit: str
 
     def __init__(self, fraction: float):
         check_sparsity(fraction)
@@ -63,7 +62,11 @@ class HeadPruning(Modification):
 
     @property
     def spec(self) -> str:
-        return f"heads-{self.fraction * 100:g}"
+        return f"{self.unit}-{self.fraction * 100:g}"
+
+
+class HeadPruning(_FractionPruning):
+    unit = "heads"
 
     def heads_to_drop_per_group(self, n_heads: int, n_kv_heads: int) -> int:
         per_group = n_heads // n_kv_heads
@@ -86,7 +89,7 @@ class HeadPruning(Modification):
         removed = {}
         for step, block in zip(layerwise(model, calibration, progress=progress, description=f"pruning {self.spec}"), blocks):
             statistics = step.input_statistics({"o": block.o_proj})["o"]
-            energy = channel_energy(block.o_proj.weight, _mean_squares(statistics))
+            energy = channel_energy(block.o_proj.weight, statistics.mean_squares())
             dropped = lowest_per_group(energy.reshape(n_heads, head_dim).sum(1), n_kv_heads, n_drop)
             kept = [head for head in range(n_heads) if head not in dropped]
             channels = [head * head_dim + d for head in kept for d in range(head_dim)]
@@ -105,17 +108,8 @@ class HeadPruning(Modification):
         return model
 
 
-class ChannelPruning(Modification):
-    family = "pruning"
-    needs_calibration = True
-
-    def __init__(self, fraction: float):
-        check_sparsity(fraction)
-        self.fraction = fraction
-
-    @property
-    def spec(self) -> str:
-        return f"channels-{self.fraction * 100:g}"
+class ChannelPruning(_FractionPruning):
+    unit = "channels"
 
     def apply(
         self, model: PreTrainedModel, calibration: torch.Tensor | None = None, *, progress: bool = False
@@ -125,7 +119,7 @@ class ChannelPruning(Modification):
         n_keep = width - round(self.fraction * width)
         for step, block in zip(layerwise(model, calibration, progress=progress, description=f"pruning {self.spec}"), blocks):
             statistics = step.input_statistics({"down": block.down_proj})["down"]
-            energy = channel_energy(block.down_proj.weight, _mean_squares(statistics))
+            energy = channel_energy(block.down_proj.weight, statistics.mean_squares())
             kept = sorted(torch.topk(energy, n_keep).indices.tolist())
             mlp = block.mlp
             mlp.gate_proj = _sliced_linear(block.gate_proj, rows=kept)
