@@ -49,15 +49,17 @@ from transformers import PreTrainedModel
 
 from .atomic import atomic_path, atomic_write_text
 from .corpus import Window
-from .divergence import TokenStatistics, kl_divergence, log_probs
+from .divergence import STATISTICS_CHUNK_ROWS, TokenStatistics, kl_divergence, log_probs
 from .errors import HemorrhageError
 from .measure import Batch, batch_windows, model_outputs
 from .models import cache_dir
 
 CACHE_FORMAT = "hemorrhage-hf reference cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: tails from coarse_grain's float64 sum; a cache must come from the code that reads it
 DEFAULT_TOP_K = 64
 DEFAULT_SHARD_TOKENS = 16384
+#: Tails smaller than this are summed exactly over the vocabulary (see :func:`coarse_grain`).
+EXACT_TAIL_BELOW = 1e-3
 HEADER_FILE = "header.json"
 #: The per-token arrays of a cache; ``topk_*`` are ``[tokens, k]``, the others ``[tokens]``.
 FIELDS = ("topk_logprobs", "topk_indices", "tail_logmass", "true_logprob", "top1", "targets")
@@ -70,12 +72,18 @@ class ReferenceCacheError(HemorrhageError):
 def coarse_grain(logprobs: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the ``indices`` bins ``[n, k]`` and the log-mass of every other token ``[n]``.
 
-    The tail is a log-sum-exp over the remaining tokens, not ``log(1 − Σ top-k)``, which cancels catastrophically
-    when the top-k hold nearly all the mass.
+    The tail is ``log(1 − Σ top-k)``, summed in float64: k reads per token instead of a pass over the vocabulary.
+    fp32 log-softmax sums to 1 only within ~1e-7, so rows whose top-k hold all but ``EXACT_TAIL_BELOW`` of the mass
+    get the exact log-sum-exp of the other tokens instead (a rounded-away tail would make KL infinite).
     """
     binned = logprobs.gather(-1, indices)
-    rest = logprobs.scatter(-1, indices, float("-inf"))
-    return binned, torch.logsumexp(rest, dim=-1)
+    covered = binned.double().exp().sum(-1)
+    tail = torch.log1p(-covered.clamp(max=1.0)).float()
+    exact = covered > 1 - EXACT_TAIL_BELOW
+    if exact.any():
+        rest = logprobs[exact].scatter(-1, indices[exact], float("-inf"))
+        tail[exact] = torch.logsumexp(rest, dim=-1)
+    return binned, tail
 
 
 def coarse_kl(
@@ -107,10 +115,18 @@ def reference_entries(logits: torch.Tensor, targets: torch.Tensor, k: int) -> di
 
 
 def cached_token_statistics(entries: dict[str, torch.Tensor], modified_logits: torch.Tensor) -> TokenStatistics:
-    """:class:`TokenStatistics` of modified logits ``[n, vocab]`` against cached reference entries of the same tokens."""
+    """:class:`TokenStatistics` of modified logits ``[n, vocab]`` against cached reference entries of the same tokens,
+    in chunks of rows as :func:`~hemorrhage_hf.divergence.token_statistics` does, so memory stays flat in ``n``."""
+    chunks = []
+    for start in range(0, len(modified_logits), STATISTICS_CHUNK_ROWS):
+        rows = slice(start, start + STATISTICS_CHUNK_ROWS)
+        chunks.append(_cached_chunk_statistics({name: values[rows] for name, values in entries.items()}, modified_logits[rows]))
+    return TokenStatistics(**{name: torch.cat([vars(chunk)[name] for chunk in chunks]) for name in vars(chunks[0])})
+
+
+def _cached_chunk_statistics(entries: dict[str, torch.Tensor], modified_logits: torch.Tensor) -> TokenStatistics:
     modified_logprobs = log_probs(modified_logits)
-    indices = entries["topk_indices"].long()
-    modified_binned, modified_tail = coarse_grain(modified_logprobs, indices)
+    modified_binned, modified_tail = coarse_grain(modified_logprobs, entries["topk_indices"].long())
     modified_true = modified_logprobs.gather(-1, entries["targets"].long()[:, None]).squeeze(-1)
     reference_true = entries["true_logprob"]
     return TokenStatistics(
@@ -119,7 +135,8 @@ def cached_token_statistics(entries: dict[str, torch.Tensor], modified_logits: t
         modified_nll=-modified_true,
         same_top1=entries["top1"].long() == modified_logits.argmax(-1),
         delta_p=modified_true.exp() - reference_true.exp(),
-        finite=torch.isfinite(modified_logits).all(-1),
+        # A row's sum is finite iff all its logits are (+inf − inf is NaN); one read instead of a boolean copy.
+        finite=torch.isfinite(modified_logits.sum(-1)),
     )
 
 

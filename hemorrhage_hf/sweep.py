@@ -9,8 +9,9 @@ logits for every level in one pass (:func:`hemorrhage_hf.decoding.decoding_diver
 
 Per level the sweep keeps the report's figures (KL, PPL ratio, top-1 agreement, …) and, for tasks, accuracy of
 both models, drop and flips. Per curve it applies both rules of :mod:`hemorrhage_hf.threshold` to the curve's
-*damage* (KL; PPL ratio − 1; 1 − agreement; accuracy drop). The sweep's threshold is the breakpoint of its first
-curve (KL mean, or total variation for decoding), else that curve's tolerance crossing.
+*damage* (PPL ratio − 1; KL; 1 − agreement; accuracy drop). The sweep's threshold is the fitted breakpoint of the
+first curve that has one, in that order (the paper reads its thresholds on perplexity; for decoding: total variation,
+JS, agreement), else the first curve's tolerance crossing.
 
 Each level records its figures and its wall time (``seconds``; a decoding sweep's one shared pass is split evenly
 over its levels). Levels are listed from the weakest to the strongest modification. Strength is the level's number, negated when
@@ -156,8 +157,8 @@ class Curve:
 
 
 MODEL_CURVES = (
-    Curve("kl_mean", "KL mean (nats)", lambda f: f["kl_mean"], 0.1, True),
     Curve("ppl_ratio", "PPL ratio", lambda f: f["ppl_ratio"] - 1, 0.1, True, lambda f, d: 1 + d),
+    Curve("kl_mean", "KL mean (nats)", lambda f: f["kl_mean"], 0.1, True),
     Curve("top1_agreement", "top-1 agreement", lambda f: 1 - f["top1_agreement"], 0.1, False, lambda f, d: 1 - d),
 )
 DECODING_CURVES = (
@@ -226,15 +227,19 @@ class SweepResult:
                 "figures": {curve.key: entry["figures"].get(curve.key) for curve in self.curves}}
 
     def threshold(self) -> dict:
-        """The sweep's headline: the first curve's breakpoint, else its tolerance crossing."""
+        """The sweep's headline: the breakpoint of the first curve that has one (curve order: PPL ratio, KL, top-1
+        agreement, tasks; for decoding TV, JS, top-1), else the first curve's tolerance crossing."""
         thresholds = self.thresholds()
         if not thresholds:
             return {"rule": None, "reason": "no curve was measured"}
+        for key, rules in thresholds.items():
+            fitted = rules["breakpoint"]
+            if fitted["strength"] is not None:
+                return {"figure": key, "rule": "breakpoint", "level": fitted["level"],
+                        "interval": fitted["interval_levels"], "growth": fitted["growth"],
+                        "level_before": fitted["level_before"], "level_after": fitted["level_after"]}
         key, first = next(iter(thresholds.items()))
         fitted, crossing = first["breakpoint"], first["tolerance"]
-        if fitted["strength"] is not None:
-            return {"figure": key, "rule": "breakpoint", "level": fitted["level"], "interval": fitted["interval_levels"],
-                    "level_before": fitted["level_before"], "level_after": fitted["level_after"]}
         return {"figure": key, "rule": "tolerance", "tolerance": crossing["tolerance"],
                 "level": crossing.get("crossing_level"), "breakpoint_reason": fitted["reason"],
                 "level_before": crossing["level_before"], "level_after": crossing["level_after"],

@@ -1,22 +1,25 @@
 """Where a hemorrhage curve turns into collapse: two documented rules on (strength, damage) points.
 
 **Breakpoint fit** (the default threshold). Hemorrhage grows gradually with the strength ``s`` of a modification,
-then, past a critical strength ``s0``, explodes. On a log scale the damage ``y`` (KL mean, PPL ratio − 1, …) is
-modelled as two straight lines joined at ``s0``::
+then, past a critical strength ``s0``, explodes (the paper's follow-up: power-law growth up to ``s0``, exponential
+collapse beyond). On a log scale the damage ``y`` (KL mean, PPL ratio − 1, …) is modelled as two pieces joined
+continuously at ``s0``::
 
-    ln y = a + b·(s − s0)   for s ≤ s0        (growth at rate b)
-    ln y = a + c·(s − s0)   for s > s0        (collapse at a faster rate c > b)
+    ln y = a + b·(g(s) − g(s0))   for s ≤ s0      growth: g(s) = ln s (a power law), or g(s) = s (exponential)
+    ln y = a + c·(s − s0)         for s > s0      collapse: exponential at rate c
 
 For each candidate ``s0`` on a fine grid between the second and the second-to-last strength (so each side keeps two
-points) the three coefficients are a linear least-squares fit; ``s0`` is the candidate with the least squared
-error (SSE). Its 95 % interval comes from a residual bootstrap (refit ``s0`` to the fitted curve plus resampled
-residuals, 500 times, seeded; the central 95 % of the refits): change points make the textbook profile-likelihood
-interval too narrow. A threshold
-is reported only when the curve accelerates (``c > b``) and the hinge explains the points much better than one
-straight line (likelihood-ratio statistic ``n·ln(SSE_line/SSE_min) ≥ 6``, the χ²₂ 95 % point: the hinge has two
-more free numbers, ``s0`` and ``c``). The paper's follow-up fits power-law growth before ``s0``; over the few levels
-a sweep measures, a power law and an exponential are both close to a straight line in ``ln y``, and the straight
-line keeps the fit linear and the rule valid for strengths ≤ 0 (bits are swept as strength = −bits).
+points) the three coefficients are a linear least-squares fit of ``ln y``; ``s0`` is the candidate with the least
+squared error (SSE), and the growth form is the one of the two with the smaller SSE (the power law needs every
+strength > 0; bits are swept as strength = −bits, so they get the exponential form, which suits them: RTN error
+grows about 4× per bit removed). Its 95 % interval comes from a residual bootstrap (refit ``s0`` to the fitted
+curve plus resampled residuals, 500 times, seeded; the central 95 % of the refits): change points make the
+textbook profile-likelihood interval too narrow. A threshold is reported only when the curve accelerates at
+``s0`` (the collapse rate ``c`` exceeds the growth's own rate there, ``b`` or ``b/s0``) and the two pieces explain
+the points much better than one (likelihood-ratio statistic ``n·ln(SSE_one/SSE_min) ≥ 6``, the χ²₂ 95 % point: the
+pieces have two more free numbers, ``s0`` and ``c``; ``SSE_one`` is the better of a single power law and a single
+exponential). Levels past the first one within a factor 2 of the largest damage are left out: once a model has
+collapsed its figures plateau, and a plateau says nothing about where collapse began.
 
 **Tolerance crossing**. The strongest level whose damage stays within a user tolerance (for KL mean, 0.1 nats: the
 edge of the report's "mild" grade), the first level past it, and the strength where the curve crosses the
@@ -47,9 +50,12 @@ import numpy as np
 from .errors import HemorrhageError
 
 BOOTSTRAP_SAMPLES = 500
-#: χ²₂ 95 % point: how much better than one line the hinge must fit to count as a threshold.
+#: χ²₂ 95 % point: how much better than one piece the two must fit to count as a threshold.
 MIN_LIKELIHOOD_RATIO = 5.99
 GRID_POINTS = 400
+POWER_LAW, EXPONENTIAL = "power law", "exponential"
+#: Levels after the first one whose damage is within this factor of the largest are a plateau, not growth.
+SATURATION_FACTOR = 2.0
 #: Residuals are floored at this size in ln y so noise-free curves give finite statistics.
 RESIDUAL_FLOOR = 1e-6
 
@@ -60,8 +66,9 @@ class Breakpoint:
 
     strength: float | None
     interval: tuple[float, float] | None
-    slope_before: float | None
-    slope_after: float | None
+    growth: str | None  # the form before s0: "power law" or "exponential"
+    slope_before: float | None  # d ln y / ds just below s0
+    slope_after: float | None  # the collapse rate c
     likelihood_ratio: float | None
     below_index: int | None  # the last level at or below s0, among all points given
     above_index: int | None  # the first level above s0
@@ -96,56 +103,76 @@ def _validated(strengths: Sequence[float], values: Sequence[float]) -> tuple[np.
     return strengths, values
 
 
-def _residual_makers(s: np.ndarray, candidates: np.ndarray) -> np.ndarray:
-    """``I − H(s0)`` for every candidate ``s0`` ``[G, n, n]``: applied to ln y it gives the hinge fit's residuals."""
-    offsets = s[None, :] - candidates[:, None]
-    designs = np.stack([np.ones_like(offsets), np.minimum(offsets, 0.0), np.maximum(offsets, 0.0)], axis=-1)
-    return np.eye(len(s)) - designs @ np.linalg.pinv(designs)
+def _designs(s: np.ndarray, s0: np.ndarray, growth: str) -> np.ndarray:
+    """Design matrices ``[len(s0), n, 3]`` of the two pieces for each candidate ``s0``."""
+    g = np.log if growth == POWER_LAW else (lambda x: x)
+    joined = np.minimum(s[None, :], s0[:, None])
+    before = g(joined) - g(s0)[:, None]
+    after = np.maximum(s[None, :] - s0[:, None], 0.0)
+    return np.stack([np.ones_like(before), before, after], axis=-1)
+
+
+def _residual_makers(designs: np.ndarray) -> np.ndarray:
+    """``I − H(s0)`` for every candidate: applied to ln y it gives that fit's residuals."""
+    return np.eye(designs.shape[1]) - designs @ np.linalg.pinv(designs)
 
 
 def _floored(sse, n: int):
     return np.maximum(sse, n * RESIDUAL_FLOOR**2)
 
 
+def _single_curve_sse(s: np.ndarray, log_y: np.ndarray) -> float:
+    """SSE of the better single piece: one exponential (line in s), or one power law (line in ln s) if s > 0."""
+    abscissas = [s, np.log(s)] if np.all(s > 0) else [s]
+    return min(float(((log_y - np.polyval(np.polyfit(x, log_y, 1), x)) ** 2).sum()) for x in abscissas)
+
+
 def fit_breakpoint(strengths: Sequence[float], values: Sequence[float], *, seed: int = 0) -> Breakpoint:
-    """Fit the hinge of this module's docstring to the positive, finite ``values``.
+    """Fit the two pieces of this module's docstring to the positive, finite ``values``.
 
     Zero damage (the unmodified level) and non-finite values (a collapsed model's infinite PPL) carry no slope and
-    are left out of the fit; ``n_points`` says how many were used. ``seed`` seeds the bootstrap of the interval.
+    are left out of the fit, and so are the levels after the first one within a factor 2 of the largest damage (a
+    collapsed model's figures plateau: PPL near that of a uniform guess over the vocabulary); ``n_points`` says how
+    many were used. ``seed`` seeds the bootstrap of the interval.
     """
     strengths, values = _validated(strengths, values)
     usable = np.isfinite(values) & (values > 0)
     s, log_y = strengths[usable], np.log(values[usable])
+    if len(s):  # the plateau of a collapsed model says nothing about where collapse began
+        last = int(np.flatnonzero(log_y >= log_y.max() - math.log(SATURATION_FACTOR))[0])
+        s, log_y = s[: last + 1], log_y[: last + 1]
     n = len(s)
 
     def nothing(reason: str) -> Breakpoint:
-        return Breakpoint(None, None, None, None, None, None, None, n_points=n, reason=reason)
+        return Breakpoint(None, None, None, None, None, None, None, None, n_points=n, reason=reason)
 
     if n < 5:
-        return nothing(f"{n} levels with positive, finite values; the breakpoint fit needs at least 5")
+        return nothing(f"{n} level{'' if n == 1 else 's'} with positive, finite, unsaturated damage; the fit needs 5")
     candidates = np.unique(np.concatenate([np.linspace(s[1], s[-2], GRID_POINTS), s[1:-1]]))
-    makers = _residual_makers(s, candidates)
-    residuals = makers @ log_y
-    sse = _floored((residuals**2).sum(-1), n)
-    best = int(np.argmin(sse))
-    s0 = float(candidates[best])
-    offsets = s - s0
-    design = np.stack([np.ones_like(s), np.minimum(offsets, 0.0), np.maximum(offsets, 0.0)], axis=1)
-    _, slope_before, slope_after = np.linalg.lstsq(design, log_y, rcond=None)[0]
-    line_residuals = log_y - np.polyval(np.polyfit(s, log_y, 1), s)
-    likelihood_ratio = float(n * np.log(_floored(line_residuals @ line_residuals, n) / sse[best]))
-    if not slope_after > slope_before:
-        return nothing(f"the curve does not accelerate (slope {slope_before:.3g} then {slope_after:.3g} in ln y)")
+    fits = []
+    for growth in (EXPONENTIAL, POWER_LAW) if np.all(s > 0) else (EXPONENTIAL,):
+        makers = _residual_makers(_designs(s, candidates, growth))
+        residuals = makers @ log_y
+        sse = _floored((residuals**2).sum(-1), n)
+        best = int(np.argmin(sse))
+        fits.append((float(sse[best]), growth, makers, residuals[best], float(candidates[best])))
+    sse_min, growth, makers, residuals, s0 = min(fits, key=lambda fit: fit[0])
+    _, b, collapse_rate = np.linalg.lstsq(_designs(s, np.array([s0]), growth)[0], log_y, rcond=None)[0]
+    growth_rate = b / s0 if growth == POWER_LAW else b  # d ln y / ds just below s0
+    likelihood_ratio = float(n * np.log(_floored(_single_curve_sse(s, log_y), n) / sse_min))
+    if not collapse_rate > growth_rate:
+        return nothing(f"the curve does not accelerate (d ln y/ds {growth_rate:.3g} then {collapse_rate:.3g})")
     if likelihood_ratio < MIN_LIKELIHOOD_RATIO:
         return nothing(
-            f"one straight line in ln y fits almost as well (likelihood ratio {likelihood_ratio:.2f} < "
+            f"one power law or exponential fits almost as well (likelihood ratio {likelihood_ratio:.2f} < "
             f"{MIN_LIKELIHOOD_RATIO}): no distinct threshold in the levels measured"
         )
     below = int(np.flatnonzero(strengths <= s0)[-1])
     return Breakpoint(
-        strength=s0, interval=_bootstrap_interval(makers, candidates, log_y - residuals[best], residuals[best], seed),
-        slope_before=float(slope_before), slope_after=float(slope_after), likelihood_ratio=likelihood_ratio,
-        below_index=below, above_index=below + 1 if below + 1 < len(strengths) else None, n_points=n, reason="fitted",
+        strength=s0, interval=_bootstrap_interval(makers, candidates, log_y - residuals, residuals, seed),
+        growth=growth, slope_before=float(growth_rate), slope_after=float(collapse_rate),
+        likelihood_ratio=likelihood_ratio, below_index=below,
+        above_index=below + 1 if below + 1 < len(strengths) else None, n_points=n, reason="fitted",
     )
 
 

@@ -103,10 +103,11 @@ def test_smollm2_weight_bits_threshold(smollm2, wiki_windows, tmp_path):
     result = run_sweep(model, tokenizer, wiki_windows, "bits", None, cache_root=tmp_path, output_dir=tmp_path, progress=False)
     kl = [entry["figures"]["kl_mean"] for entry in result.levels]
     assert kl[0] == 0.0 and all(a < b for a, b in zip(kl, kl[1:]))
-    threshold = result.threshold()
-    assert threshold["figure"] == "kl_mean" and threshold["level"] is not None
-    assert 2 <= threshold["level"] <= 5
-    assert threshold["level_before"]["figures"]["kl_mean"] < threshold["level_after"]["figures"]["kl_mean"]
+    threshold = result.threshold()  # 3.24 bits (95 % 3.14–3.34) on 4096 tokens: the paper's "critical 3-bit threshold"
+    assert threshold["figure"] == "ppl_ratio" and threshold["rule"] == "breakpoint"
+    assert 2.5 <= threshold["level"] <= 4 and threshold["interval"][0] <= threshold["level"] <= threshold["interval"][1]
+    assert threshold["level_before"]["level"] == "4" and threshold["level_after"]["level"] == "3"
+    assert result.thresholds()["kl_mean"]["tolerance"]["level_before"]["level"] == "5"  # KL ≤ 0.1 down to 5 bits
 
 
 @pytest.mark.heavy
@@ -121,9 +122,10 @@ def test_smollm2_wanda_sparsity_threshold_with_a_task(smollm2, wiki_windows, tmp
     figures = [entry["figures"] for entry in result.levels]
     assert figures[0]["kl_max"] == 0.0 and figures[0]["piqa_flip_rate"] == 0.0
     assert figures[-1]["kl_mean"] > 10 * figures[1]["kl_mean"]
-    assert figures[-1]["piqa_accuracy_drop"] > 0
-    threshold = result.threshold()
-    assert threshold["level"] is not None and 30 <= threshold["level"] <= 80
+    # 12 two-choice items cannot show an accuracy drop above noise; answers changing can.
+    assert figures[-1]["piqa_flip_rate"] > figures[1]["piqa_flip_rate"]
+    threshold = result.threshold()  # 65 % (95 % 58–68) on 4096 tokens
+    assert threshold["figure"] == "ppl_ratio" and threshold["rule"] == "breakpoint" and 50 <= threshold["level"] <= 80
     assert "piqa_accuracy_modified" in result.thresholds()
     assert len(result.levels[-1]["task_answers"]["piqa"]) == len(piqa)
 
