@@ -1,0 +1,175 @@
+"""Benchmark of decoding calibration on SmolLM2: held-out KL and PPL-ratio reduction, and generation overhead.
+
+For each modification, measured in one run:
+  quality  : KL(P_ref ‖ P_mod) mean and PPL ratio on held-out text, without and with the calibration, from one
+             measure() pass (the calibrated figures come from the same modified logits). Two settings:
+               in-domain     fit on the first --fit-tokens of WikiText-2 (valid), judge on its last --held-out-tokens
+                             (disjoint articles);
+               cross-domain  fit on the prose of Python's docs, judge on the same WikiText-2 slice.
+  families : (--families-table) held-out KL reduction of each candidate correction family, fitted on the same
+             in-domain predictions (the fit's fp16 store, same held-out tokens).
+  overhead : one greedy decoding step of the modified model (batch 1, KV cache, 256-token prompt) with and without
+             the calibration, interleaved; and the calibration call alone on one step's scores.
+
+Usage: python bench/bench_calibration.py [--modifications int4-g64,wanda-50] [--fit-tokens 8192]
+                                         [--held-out-tokens 4096] [--families-table] [--steps 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import LogitsProcessorList
+
+from hemorrhage_hf.calibration import DEFAULT_FAMILIES, DecodingCalibration, _collect
+from hemorrhage_hf.calibration_ops import FAMILIES, fit_correction, kl_before_after
+from hemorrhage_hf.compare import CalibrationSettings
+from hemorrhage_hf.corpus import python_docs_text, tokenize_corpus
+from hemorrhage_hf.measure import measure
+from hemorrhage_hf.models import load_model
+from hemorrhage_hf.modify import apply_modification, parse_spec
+
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
+FAMILY_SETS = (
+    ("temperature",),
+    ("entropy_temperature",),
+    ("token_bias",),
+    ("previous_token",),
+    ("entropy_temperature", "token_bias"),
+    ("entropy_temperature", "token_bias", "previous_token"),
+)
+
+
+def modified_model(reference, tokenizer, spec: str):
+    calibration = CalibrationSettings().windows(tokenizer) if parse_spec(spec).needs_calibration else None
+    return apply_modification(reference, spec, calibration=calibration)
+
+
+def wiki_windows(tokenizer, *, window: int, fit_tokens: int, held_out_tokens: int):
+    ids = torch.tensor(tokenizer(WIKITEXT.read_text(encoding="utf-8"), add_special_tokens=False).input_ids)
+    if fit_tokens + held_out_tokens > len(ids):
+        raise SystemExit(f"WikiText-2 valid has {len(ids)} tokens; fit + held-out asks for more")
+    fit = [w for w in _cut(ids[:fit_tokens], window)]
+    held_out = [w for w in _cut(ids[-held_out_tokens:], window)]
+    return fit, held_out
+
+
+def _cut(ids: torch.Tensor, window: int):
+    from hemorrhage_hf.corpus import make_windows
+
+    return make_windows(ids, window=window)
+
+
+def quality(reference, modified, calibration: DecodingCalibration, held_out) -> dict:
+    report = measure(reference, modified, held_out, progress=False,
+                     modified_variants={"calibrated": calibration.calibrate_sequence})
+    plain, calibrated = report.figures, report.variants["calibrated"].figures
+    return {
+        "held_out_tokens": plain["n_tokens"],
+        "kl_before": plain["kl_mean"], "kl_before_error": plain["kl_mean_error"],
+        "kl_after": calibrated["kl_mean"], "kl_after_error": calibrated["kl_mean_error"],
+        "kl_reduction": 1 - calibrated["kl_mean"] / plain["kl_mean"],
+        "ppl_ratio_before": plain["ppl_ratio"], "ppl_ratio_after": calibrated["ppl_ratio"],
+        "top1_before": plain["top1_agreement"], "top1_after": calibrated["top1_agreement"],
+        "fit_validation": calibration.summary.to_dict(),
+    }
+
+
+def families_table(reference, modified, fit_windows, held_out) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(fit_windows) + len(held_out), disable=True) as bar:
+        fit_data = _collect(reference, modified, fit_windows, 1, bar)
+        held_out_data = _collect(reference, modified, held_out, 1, bar)
+    rows = []
+    for families in FAMILY_SETS:
+        started = time.perf_counter()
+        parameters = fit_correction(fit_data, families)
+        fit_seconds = time.perf_counter() - started
+        before, after = kl_before_after(held_out_data, parameters)
+        fitted_before, fitted_after = kl_before_after(fit_data, parameters)
+        difference = (after - before).double()
+        rows.append({
+            "families": "+".join(families),
+            "parameters": sum(t.numel() for t in parameters.trainable()),
+            "fit_seconds": fit_seconds,
+            "in_sample_reduction": 1 - fitted_after.mean().item() / fitted_before.mean().item(),
+            "held_out_reduction": 1 - after.mean().item() / before.mean().item(),
+            "held_out_reduction_error": (difference.std() / len(difference) ** 0.5).item() / before.mean().item(),
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+@torch.inference_mode()
+def overhead(modified, calibration: DecodingCalibration, prompt_ids: torch.Tensor, steps: int) -> dict:
+    """Per-step time of greedy decoding with and without the calibration (interleaved), and of the call alone."""
+    def decode(processors) -> float:
+        started = time.perf_counter()
+        modified.generate(prompt_ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                          logits_processor=processors, pad_token_id=0)
+        return (time.perf_counter() - started) / steps
+
+    decode(LogitsProcessorList())  # warm-up
+    plain, calibrated = [], []
+    for _ in range(5):
+        plain.append(decode(LogitsProcessorList()))
+        calibrated.append(decode(LogitsProcessorList([calibration])))
+    scores = modified(prompt_ids).logits[:, -1].float()
+    call = []
+    for _ in range(200):
+        started = time.perf_counter()
+        calibration(prompt_ids, scores)
+        call.append(time.perf_counter() - started)
+    step = statistics.median(plain)
+    return {
+        "step_s": step, "step_with_calibration_s": statistics.median(calibrated),
+        "generate_overhead": statistics.median(calibrated) / step - 1,
+        "call_s": statistics.median(call), "call_overhead": statistics.median(call) / step,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--modifications", default="int4-g64,wanda-50")
+    parser.add_argument("--fit-tokens", type=int, default=8192)
+    parser.add_argument("--held-out-tokens", type=int, default=4096)
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--families", default=",".join(DEFAULT_FAMILIES))
+    parser.add_argument("--families-table", action="store_true")
+    parser.add_argument("--no-cross-domain", action="store_true")
+    parser.add_argument("--steps", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    reference, tokenizer = load_model("default")
+    fit_windows, held_out = wiki_windows(tokenizer, window=args.window, fit_tokens=args.fit_tokens,
+                                         held_out_tokens=args.held_out_tokens)
+    families = tuple(args.families.split(","))
+    results = {"fit_tokens": args.fit_tokens, "held_out": f"last {args.held_out_tokens} tokens of WikiText-2 valid"}
+    for spec in args.modifications.split(","):
+        modified = modified_model(reference, tokenizer, spec)
+        row = results[spec] = {}
+        in_domain = DecodingCalibration.fit(reference, modified, fit_windows, families=families, progress=False)
+        row["in_domain"] = quality(reference, modified, in_domain, held_out)
+        print(spec, "in-domain", json.dumps(row["in_domain"]), flush=True)
+        if not args.no_cross_domain:
+            python_docs = tokenize_corpus(tokenizer, python_docs_text(), window=args.window, max_tokens=args.fit_tokens)
+            cross = DecodingCalibration.fit(reference, modified, python_docs, families=families, progress=False)
+            row["cross_domain"] = quality(reference, modified, cross, held_out)
+            print(spec, "cross-domain", json.dumps(row["cross_domain"]), flush=True)
+        if args.families_table:
+            row["families"] = families_table(reference, modified, fit_windows, held_out)
+        prompt = held_out[0].input_ids[None, :256]
+        row["overhead"] = overhead(modified, in_domain, prompt, args.steps)
+        print(spec, "overhead", json.dumps(row["overhead"]), flush=True)
+        del modified
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

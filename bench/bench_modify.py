@@ -1,0 +1,110 @@
+"""Benchmark of the modifications on SmolLM2-135M-Instruct: quality on WikiText-2 and the time each takes.
+
+Prints, measured side by side in one run on the same calibration tokens and the same evaluation windows:
+  pruning:  WikiText-2 perplexity of magnitude / Wanda / gradient-aware pruning (50 % unstructured and 2:4), the
+            ratios PPL(wanda)/PPL(magnitude) and PPL(gradient)/PPL(wanda), and seconds to prune;
+  scaling:  mean KL to the reference of plain RTN and of its activation-aware scaled variant, the ratio
+            KL(scaled)/KL(plain), and seconds to search the scales;
+  expansion: mean KL of identity and duplicated expansion.
+
+Times scale with the number of calibration tokens (one forward pass per layer step, plus one backward pass per
+sequence for gradient-aware pruning); pass the issue's 128 × 512 with --calibration-sequences 128, or a smaller
+size to extrapolate from.
+
+Usage: python bench/bench_modify.py [--calibration-sequences 16] [--calibration-length 512] [--eval-tokens 4096]
+       [--group pruning,scaling,expansion] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+
+from hemorrhage_hf.corpus import calibration_windows, python_docs_text, tokenize_corpus
+from hemorrhage_hf.measure import measure
+from hemorrhage_hf.models import load_model
+from hemorrhage_hf.modify import apply_modification
+
+WIKITEXT = os.environ.get("HEMORRHAGE_WIKITEXT", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                                               "wikitext-2-raw", "wiki.valid.raw"))
+PRUNING = {"50%": ("magnitude-50", "wanda-50", "gradient-50"), "2:4": ("2:4-magnitude", "2:4-wanda", "2:4-gradient")}
+SCALING = (("int4-g64", "awq-int4-g64"), ("int3-g128", "awq-int3-g128"), ("int8", "awq-int8"), ("w8a8", "smooth-w8a8"))
+EXPANSION = ("expand-identity-4", "expand-dup-4")
+
+
+@torch.inference_mode()
+def perplexity(model, windows) -> float:
+    total, count = 0.0, 0
+    for window in windows:
+        ids = window.input_ids[None]
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss.item()
+        total += loss * (ids.shape[1] - 1)
+        count += ids.shape[1] - 1
+    return math.exp(total / count)
+
+
+def timed(reference, spec, calibration):
+    started = time.perf_counter()
+    modified = apply_modification(reference, spec, calibration=calibration)
+    return modified, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calibration-sequences", type=int, default=16)
+    parser.add_argument("--calibration-length", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--group", default="pruning,scaling,expansion")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reference, tokenizer = load_model("default")
+    calibration = calibration_windows(tokenizer, python_docs_text(), n_sequences=args.calibration_sequences,
+                                      seq_len=args.calibration_length, seed=0)
+    with open(WIKITEXT, encoding="utf-8") as handle:
+        windows = tokenize_corpus(tokenizer, handle.read(), window=512, max_tokens=args.eval_tokens)
+    results = {"calibration": list(calibration.shape), "eval_tokens": args.eval_tokens, "threads": torch.get_num_threads(),
+               "load_average_start": os.getloadavg()[0]}
+    groups = args.group.split(",")
+    if "pruning" in groups:
+        results["dense_ppl"] = perplexity(reference, windows)
+        for pattern, specs in PRUNING.items():
+            row = {}
+            for spec in specs:
+                modified, seconds = timed(reference, spec, calibration)
+                row[spec] = {"ppl": perplexity(modified, windows), "seconds": seconds}
+                print(f"{spec:15s} PPL {row[spec]['ppl']:9.2f}  {seconds:7.1f} s", flush=True)
+            magnitude, wanda, gradient = (row[spec]["ppl"] for spec in specs)
+            row["ratio_wanda_over_magnitude"] = wanda / magnitude
+            row["ratio_gradient_over_wanda"] = gradient / wanda
+            results[f"pruning {pattern}"] = row
+    if "scaling" in groups:
+        for plain, scaled in SCALING:
+            row = {}
+            for spec in (plain, scaled):
+                modified, seconds = timed(reference, spec, calibration)
+                figures = measure(reference, modified, windows, progress=False).figures
+                row[spec] = {"kl": figures["kl_mean"], "kl_error": figures["kl_mean_error"],
+                             "ppl": figures["ppl_modified"], "top1": figures["top1_agreement"], "seconds": seconds}
+                print(f"{spec:15s} KL {figures['kl_mean']:.4f} ± {figures['kl_mean_error']:.4f}  "
+                      f"PPL {figures['ppl_modified']:.2f}  {seconds:7.1f} s", flush=True)
+            row["ratio_kl_scaled_over_plain"] = row[scaled]["kl"] / row[plain]["kl"]
+            results[f"scaling {plain}"] = row
+    if "expansion" in groups:
+        for spec in EXPANSION:
+            modified, seconds = timed(reference, spec, None)
+            figures = measure(reference, modified, windows, progress=False).figures
+            results[spec] = {"kl": figures["kl_mean"], "kl_max": figures["kl_max"], "seconds": seconds}
+            print(f"{spec:18s} KL {figures['kl_mean']:.3g} (max {figures['kl_max']:.3g})", flush=True)
+    results["load_average_end"] = os.getloadavg()[0]
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

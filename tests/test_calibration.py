@@ -1,0 +1,188 @@
+"""Decoding calibration: identity on identical models, held-out KL reduction on SmolLM2 int4, save/load, use in
+``generate`` and pipelines with padded batches, and clear errors for bad input."""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import SCALE, tiny_llama
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper, pipeline
+
+from hemorrhage_hf.calibration import CalibrationError, CalibrationWarning, DecodingCalibration
+from hemorrhage_hf.calibration_ops import FAMILIES, CorrectionParameters
+from hemorrhage_hf.cli import main
+from hemorrhage_hf.corpus import tokenize_corpus
+from hemorrhage_hf.errors import CorpusError, TokenizerMismatchError
+from hemorrhage_hf.measure import measure
+from hemorrhage_hf.modify import apply_modification
+
+PROMPTS = ["The history of the city began", "In 1998 , the band released their second studio album , which"]
+
+
+@pytest.fixture(scope="module")
+def int4_model(smollm2):
+    return apply_modification(smollm2[0], "int4-g64")
+
+
+@pytest.fixture(scope="module")
+def wiki_halves(wikitext_text):
+    """Disjoint WikiText-2 articles: the start of the file to fit on, its end to judge on."""
+    return wikitext_text[: 60_000 * SCALE], wikitext_text[-30_000 * SCALE :]
+
+
+@pytest.fixture(scope="module")
+def int4_calibration(smollm2, int4_model, wiki_halves):
+    reference, tokenizer = smollm2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)  # the fit must judge itself helpful
+        return DecodingCalibration.fit(
+            reference, int4_model, wiki_halves[0], tokenizer=tokenizer, window=256, max_tokens=2560 * SCALE,
+            progress=False,
+        )
+
+
+@pytest.fixture()
+def left_padding_tokenizer(smollm2):
+    tokenizer = copy.deepcopy(smollm2[1])  # the session tokenizer is shared: never change it in place
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def test_fit_on_identical_models_is_the_identity(smollm2, wiki_halves):
+    reference, tokenizer = smollm2
+    calibration = DecodingCalibration.fit(
+        reference, reference, wiki_halves[0], tokenizer=tokenizer, window=128, max_tokens=640, progress=False
+    )
+    assert calibration.is_identity()
+    assert calibration.summary.kl_before == 0 and not calibration.summary.helps
+    ids = tokenizer(PROMPTS[1], return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = reference(ids).logits
+    torch.testing.assert_close(calibration.calibrate_sequence(ids, logits), logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("families", [("temperature",), FAMILIES[1:]])  # entropy_temperature includes temperature
+def test_every_family_starts_and_fits_as_identity_on_tiny_models(families):
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (10, 40), generator=torch.Generator().manual_seed(0))
+    calibration = DecodingCalibration.fit(model, model, ids, families=families, progress=False)
+    scores = torch.randn(4, 64) * 8
+    scores[0, 3] = -torch.inf  # an earlier processor may have banned a token; it must stay banned
+    torch.testing.assert_close(calibration(ids[:4], scores), scores, rtol=0, atol=1e-6)
+    assert calibration.families == families
+
+
+@pytest.mark.heavy
+def test_calibration_reduces_kl_on_held_out_text(smollm2, int4_model, int4_calibration, wiki_halves):
+    reference, tokenizer = smollm2
+    summary = int4_calibration.summary
+    assert summary.helps and summary.kl_reduction > 0.05, summary.verdict()
+    held_out = tokenize_corpus(tokenizer, wiki_halves[1], window=256, max_tokens=1024 * SCALE)
+    report = measure(reference, int4_model, held_out, progress=False,
+                     modified_variants={"calibrated": int4_calibration.calibrate_sequence})
+    plain, calibrated = report.figures, report.variants["calibrated"].figures
+    assert calibrated["n_tokens"] == plain["n_tokens"] == 1020 * SCALE
+    assert calibrated["ppl_reference"] == plain["ppl_reference"]
+    assert calibrated["kl_mean"] < 0.95 * plain["kl_mean"], (plain["kl_mean"], calibrated["kl_mean"])
+    assert calibrated["ppl_ratio"] < plain["ppl_ratio"]
+
+
+def test_save_and_load_roundtrip(tmp_path, int4_calibration):
+    folder = int4_calibration.save_pretrained(tmp_path / "calibration")
+    assert sorted(p.name for p in folder.iterdir()) == ["calibration.safetensors", "calibration_config.json"]
+    loaded = DecodingCalibration.from_pretrained(folder, vocab_size=49152)
+    assert loaded.families == int4_calibration.families
+    assert loaded.summary.to_dict() == int4_calibration.summary.to_dict()
+    ids = torch.randint(0, 49152, (2, 7))
+    scores = torch.randn(2, 49152) * 10
+    assert torch.equal(loaded(ids, scores), int4_calibration(ids, scores))
+
+
+def test_generate_runs_calibration_before_temperature_and_top_p_on_padded_batch(
+    int4_model, int4_calibration, left_padding_tokenizer
+):
+    inputs = left_padding_tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    assert not inputs.attention_mask.all()  # the batch really is padded
+    torch.manual_seed(0)
+    # top_k=0: generate otherwise adds its default top-k of 50 before top-p.
+    output = int4_model.generate(
+        **inputs, logits_processor=LogitsProcessorList([int4_calibration]), do_sample=True, temperature=0.7,
+        top_k=0, top_p=0.9, max_new_tokens=4, output_scores=True, output_logits=True, return_dict_in_generate=True,
+        pad_token_id=left_padding_tokenizer.pad_token_id,
+    )
+    prompt_length = inputs.input_ids.shape[1]
+    temperature, top_p = TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.9)
+    for step, (raw, processed) in enumerate(zip(output.logits, output.scores)):
+        seen = output.sequences[:, : prompt_length + step]
+        expected = top_p(seen, temperature(seen, int4_calibration(seen, raw)))
+        torch.testing.assert_close(processed, expected)
+    # The correction changed the scores the sampler saw (a fitted calibration is not the identity).
+    assert not torch.allclose(output.scores[0], top_p(None, temperature(None, output.logits[0])))
+
+
+def test_pipeline_passes_calibration_to_each_padded_prompt(smollm2, left_padding_tokenizer):
+    model, tokenizer = smollm2
+    forced = tokenizer(" Paris", add_special_tokens=False).input_ids[0]
+    bias = torch.zeros(model.config.vocab_size)
+    bias[forced] = 100.0
+    calibration = DecodingCalibration(CorrectionParameters(vocab_size=model.config.vocab_size, token_bias=bias))
+    generator = pipeline("text-generation", model=model, tokenizer=left_padding_tokenizer)
+    outputs = generator(PROMPTS, logits_processor=[calibration], max_new_tokens=3, do_sample=False, batch_size=2,
+                        return_full_text=False)
+    assert [output[0]["generated_text"] for output in outputs] == [" Paris Paris Paris"] * 2
+
+
+def test_calibrate_command_and_report_side_by_side(tmp_path, smollm2, wikitext_text, capsys):
+    text_file = tmp_path / "wiki.txt"
+    text_file.write_text(wikitext_text[:12_000], encoding="utf-8")
+    folder = tmp_path / "calibration"
+    code = main(["calibrate", "default", "--modification", "int4-g64", "--text-file", str(text_file),
+                 "--max-tokens", "1280", "--window", "128", "--max-iterations", "15", "--quiet",
+                 "--output", str(folder)])
+    assert code in (0, 1)  # 1: saved, but judged unhelpful on its held-out windows
+    config = json.loads((folder / "calibration_config.json").read_text())
+    assert config["vocab_size"] == 49152 and config["fit"]["validation_tokens"] == 2 * 127
+    assert "held-out KL" in capsys.readouterr().out
+    output = tmp_path / "report"
+    assert main(["report", "--reference", "default", "--modification", "int4-g64", "--text-file", str(text_file),
+                 "--max-tokens", "256", "--window", "128", "--calibration", str(folder), "--no-plots", "--quiet",
+                 "--output", str(output)]) == 0
+    plain = json.loads((output / "report.json").read_text())
+    calibrated = json.loads((output / "calibrated" / "report.json").read_text())
+    assert plain["n_tokens"] == calibrated["n_tokens"] == 254
+    assert plain["kl_mean"] != calibrated["kl_mean"]
+    table = capsys.readouterr().out
+    assert "calibrated" in table and "KL mean" in table
+
+
+def test_different_vocabularies_are_refused():
+    ids = torch.randint(0, 64, (10, 40))
+    with pytest.raises(TokenizerMismatchError, match="different vocabularies"):
+        DecodingCalibration.fit(tiny_llama(vocab_size=64), tiny_llama(vocab_size=96), ids, progress=False)
+
+
+def test_too_short_calibration_text_is_refused(smollm2):
+    reference, tokenizer = smollm2
+    with pytest.raises(CorpusError, match="calibration text too short"):
+        DecodingCalibration.fit(reference, reference, "A short text. " * 40, tokenizer=tokenizer, window=64,
+                                progress=False)
+    with pytest.raises(CalibrationError, match="needs the tokenizer"):
+        DecodingCalibration.fit(reference, reference, "Some text.", progress=False)
+
+
+def test_saved_calibration_for_another_vocabulary_is_refused(tmp_path):
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (10, 40), generator=torch.Generator().manual_seed(0))
+    DecodingCalibration.fit(model, model, ids, progress=False).save_pretrained(tmp_path)
+    with pytest.raises(CalibrationError, match="fitted for a vocabulary of 64 tokens; this model has 49152"):
+        DecodingCalibration.from_pretrained(tmp_path, vocab_size=49152)
+    loaded = DecodingCalibration.from_pretrained(tmp_path)
+    with pytest.raises(CalibrationError, match="vocabulary of 64 tokens, but the scores have 49152"):
+        loaded(ids[:1], torch.zeros(1, 49152))
+    (tmp_path / "calibration_config.json").write_text('{"format": "something else"}')
+    with pytest.raises(CalibrationError, match="is not a hemorrhage-hf-decoding-calibration"):
+        DecodingCalibration.from_pretrained(tmp_path)
+    with pytest.raises(CalibrationError, match="calibration_config.json is missing"):
+        DecodingCalibration.from_pretrained(tmp_path / "nowhere")
