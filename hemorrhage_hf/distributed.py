@@ -6,6 +6,10 @@ gathered in rank order: the merged arrays are the single-process arrays, token f
 (no mergeable sketch, no error to state) and every window is counted once, whatever the split. In one process
 (plain ``python``/``hemorrhage-hf``) all of this is a no-op.
 
+Launch on CPUs with ``accelerate launch --multi_gpu --num_processes N`` (torch's elastic launcher; gloo on CPU) or
+``torchrun --nproc_per_node N``: ``accelerate launch --cpu --num_processes N`` without an MPI host file starts one
+process. The main process prints ``data-parallel over N processes`` to stderr when the launch worked.
+
 Example:
     >>> from hemorrhage_hf.distributed import shard_bounds
     >>> shard_bounds(n_windows=10, batch_size=2, n_processes=3)  # 5 batches over 3 processes
@@ -23,9 +27,15 @@ T = TypeVar("T")
 
 @functools.cache
 def _state():
+    import sys
+
     from accelerate import PartialState
 
-    return PartialState(cpu=True)
+    state = PartialState(cpu=True)
+    if state.is_main_process:
+        # Says the launch worked: `accelerate launch --cpu --num_processes 2` quietly starts a single process.
+        print(f"hemorrhage-hf: data-parallel over {state.num_processes} processes ({state.backend})", file=sys.stderr)
+    return state
 
 
 def _is_launched() -> bool:
@@ -60,11 +70,16 @@ def shard_bounds(*, n_windows: int, batch_size: int, n_processes: int) -> list[t
     return bounds
 
 
+def local_bounds(n_windows: int, batch_size: int) -> tuple[int, int]:
+    """This process's ``(start, stop)`` window range (all of them in a single process)."""
+    if n_processes() == 1:
+        return 0, n_windows
+    return shard_bounds(n_windows=n_windows, batch_size=batch_size, n_processes=n_processes())[rank()]
+
+
 def local_windows(windows: Sequence[T], batch_size: int) -> Sequence[T]:
     """This process's share of ``windows`` (all of them in a single process)."""
-    if n_processes() == 1:
-        return windows
-    start, stop = shard_bounds(n_windows=len(windows), batch_size=batch_size, n_processes=n_processes())[rank()]
+    start, stop = local_bounds(len(windows), batch_size)
     return windows[start:stop]
 
 
@@ -77,3 +92,11 @@ def gather(value: T) -> list[T]:
     gathered: list = [None] * n_processes()
     torch.distributed.all_gather_object(gathered, value)
     return gathered
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing in a single process)."""
+    if n_processes() > 1:
+        import torch.distributed
+
+        torch.distributed.barrier()

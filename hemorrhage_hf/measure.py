@@ -294,8 +294,6 @@ def measure(
     variant_tokens = {name: TokenAccumulator() for name in variants}
     # A cache refuses layers/attention here, so below `reference` is a model wherever they are asked for.
     source.begin(windows, batch_size=batch_size, layers=layers, attention=attention)
-    if distributed.n_processes() > 1 and not isinstance(source, LiveReference):
-        raise HemorrhageError("a reference cache cannot be split across processes; run the cached pass in one process")
     layer_accumulator = LayerAccumulator(resolve_layer_map(reference, modified, layer_map)) if layers or attention else None
     tokens = TokenAccumulator()
     attention_context = eager_attention(reference, modified) if attention else contextlib.nullcontext()

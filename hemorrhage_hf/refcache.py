@@ -13,12 +13,16 @@ computed between the (k + 1)-bin coarse-grainings of the two distributions — t
 for everything else, the same bins for both models. Merging bins never raises KL (the data-processing inequality),
 so cached KL is a **lower bound** of the full KL; the mean tail mass says how much of the distribution was merged.
 
-On disk (folder ``<cache_dir()>/reference-cache/<key>/``): ``header.json`` plus ``shard-NNNNN.safetensors`` files,
-each holding consecutive windows. The header names the model fingerprint (a SHA-256 of its weights and config), the
+On disk (folder ``<cache_dir()>/reference-cache/<key>/``): ``header.json`` plus ``shard-wNNNNNNN.safetensors`` files,
+each holding consecutive windows from window NNNNNNN on. The header names the model fingerprint (a SHA-256 of its weights and config), the
 windows fingerprint (their token ids and scored positions), k, the batch size, and each shard's window range and
 SHA-256. The key is derived from all of these, so a rerun with the same model, corpus and windows finds its cache,
 and an interrupted build resumes after the last complete shard. Shards are checked against their checksums before
 use. The reference model is needed only while building: build the cache, free the model, then measure.
+
+Under ``accelerate launch`` each process caches its own share of the windows (the share it will measure) into its
+own shard files, and the main process writes the header once all are done; such a build resumes only when complete
+(an interrupted multi-process build starts over), and the processes need a shared file system for the folder.
 
 Example:
     >>> import torch
@@ -47,6 +51,7 @@ from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from . import distributed
 from .atomic import atomic_path, atomic_write_text
 from .corpus import Window
 from .divergence import STATISTICS_CHUNK_ROWS, TokenStatistics, kl_divergence, log_probs
@@ -240,24 +245,25 @@ class ReferenceCache:
         directory = Path(root) if root is not None else cache_dir() / "reference-cache"
         directory = directory / key.digest()
         header = _load_or_new_header(directory, key, windows, description or {})
+        if header["complete"]:
+            return cls.open(directory)
+        if distributed.n_processes() > 1:
+            # Every process caches the windows it will measure; the main one lists all shards once they exist.
+            distributed.barrier()  # all have read the old header before anything in the folder changes
+            header["shards"] = []
+            start, stop = distributed.local_bounds(len(windows), batch_size)
+            local = _cache_windows(model, windows, (start, stop), k, batch_size, directory, header, shard_tokens,
+                                   progress=progress and distributed.is_main_process(), write_header=False)
+            shards = [shard for shards in distributed.gather(local) for shard in shards]
+            if distributed.is_main_process():
+                header["shards"] = shards
+                _finish(directory, header)
+            distributed.barrier()  # the header is written before anyone opens it
+            return cls.open(directory)
         start = header["shards"][-1]["windows"][1] if header["shards"] else 0
-        pending: dict[str, list[torch.Tensor]] = {name: [] for name in FIELDS}
-        first_pending = done = start
-        with tqdm(total=len(windows), initial=start, desc="caching reference", unit="window", disable=not progress) as bar:
-            for batch in batch_windows(windows[start:], batch_size):
-                outputs = model_outputs(model, batch.input_ids)
-                rows, positions = batch.prediction_positions()
-                entries = reference_entries(outputs.logits[rows, positions].cpu(), batch.targets(), k)
-                for name, values in entries.items():
-                    pending[name].append(values)
-                done += len(batch.first_scored)
-                bar.update(len(batch.first_scored))
-                if sum(len(part) for part in pending["targets"]) >= shard_tokens or done == len(windows):
-                    _write_shard(directory, header, pending, (first_pending, done))
-                    pending = {name: [] for name in FIELDS}
-                    first_pending = done
-        header["complete"] = True
-        atomic_write_text(directory / HEADER_FILE, json.dumps(header, indent=2) + "\n")
+        _cache_windows(model, windows, (start, len(windows)), k, batch_size, directory, header, shard_tokens,
+                       progress=progress, write_header=True)
+        _finish(directory, header)
         return cls.open(directory)
 
     @classmethod
@@ -329,7 +335,8 @@ class ReferenceCache:
                 f"the reference cache was built with batch size {self.header['batch_size']}; measure with the same "
                 f"batch size (got {batch_size}) so both sides are computed alike"
             )
-        self._cursor = 0
+        # Under `accelerate launch`, measure() runs this process's share of the windows only.
+        self._cursor = self.header["window_token_offsets"][distributed.local_bounds(len(windows), batch_size)[0]]
 
     def compare(self, batch: Batch, modified_logits: torch.Tensor, targets: torch.Tensor):
         entries = self.tokens(self._cursor, self._cursor + len(targets))
@@ -399,22 +406,67 @@ def _read_header(directory: Path) -> dict:
     return header
 
 
-def _write_shard(directory: Path, header: dict, pending: dict[str, list[torch.Tensor]], window_range: tuple[int, int]) -> None:
+def _cache_windows(
+    model: PreTrainedModel,
+    windows: Sequence[Window],
+    window_range: tuple[int, int],
+    k: int,
+    batch_size: int,
+    directory: Path,
+    header: dict,
+    shard_tokens: int,
+    *,
+    progress: bool,
+    write_header: bool,
+) -> list[dict]:
+    """Cache windows ``window_range`` into shard files of about ``shard_tokens`` tokens; returns their records.
+
+    With ``write_header`` each record is appended to ``header`` and the header rewritten after every shard, so an
+    interrupted build knows which shards are whole.
+    """
+    start, stop = window_range
+    records: list[dict] = []
+    pending: dict[str, list[torch.Tensor]] = {name: [] for name in FIELDS}
+    first_pending = done = start
+    with tqdm(total=stop, initial=start, desc="caching reference", unit="window", disable=not progress) as bar:
+        for batch in batch_windows(windows[start:stop], batch_size):
+            outputs = model_outputs(model, batch.input_ids)
+            rows, positions = batch.prediction_positions()
+            entries = reference_entries(outputs.logits[rows, positions].cpu(), batch.targets(), k)
+            for name, values in entries.items():
+                pending[name].append(values)
+            done += len(batch.first_scored)
+            bar.update(len(batch.first_scored))
+            if sum(len(part) for part in pending["targets"]) >= shard_tokens or done == stop:
+                records.append(_write_shard(directory, header, pending, (first_pending, done)))
+                if write_header:
+                    header["shards"].append(records[-1])
+                    atomic_write_text(directory / HEADER_FILE, json.dumps(header, indent=2) + "\n")
+                pending = {name: [] for name in FIELDS}
+                first_pending = done
+    return records
+
+
+def _finish(directory: Path, header: dict) -> None:
+    header["complete"] = True
+    atomic_write_text(directory / HEADER_FILE, json.dumps(header, indent=2) + "\n")
+
+
+def _write_shard(directory: Path, header: dict, pending: dict[str, list[torch.Tensor]], window_range: tuple[int, int]) -> dict:
+    """Write one shard file of windows ``window_range`` and return its header record."""
     tensors = {name: torch.cat(parts).contiguous() for name, parts in pending.items()}
     data = save_safetensors(tensors, metadata={"format": CACHE_FORMAT, "key": header["key"]})
-    name = f"shard-{len(header['shards']):05d}.safetensors"
+    name = f"shard-w{window_range[0]:07d}.safetensors"
     with atomic_path(directory / name) as temporary:
         temporary.write_bytes(data)
     offsets = header["window_token_offsets"]
-    header["shards"].append({
+    return {
         "file": name,
         "windows": list(window_range),
         "tokens": [offsets[window_range[0]], offsets[window_range[1]]],
         "sha256": _sha256(data),
         "tail_mass_sum": float(tensors["tail_logmass"].double().exp().sum()),
-    })
-    # The header is rewritten after every shard, so an interrupted build knows which shards are whole.
-    atomic_write_text(directory / HEADER_FILE, json.dumps(header, indent=2) + "\n")
+    }
 
 
 def _read_shard(directory: Path, shard: dict) -> dict[str, torch.Tensor]:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from . import distributed
 from .atomic import atomic_path, atomic_write_text
 from .compare import CalibrationSettings
 from .corpus import Window
@@ -403,6 +404,8 @@ def run_sweep(
     if family.kind == "decoding" and tasks:
         raise HemorrhageError("tasks score a model's answers; decoding sweeps change sampling, not the model")
     output_dir = Path(output_dir) if output_dir is not None else None
+    # Under `accelerate launch` every process resumes alike and holds the merged figures; the first writes them.
+    writes = output_dir is not None and distributed.is_main_process()
     started = time.perf_counter()
     curves = (MODEL_CURVES if family.kind == "model" else DECODING_CURVES) + tuple(task_curve(t.name) for t in tasks)
     result = SweepResult(family, [], dict(metadata or {}), curves, dict(tolerances or {}))
@@ -411,7 +414,7 @@ def run_sweep(
         strength = None if spec is None else scale.strength(level)
         result.levels.append({"level": level, "spec": spec, "strength": strength, "figures": figures,
                               "seconds": seconds, **extra})
-        if output_dir is not None:
+        if writes:
             result.metadata["total_seconds"] = time.perf_counter() - started
             result.save(output_dir, plots=False)
 
@@ -458,6 +461,6 @@ def run_sweep(
             del modified
             record(level, spec, figures, time.perf_counter() - level_started, task_answers=answers)
     result.metadata["total_seconds"] = time.perf_counter() - started
-    if output_dir is not None:
+    if writes:
         result.save(output_dir, plots=plots)
     return result

@@ -1,6 +1,7 @@
 """Issue 7: data-parallel measurement under `accelerate launch` (2 CPU processes, gloo) gives the single-process
 report byte for byte; the sequential (one model at a time) mode gives the same exact figures and a KL bound."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -33,13 +34,38 @@ def test_two_processes_give_the_single_process_report_byte_for_byte(tmp_path, wi
                  "--max-tokens", "600", "--window", "128", "--layers", "--quiet", "--no-plots"]
     subprocess.run([sys.executable, "-m", "hemorrhage_hf.cli", *arguments, "--output", str(tmp_path / "one")],
                    check=True, capture_output=True, timeout=600)
-    launched = subprocess.run([accelerate, "launch", "--num_processes", "2", "--cpu", "-m", "hemorrhage_hf.cli",
+    launched = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "-m", "hemorrhage_hf.cli",
                                *arguments, "--output", str(tmp_path / "two")], capture_output=True, text=True,
                               timeout=600)
     assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "data-parallel over 2 processes (gloo)" in launched.stderr
     single = (tmp_path / "one" / "report.json").read_bytes()
     assert (tmp_path / "two" / "report.json").read_bytes() == single
     assert b'"n_tokens": 595' in single  # 5 windows of the first 600 tokens, each window's first token unscored
+
+
+@pytest.mark.heavy
+def test_two_processes_sweep_like_one(tmp_path, wikitext_text):
+    """A cached sweep under `accelerate launch`: each process caches and measures its share; the figures of every
+    level equal the single-process sweep's, and the parallel-built cache covers every token once."""
+    accelerate = shutil.which("accelerate")
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(wikitext_text[:20_000], encoding="utf-8")
+    arguments = ["sweep", "default", "--family", "bits", "--levels", "32,4,3", "--text-file", str(text_file),
+                 "--max-tokens", "600", "--window", "128", "--quiet", "--no-plots"]
+    runs = {"one": [sys.executable, "-m", "hemorrhage_hf.cli"],
+            "two": [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "-m", "hemorrhage_hf.cli"]}
+    sweeps = {}
+    for name, command in runs.items():
+        launched = subprocess.run([*command, *arguments, "--cache-dir", str(tmp_path / name / "cache"),
+                                   "--output", str(tmp_path / name)], capture_output=True, text=True, timeout=600)
+        assert launched.returncode == 0, launched.stderr[-3000:]
+        sweeps[name] = json.loads((tmp_path / name / "sweep.json").read_text())
+    assert [level["figures"] for level in sweeps["two"]["levels"]] == [level["figures"] for level in sweeps["one"]["levels"]]
+    assert sweeps["one"]["levels"][0]["figures"]["kl_max"] == 0.0 and sweeps["one"]["levels"][0]["figures"]["n_tokens"] == 595
+    headers = {name: json.loads(next((tmp_path / name / "cache").glob("*/header.json")).read_text()) for name in runs}
+    assert [shard["windows"] for shard in headers["two"]["shards"]] == [[0, 3], [3, 5]]  # one shard per process
+    assert headers["two"]["complete"] and headers["two"]["key"] == headers["one"]["key"]
 
 
 def test_sequential_mode_matches_exact_figures_and_bounds_kl(tmp_path, smollm2, wikitext_text, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from .. import distributed
 from .common import add_model_arguments, add_text_arguments, text_from_arguments
 
 EPILOG = """examples:
@@ -95,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
                   "dtype": args.dtype},
         progress=not args.quiet,
     )
+    if not distributed.is_main_process():
+        return 0  # every process holds the merged sweep; the first one reports it
     print(sweep_table(result))
     print(f"\nwrote {args.output}/sweep.json, sweep.csv" + ("" if args.no_plots else " and sweep_*.png"))
     return 0
