@@ -361,13 +361,13 @@ def _collect(
 ) -> CalibrationData:
     parts = []
     for batch in batch_windows(windows, batch_size):
-        rows, positions = batch.prediction_positions()
         reference_logits = reference(input_ids=batch.input_ids.to(reference.device), use_cache=False).logits
         modified_logits = modified(input_ids=batch.input_ids.to(modified.device), use_cache=False).logits
         parts.append(
             CalibrationData.from_logits(
-                reference_logits[rows, positions].cpu(), modified_logits[rows, positions].cpu(), batch.input_ids[rows, positions]
+                batch.scored(reference_logits), batch.scored(modified_logits), batch.scored(batch.input_ids)
             )
         )
+        del reference_logits, modified_logits
         bar.update(len(batch.first_scored))
     return CalibrationData.concatenate(parts)

@@ -71,8 +71,10 @@ class TokenStatistics:
     finite: torch.Tensor
 
 
-#: Rows per chunk in :func:`token_statistics`: bounds the fp32 temporaries of a 49k vocabulary to ~25 MB each.
-STATISTICS_CHUNK_ROWS = 128
+#: Rows per chunk in :func:`token_statistics`: fp32 temporaries of a 49k vocabulary stay ~3 MB each. Chunks of
+#: 128 rows (25 MB) measured the same speed but raised peak RSS by ~0.5 GB: glibc keeps freed blocks under its
+#: 32 MB mmap threshold on the heap instead of returning them.
+STATISTICS_CHUNK_ROWS = 16
 
 
 def token_statistics(

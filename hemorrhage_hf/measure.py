@@ -59,6 +59,16 @@ class Batch:
         rows, positions = self.prediction_positions()
         return self.input_ids[rows, positions + 1]
 
+    def scored(self, values: torch.Tensor) -> torch.Tensor:
+        """``values[B, T, ...]`` at the prediction positions, ``[n, ...]`` in window order, on the CPU.
+
+        One window gives a view: a window's logits are ~100 MB (512 × 49k fp32), and a copy of them would be most
+        of what measuring holds beyond the two models.
+        """
+        length = values.shape[1]
+        parts = [values[row, first - 1 : length - 1] for row, first in enumerate(self.first_scored)]
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).cpu()
+
 
 def batch_windows(windows: Sequence[Window], batch_size: int) -> Iterator[Batch]:
     """Consecutive windows of equal length, ``batch_size`` at a time (a shorter last window runs alone)."""
@@ -250,8 +260,7 @@ class LiveReference:
 
     def compare(self, batch: Batch, modified_logits: torch.Tensor, targets: torch.Tensor):
         outputs = model_outputs(self.model, batch.input_ids, layers=self.layers, attention=self.attention)
-        rows, positions = batch.prediction_positions()
-        return token_statistics(outputs.logits[rows, positions].cpu(), modified_logits, targets), outputs
+        return token_statistics(batch.scored(outputs.logits), modified_logits, targets), outputs
 
     def metadata(self) -> dict:
         return {}
@@ -304,16 +313,17 @@ def measure(
         for batch in batch_windows(shard, batch_size):
             want_hidden = layer_accumulator is not None
             modified_outputs = model_outputs(modified, batch.input_ids, layers=want_hidden, attention=attention)
-            rows, positions = batch.prediction_positions()
             targets = batch.targets()
-            statistics, reference_outputs = source.compare(batch, modified_outputs.logits[rows, positions].cpu(), targets)
+            statistics, reference_outputs = source.compare(batch, batch.scored(modified_outputs.logits), targets)
             tokens.add(statistics, targets)
             for name, transform in variants.items():
-                variant_logits = transform(batch.input_ids, modified_outputs.logits)[rows, positions].cpu()
-                variant_statistics = token_statistics(reference_outputs.logits[rows, positions].cpu(), variant_logits, targets)
+                variant_logits = batch.scored(transform(batch.input_ids, modified_outputs.logits))
+                variant_statistics = token_statistics(batch.scored(reference_outputs.logits), variant_logits, targets)
                 variant_tokens[name].add(variant_statistics, targets)
             if layer_accumulator is not None:
-                layer_accumulator.add(reference_outputs, modified_outputs, rows, positions)
+                layer_accumulator.add(reference_outputs, modified_outputs, *batch.prediction_positions())
+            # Drop this batch's outputs before the next forward pass, not after it: they are most of the peak.
+            del modified_outputs, reference_outputs
             bar.update(len(batch.first_scored))
     tokens = TokenAccumulator().merge(distributed.gather(tokens))
     if layer_accumulator is not None:

@@ -431,8 +431,8 @@ def _cache_windows(
     with tqdm(total=stop, initial=start, desc="caching reference", unit="window", disable=not progress) as bar:
         for batch in batch_windows(windows[start:stop], batch_size):
             outputs = model_outputs(model, batch.input_ids)
-            rows, positions = batch.prediction_positions()
-            entries = reference_entries(outputs.logits[rows, positions].cpu(), batch.targets(), k)
+            entries = reference_entries(batch.scored(outputs.logits), batch.targets(), k)
+            del outputs
             for name, values in entries.items():
                 pending[name].append(values)
             done += len(batch.first_scored)

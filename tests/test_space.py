@@ -121,10 +121,11 @@ def test_api_threshold_sweep_feeds_the_card(space_url, tmp_path):
     threshold, plot, table, = client.predict(DEFAULT_MODEL_LABEL, "bits", "32,8,4,2", TEXT, api_name="/sweep")
     assert threshold.startswith("Swept over bits levels 32, 8, 4, 2")
     assert Path(plot).read_bytes()[:4] == b"\x89PNG"
-    assert table["headers"][:3] == ["level", "spec", "KL mean (nats)"]
+    assert table["headers"][:4] == ["level", "spec", "PPL ratio", "KL mean (nats)"]
     levels = {row[0]: row for row in table["data"]}
-    assert levels["32"][1] == "(unmodified)" and float(levels["32"][2]) == 0  # the identity level bleeds nothing
-    kl = [float(levels[level][2]) for level in ("8", "4", "2")]
+    assert levels["32"][1] == "(unmodified)" and float(levels["32"][3]) == 0  # the identity level bleeds nothing
+    assert float(levels["32"][2]) == 1
+    kl = [float(levels[level][3]) for level in ("8", "4", "2")]
     assert kl == sorted(kl) and kl[-1] > 1  # fewer bits, more hemorrhage; 2 bits collapses
     _, section = client.predict("m", api_name="/card_section")
     assert "### Robustness threshold" in section and threshold in section
