@@ -44,7 +44,9 @@ from .models import DEFAULT_MODEL_LABEL
 from .render import SUMMARY_ROWS, delta_p_reading, summary_rows
 from .report import COLLAPSE_PPL_RATIO, COLLAPSE_TOP1_AGREEMENT, SEVERITY_KL_BANDS, HemorrhageReport
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "model_cards"
+# The templates live in the repository's model_cards/; a wheel packages that folder as hemorrhage_hf/model_cards.
+_PACKAGED_TEMPLATES = Path(__file__).resolve().parent / "model_cards"
+TEMPLATE_DIR = _PACKAGED_TEMPLATES if _PACKAGED_TEMPLATES.is_dir() else Path(__file__).resolve().parent.parent / "model_cards"
 SECTION_TEMPLATE = "hemorrhage_section.md"
 CARD_TEMPLATE = "modelcard.md"
 SECTION_START = "<!-- hemorrhage-hf:start (written by `hemorrhage-hf card`; edits between these markers are replaced) -->"
