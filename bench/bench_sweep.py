@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
+from hemorrhage_hf.compare import CalibrationSettings
 from hemorrhage_hf.corpus import load_corpus, python_docs_text, tokenize_corpus
 from hemorrhage_hf.measure import batch_windows, model_outputs
 from hemorrhage_hf.models import load_model
-from hemorrhage_hf.modify import apply_modification
+from hemorrhage_hf.modify import apply_modification, parse_spec
 from hemorrhage_hf.sweep import resolve_family, run_sweep
 
 
@@ -64,8 +65,10 @@ def main() -> None:
                                output_dir=Path(folder) / "out", plots=False, progress=False)
             sweeps.append(time.perf_counter() - started)
     spec = next(spec for spec in map(family.spec, levels) if spec is not None)
+    # The sweep's own default calibration (16 × 512 tokens of Python's docs) for specs that need it, e.g. wanda.
+    calibration = CalibrationSettings().windows(tokenizer) if parse_spec(spec).needs_calibration else None
     started = time.perf_counter()
-    apply_modification(model, spec)
+    apply_modification(model, spec, calibration=calibration)
     modification_s = time.perf_counter() - started
 
     cache = result.metadata["reference_cache"]
