@@ -82,6 +82,8 @@ def main() -> None:
         "time_ratio": round(min(sweeps) / min(bare), 3),
         "cache_bytes_per_token": round(cache["bytes_per_token"], 1), "tail_mass_mean": round(cache["tail_mass_mean"], 4),
         "threshold": {key: result.threshold().get(key) for key in ("figure", "rule", "level", "interval")},
+        "curve": {entry["level"]: {key: entry["figures"].get(key) for key in ("ppl_ratio", "kl_mean", "top1_agreement")}
+                  for entry in result.levels},
     }, indent=2))
 
 if __name__ == "__main__":
