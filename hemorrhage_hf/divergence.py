@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -90,15 +91,25 @@ def token_statistics(
             f"logit shapes differ: {tuple(reference_logits.shape)} vs {tuple(modified_logits.shape)} "
             "(do the models share a vocabulary?)"
         )
-    chunks = [
-        _chunk_statistics(reference_logits[start:stop], modified_logits[start:stop], targets[start:stop])
-        for start, stop in _chunk_bounds(len(targets), STATISTICS_CHUNK_ROWS)
-    ]
-    return TokenStatistics(**{name: torch.cat([vars(chunk)[name] for chunk in chunks]) for name in vars(chunks[0])})
+    return TokenStatistics(**concatenate_row_chunks(
+        lambda *chunk: vars(_chunk_statistics(*chunk)), reference_logits, modified_logits, targets
+    ))
 
 
-def _chunk_bounds(n: int, size: int) -> list[tuple[int, int]]:
-    return [(start, min(start + size, n)) for start in range(0, max(n, 1), size)]
+def concatenate_row_chunks(
+    function: Callable[..., dict[str, torch.Tensor]], *tensors: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``function`` of the same :data:`STATISTICS_CHUNK_ROWS`-row slices of every tensor, its dicts concatenated.
+
+    Every path that computes per-token figures (live, cached, building the cache) slices alike: reductions such as
+    ``logsumexp`` split their work differently for different row counts, and a cached identity level must match
+    its reference bit for bit.
+    """
+    parts = []
+    for start in range(0, max(len(tensors[0]), 1), STATISTICS_CHUNK_ROWS):
+        rows = slice(start, start + STATISTICS_CHUNK_ROWS)
+        parts.append(function(*(tensor[rows] for tensor in tensors)))
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
 def _chunk_statistics(

@@ -54,13 +54,13 @@ from transformers import PreTrainedModel
 from . import distributed
 from .atomic import atomic_path, atomic_write_text
 from .corpus import Window
-from .divergence import STATISTICS_CHUNK_ROWS, TokenStatistics, kl_divergence, log_probs
+from .divergence import TokenStatistics, concatenate_row_chunks, kl_divergence, log_probs
 from .errors import HemorrhageError
 from .measure import Batch, batch_windows, model_outputs
 from .models import cache_dir
 
 CACHE_FORMAT = "hemorrhage-hf reference cache"
-CACHE_VERSION = 2  # 2: tails from coarse_grain's float64 sum; a cache must come from the code that reads it
+CACHE_VERSION = 3  # 2: float64 tails; 3: entries built in the row chunks that read them. A cache must come from the code that reads it
 DEFAULT_TOP_K = 64
 DEFAULT_SHARD_TOKENS = 16384
 #: Tails smaller than this are summed exactly over the vocabulary (see :func:`coarse_grain`).
@@ -104,8 +104,13 @@ def reference_entries(logits: torch.Tensor, targets: torch.Tensor, k: int) -> di
     """What the cache keeps of reference logits ``[n, vocab]`` at positions whose true next tokens are ``targets``.
 
     The log-probabilities and top-1 are computed exactly as :func:`hemorrhage_hf.divergence.token_statistics` does,
-    so cached and live runs give bit-identical NLL, agreement and Δp.
+    in the same row chunks as :func:`cached_token_statistics`, so cached and live runs give bit-identical NLL,
+    agreement and Δp, and a model measured against its own cache gives a KL of exactly 0.
     """
+    return concatenate_row_chunks(lambda *chunk: _reference_chunk_entries(*chunk, k=k), logits, targets)
+
+
+def _reference_chunk_entries(logits: torch.Tensor, targets: torch.Tensor, *, k: int) -> dict[str, torch.Tensor]:
     logprobs = log_probs(logits)
     top = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)
     _, tail = coarse_grain(logprobs, top.indices)
@@ -122,11 +127,12 @@ def reference_entries(logits: torch.Tensor, targets: torch.Tensor, k: int) -> di
 def cached_token_statistics(entries: dict[str, torch.Tensor], modified_logits: torch.Tensor) -> TokenStatistics:
     """:class:`TokenStatistics` of modified logits ``[n, vocab]`` against cached reference entries of the same tokens,
     in chunks of rows as :func:`~hemorrhage_hf.divergence.token_statistics` does, so memory stays flat in ``n``."""
-    chunks = []
-    for start in range(0, len(modified_logits), STATISTICS_CHUNK_ROWS):
-        rows = slice(start, start + STATISTICS_CHUNK_ROWS)
-        chunks.append(_cached_chunk_statistics({name: values[rows] for name, values in entries.items()}, modified_logits[rows]))
-    return TokenStatistics(**{name: torch.cat([vars(chunk)[name] for chunk in chunks]) for name in vars(chunks[0])})
+    names = list(entries)
+
+    def chunk_statistics(logits: torch.Tensor, *values: torch.Tensor) -> dict[str, torch.Tensor]:
+        return vars(_cached_chunk_statistics(dict(zip(names, values)), logits))
+
+    return TokenStatistics(**concatenate_row_chunks(chunk_statistics, modified_logits, *entries.values()))
 
 
 def _cached_chunk_statistics(entries: dict[str, torch.Tensor], modified_logits: torch.Tensor) -> TokenStatistics:
