@@ -83,6 +83,7 @@ FAMILIES: dict[str, SweepFamily] = {
     family.name: family
     for family in (
         SweepFamily("bits", "int{}-g64", ("32", "16"), ("32", "8", "6", "5", "4", "3", "2")),
+        SweepFamily("kv", "kv{}", ("32", "16"), ("32", "8", "6", "5", "4", "3", "2")),
         _percent_family("sparsity:wanda", "wanda-{}", _SPARSITY),
         _percent_family("sparsity:magnitude", "magnitude-{}", _SPARSITY),
         _percent_family("sparsity:gradient", "gradient-{}", _SPARSITY),

@@ -26,6 +26,7 @@ def _logits(model, ids=IDS):
 @pytest.mark.parametrize("spec", [
     "int4-g32", "int3-g48-asym", "w8a8", "awq-int3-g32", "smooth-w8a8", "magnitude-50", "wanda-50", "gradient-50",
     "2:4-wanda", "4:8-gradient", "heads-50", "channels-25", "layers-2", "expand-dup-2", "expand-identity-2",
+    "kv4", "kv3-g8",
 ])
 def test_saved_and_reloaded_model_gives_identical_logits(model, spec, tmp_path):
     modified = apply_modification(model, spec, calibration=CALIBRATION)

@@ -91,3 +91,14 @@ def test_structured_pruning_on_smollm2_saves_and_reloads_with_plain_transformers
     ids = wiki_windows[0].input_ids[None, :128]
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, pruned(ids).logits)
+
+
+def test_kv_cache_bleeds_more_with_fewer_bits_and_disturbs_attention_from_the_first_layer(smollm2, wiki_windows):
+    model, _ = smollm2
+    window = wiki_windows[:1]
+    reports = {spec: measure(model, apply_modification(model, spec), window, attention=True, progress=False)
+               for spec in ("kv8", "kv4", "kv2")}
+    kl = {spec: report.figures["kl_mean"] for spec, report in reports.items()}
+    assert 0 < kl["kv8"] < 0.01 < kl["kv4"] < kl["kv2"], kl
+    # Every layer reads its own quantized keys: attention diverges at layer 0 already, not only downstream.
+    assert reports["kv4"].layers.attention_js[0] > 10 * reports["kv8"].layers.attention_js[0] > 0

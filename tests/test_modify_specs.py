@@ -16,7 +16,7 @@ from hemorrhage_hf.modify.scaling_ops import awq_scales, quantized_weight_error,
 
 SPECS = ["int4-g64", "int8", "int3-g128-asym", "w8a8", "w4a8-g64", "awq-int4-g64", "awq-int3-g128", "smooth-w8a8",
          "magnitude-50", "wanda-50", "gradient-50", "wanda-12.5", "2:4-wanda", "4:8-wanda", "2:4-magnitude",
-         "2:4-gradient", "heads-25", "channels-25", "layers-4", "expand-dup-4", "expand-identity-4"]
+         "2:4-gradient", "heads-25", "channels-25", "layers-4", "expand-dup-4", "expand-identity-4", "kv4", "kv2-g32"]
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -40,6 +40,8 @@ def test_every_spec_round_trips_through_its_canonical_form(spec):
     ("4:4-wanda", "1 ≤ N < M"),
     ("0:4-magnitude", "1 ≤ N < M"),
     ("int4-g0", "group size must be a positive integer"),
+    ("kv9", "KV-cache bits must be between 2 and 8"),
+    ("kv4-g0", "group size must be a positive integer"),
     ("layers-0", "remove at least one layer"),
     ("expand-dup-0", "insert at least one layer"),
 ])

@@ -1,9 +1,10 @@
 """Modifications that cause hemorrhage, each addressable by a spec string (see :func:`parse_spec`)."""
 
-from . import act_quant, expansion, pruning, quantization, scaling, structured  # noqa: F401  (register their specs)
+from . import act_quant, expansion, kv_quant, pruning, quantization, scaling, structured  # noqa: F401  (register their specs)
 from .act_quant import ActivationQuantization
 from .base import Modification, apply_modification, known_specs, parse_spec, register, target_linears
 from .expansion import LayerExpansion
+from .kv_quant import KVCacheQuantization
 from .pruning import WeightPruning, measured_sparsity
 from .quantization import WeightQuantization
 from .scaling import ActivationAwareScaling
@@ -14,6 +15,7 @@ __all__ = [
     "ActivationQuantization",
     "ChannelPruning",
     "HeadPruning",
+    "KVCacheQuantization",
     "LayerExpansion",
     "LayerRemoval",
     "Modification",
