@@ -20,7 +20,6 @@ import time
 
 import torch
 
-from hemorrhage_hf.allocator import release_freed_memory_promptly
 from hemorrhage_hf.corpus import python_docs_text, tokenize_corpus
 from hemorrhage_hf.measure import batch_windows, measure
 from hemorrhage_hf.models import load_model, load_tokenizer
@@ -82,22 +81,17 @@ def main() -> None:
     parser.add_argument("--memory-tokens", type=int, default=100_000)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--adaptive-heap", action="store_true",
-                        help="leave glibc's adaptive mmap threshold on (what the library does when not run by the CLI)")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sequential", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not args.adaptive_heap:
-        release_freed_memory_promptly()  # as the CLI does
     if args.memory_child:
         memory_child(args.memory_tokens, args.window, args.sequential)
         return
     print(f"torch threads: {torch.get_num_threads()}")
     print(json.dumps(time_ratio(args.tokens, args.window, args.repeats)))
     for mode in ([], ["--sequential"]):
-        heap = ["--adaptive-heap"] if args.adaptive_heap else []
         child = subprocess.run([sys.executable, __file__, "--memory-child", "--memory-tokens", str(args.memory_tokens),
-                                "--window", str(args.window), *heap, *mode], capture_output=True, text=True, check=True)
+                                "--window", str(args.window), *mode], capture_output=True, text=True, check=True)
         print(child.stdout.strip().splitlines()[-1])
 
 

@@ -10,7 +10,6 @@ import argparse
 import importlib
 import sys
 
-from .allocator import release_freed_memory_promptly
 from .errors import HemorrhageError
 
 COMMANDS = ("report", "install_metric", "card", "space", "quantize", "prune", "expand", "sweep", "tasks", "decode", "calibrate")
@@ -30,7 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    release_freed_memory_promptly()
     try:
         return args.func(args) or 0
     except HemorrhageError as error:

@@ -211,9 +211,6 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
 
 def launch(demo: gr.Blocks, *, host: str | None = None, port: int | None = None, **launch_arguments):
     """Serve the demo on 127.0.0.1 unless told otherwise (Spaces set ``GRADIO_SERVER_NAME``)."""
-    from ..allocator import release_freed_memory_promptly
-
-    release_freed_memory_promptly()  # a long-lived server would otherwise keep every request's peak
     host = host or os.environ.get("GRADIO_SERVER_NAME", DEFAULT_HOST)
     port = port or int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT))
     return demo.launch(server_name=host, server_port=port, footer_links=["api"], **launch_arguments)
