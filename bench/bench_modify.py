@@ -5,14 +5,15 @@ Prints, measured side by side in one run on the same calibration tokens and the 
             ratios PPL(wanda)/PPL(magnitude) and PPL(gradient)/PPL(wanda), and seconds to prune;
   scaling:  mean KL to the reference of plain RTN and of its activation-aware scaled variant, the ratio
             KL(scaled)/KL(plain), and seconds to search the scales;
-  expansion: mean KL of identity and duplicated expansion.
+  expansion: mean KL of identity and duplicated expansion;
+  kv:       mean KL and PPL ratio of KV-cache quantization at 8, 4 and 3 bits.
 
 Times scale with the number of calibration tokens (one forward pass per layer step, plus one backward pass per
 sequence for gradient-aware pruning); pass the issue's 128 × 512 with --calibration-sequences 128, or a smaller
 size to extrapolate from.
 
 Usage: python bench/bench_modify.py [--calibration-sequences 16] [--calibration-length 512] [--eval-tokens 4096]
-       [--group pruning,scaling,expansion] [--threads 2]
+       [--group pruning,scaling,expansion,kv] [--threads 2] [--time-only gradient-50,awq-int4-g64]
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ WIKITEXT = os.environ.get("HEMORRHAGE_WIKITEXT", os.path.join(os.path.dirname(__
                                                                "wikitext-2-raw", "wiki.valid.raw"))
 PRUNING = {"50%": ("magnitude-50", "wanda-50", "gradient-50"), "2:4": ("2:4-magnitude", "2:4-wanda", "2:4-gradient")}
 SCALING = (("int4-g64", "awq-int4-g64"), ("int3-g128", "awq-int3-g128"), ("int8", "awq-int8"), ("w8a8", "smooth-w8a8"))
-EXPANSION = ("expand-identity-4", "expand-dup-4")
+#: Modifications that need no calibration, measured by their KL to the reference.
+UNCALIBRATED = {"expansion": ("expand-identity-4", "expand-dup-4"), "kv": ("kv8", "kv4", "kv3")}
 
 
 @torch.inference_mode()
@@ -59,14 +61,22 @@ def main() -> None:
     parser.add_argument("--calibration-sequences", type=int, default=16)
     parser.add_argument("--calibration-length", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=4096)
-    parser.add_argument("--group", default="pruning,scaling,expansion")
+    parser.add_argument("--group", default="pruning,scaling,expansion,kv")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--time-only", default=None, metavar="SPECS",
+                        help="only time applying these comma-separated specs on the calibration (no evaluation)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     reference, tokenizer = load_model("default")
     calibration = calibration_windows(tokenizer, python_docs_text(), n_sequences=args.calibration_sequences,
                                       seq_len=args.calibration_length, seed=0)
+    if args.time_only:
+        for spec in args.time_only.split(","):
+            _, seconds = timed(reference, spec, calibration)
+            print(json.dumps({"spec": spec, "calibration": list(calibration.shape), "seconds": round(seconds, 1),
+                              "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}), flush=True)
+        return
     with open(WIKITEXT, encoding="utf-8") as handle:
         windows = tokenize_corpus(tokenizer, handle.read(), window=512, max_tokens=args.eval_tokens)
     results = {"calibration": list(calibration.shape), "eval_tokens": args.eval_tokens, "threads": torch.get_num_threads(),
@@ -96,12 +106,13 @@ def main() -> None:
                       f"PPL {figures['ppl_modified']:.2f}  {seconds:7.1f} s", flush=True)
             row["ratio_kl_scaled_over_plain"] = row[scaled]["kl"] / row[plain]["kl"]
             results[f"scaling {plain}"] = row
-    if "expansion" in groups:
-        for spec in EXPANSION:
-            modified, seconds = timed(reference, spec, None)
-            figures = measure(reference, modified, windows, progress=False).figures
-            results[spec] = {"kl": figures["kl_mean"], "kl_max": figures["kl_max"], "seconds": seconds}
-            print(f"{spec:18s} KL {figures['kl_mean']:.3g} (max {figures['kl_max']:.3g})", flush=True)
+    for spec in (spec for group in groups for spec in UNCALIBRATED.get(group, ())):
+        modified, seconds = timed(reference, spec, None)
+        figures = measure(reference, modified, windows, progress=False).figures
+        results[spec] = {"kl": figures["kl_mean"], "kl_max": figures["kl_max"], "ppl_ratio": figures["ppl_ratio"],
+                         "seconds": seconds}
+        print(f"{spec:18s} KL {figures['kl_mean']:.3g} (max {figures['kl_max']:.3g})  PPL ratio "
+              f"{figures['ppl_ratio']:.3f}", flush=True)
     results["load_average_end"] = os.getloadavg()[0]
     print(json.dumps(results, indent=2))
 
