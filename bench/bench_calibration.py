@@ -42,6 +42,7 @@ FAMILY_SETS = (
     ("previous_token",),
     ("entropy_temperature", "token_bias"),
     ("entropy_temperature", "token_bias", "previous_token"),
+    ("state_bias",),
 )
 
 
