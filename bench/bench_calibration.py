@@ -13,6 +13,7 @@ For each modification, measured in one run:
 
 Usage: python bench/bench_calibration.py [--modifications int4-g64,wanda-50] [--fit-tokens 8192]
                                          [--held-out-tokens 4096] [--families-table] [--steps 32]
+                                         [--overhead-only]
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessorList
 
-from hemorrhage_hf.calibration import DEFAULT_FAMILIES, DecodingCalibration, _collect
-from hemorrhage_hf.calibration_ops import FAMILIES, fit_correction, kl_before_after
+from hemorrhage_hf.calibration import DEFAULT_FAMILIES, DecodingCalibration, _collect, _vocab_size
+from hemorrhage_hf.calibration_ops import CorrectionParameters, fit_correction, kl_before_after
 from hemorrhage_hf.compare import CalibrationSettings
 from hemorrhage_hf.corpus import python_docs_text, tokenize_corpus
 from hemorrhage_hf.measure import measure
@@ -145,12 +146,21 @@ def main() -> None:
     parser.add_argument("--families-table", action="store_true")
     parser.add_argument("--no-cross-domain", action="store_true")
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only the generation overhead, with the families at their identity values (a fit changes "
+                             "their values, not their cost)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     reference, tokenizer = load_model("default")
     fit_windows, held_out = wiki_windows(tokenizer, window=args.window, fit_tokens=args.fit_tokens,
                                          held_out_tokens=args.held_out_tokens)
     families = tuple(args.families.split(","))
+    if args.overhead_only:
+        for spec in args.modifications.split(","):
+            modified = modified_model(reference, tokenizer, spec)
+            identity = DecodingCalibration(CorrectionParameters.identity(families, vocab_size=_vocab_size(modified)))
+            print(spec, "overhead", json.dumps(overhead(modified, identity, held_out[0].input_ids[None, :256], args.steps)))
+        return
     results = {"fit_tokens": args.fit_tokens, "held_out": f"last {args.held_out_tokens} tokens of WikiText-2 valid"}
     for spec in args.modifications.split(","):
         modified = modified_model(reference, tokenizer, spec)
