@@ -12,7 +12,8 @@ For each modification, measured in one run:
              the calibration, interleaved; and the calibration call alone on one step's scores.
 
 Usage: python bench/bench_calibration.py [--modifications int4-g64,wanda-50] [--fit-tokens 8192]
-                                         [--held-out-tokens 4096] [--families-table] [--steps 32]
+                                         [--held-out-tokens 4096] [--families entropy_temperature,token_bias]
+                                         [--rank 8] [--max-iterations 40] [--families-table] [--steps 32]
                                          [--overhead-only]
 """
 
@@ -91,14 +92,15 @@ def families_table(reference, modified, fit_windows, held_out) -> list[dict]:
     rows = []
     for families in FAMILY_SETS:
         started = time.perf_counter()
-        parameters = fit_correction(fit_data, families)
+        parameters = fit_correction(fit_data, families, output_embeddings=modified.get_output_embeddings().weight)
         fit_seconds = time.perf_counter() - started
         before, after = kl_before_after(held_out_data, parameters)
         fitted_before, fitted_after = kl_before_after(fit_data, parameters)
         difference = (after - before).double()
         rows.append({
             "families": "+".join(families),
-            "parameters": sum(t.numel() for t in parameters.trainable()),
+            "parameters": sum(t.numel() for t in parameters.trainable())
+            + (2 * parameters.rank * modified.config.hidden_size if "state_bias" in families else 0),
             "fit_seconds": fit_seconds,
             "in_sample_reduction": 1 - fitted_after.mean().item() / fitted_before.mean().item(),
             "held_out_reduction": 1 - after.mean().item() / before.mean().item(),
@@ -143,6 +145,8 @@ def main() -> None:
     parser.add_argument("--held-out-tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--families", default=",".join(DEFAULT_FAMILIES))
+    parser.add_argument("--rank", type=int, default=8, help="rank of the low-rank families")
+    parser.add_argument("--max-iterations", type=int, default=40, help="L-BFGS iterations of each fit")
     parser.add_argument("--families-table", action="store_true")
     parser.add_argument("--no-cross-domain", action="store_true")
     parser.add_argument("--steps", type=int, default=32)
@@ -165,12 +169,13 @@ def main() -> None:
     for spec in args.modifications.split(","):
         modified = modified_model(reference, tokenizer, spec)
         row = results[spec] = {}
-        in_domain = DecodingCalibration.fit(reference, modified, fit_windows, families=families, progress=False)
+        fit_options = {"families": families, "rank": args.rank, "max_iterations": args.max_iterations, "progress": False}
+        in_domain = DecodingCalibration.fit(reference, modified, fit_windows, **fit_options)
         row["in_domain"] = quality(reference, modified, in_domain, held_out)
         print(spec, "in-domain", json.dumps(row["in_domain"]), flush=True)
         if not args.no_cross_domain:
             python_docs = tokenize_corpus(tokenizer, python_docs_text(), window=args.window, max_tokens=args.fit_tokens)
-            cross = DecodingCalibration.fit(reference, modified, python_docs, families=families, progress=False)
+            cross = DecodingCalibration.fit(reference, modified, python_docs, **fit_options)
             row["cross_domain"] = quality(reference, modified, cross, held_out)
             print(spec, "cross-domain", json.dumps(row["cross_domain"]), flush=True)
         if args.families_table:

@@ -193,7 +193,7 @@ class DecodingCalibration(LogitsProcessor):
             max_tokens: at most this many tokens are used, in windows drawn from all over the text (``seed``);
                 both models' predictions are kept in fp16 meanwhile, 4 bytes × vocabulary per token (0.2 MB for a
                 49k vocabulary).
-            rank: rank of the previous-token bias (family ``previous_token``).
+            rank: rank of the low-rank biases (families ``previous_token`` and ``state_bias``).
             regularization: weight of the squared norm of the per-token tensors.
             metadata: carried into the saved config (what was compared, on which text).
 
@@ -208,7 +208,8 @@ class DecodingCalibration(LogitsProcessor):
             fit_data = _collect(reference, modified, fit_windows, batch_size, bar)
             validation_data = _collect(reference, modified, validation_windows, batch_size, bar)
         parameters = fit_correction(
-            fit_data, families, rank=rank, regularization=regularization, max_iterations=max_iterations, seed=seed
+            fit_data, families, output_embeddings=modified.get_output_embeddings().weight, rank=rank,
+            regularization=regularization, max_iterations=max_iterations, seed=seed,
         )
         before, after = kl_before_after(validation_data, parameters)
         difference = (after - before).double()

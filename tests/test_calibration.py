@@ -74,6 +74,28 @@ def test_every_family_starts_and_fits_as_identity_on_tiny_models(families):
     assert calibration.families == families
 
 
+def test_state_bias_undoes_a_linear_change_of_the_final_state_on_held_out_windows():
+    """A modified model whose final norm weights are rescaled differs from its reference by a linear map of the
+    final hidden state, which the state bias at full rank (the hidden size) can undo from the scores alone."""
+    reference = tiny_llama()
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(40)  # peaked next-token distributions, so the two models' KL is large
+    modified = copy.deepcopy(reference)
+    with torch.no_grad():
+        modified.model.norm.weight.mul_(torch.empty(32).uniform_(0.3, 1.7, generator=torch.Generator().manual_seed(1)))
+    ids = torch.randint(0, 64, (10, 40), generator=torch.Generator().manual_seed(0))
+    calibration = DecodingCalibration.fit(reference, modified, ids, families=("state_bias",), rank=32,
+                                          max_iterations=100, progress=False)
+    summary = calibration.summary
+    assert summary.kl_before > 0.1, summary.verdict()
+    assert summary.kl_after < 0.05 * summary.kl_before, summary.verdict()
+    # Stored in vocabulary space, the correction writes through the output head: its rows lie in the head's span.
+    head = reference.lm_head.weight.detach()
+    out = calibration.parameters.state_bias_out
+    projected = out @ head @ torch.linalg.pinv(head)
+    torch.testing.assert_close(projected, out, rtol=0, atol=1e-4 * out.abs().max().item())
+
+
 @pytest.mark.heavy
 def test_calibration_reduces_kl_on_held_out_text(smollm2, int4_model, int4_calibration, wiki_halves):
     reference, tokenizer = smollm2
