@@ -12,8 +12,9 @@ For each modification, measured in one run:
              the calibration, interleaved; and the calibration call alone on one step's scores.
 
 Usage: python bench/bench_calibration.py [--modifications int4-g64,wanda-50] [--fit-tokens 8192]
-                                         [--held-out-tokens 4096] [--families entropy_temperature,token_bias]
-                                         [--rank 8] [--max-iterations 40] [--families-table] [--steps 32]
+                                         [--held-out-tokens 4096] [--families entropy_temperature,token_bias,state_bias]
+                                         [--rank 8] [--max-iterations 40] [--fit-max-tokens 8192]
+                                         [--families-table] [--steps 32]
                                          [--overhead-only]
 """
 
@@ -45,6 +46,7 @@ FAMILY_SETS = (
     ("entropy_temperature", "token_bias"),
     ("entropy_temperature", "token_bias", "previous_token"),
     ("state_bias",),
+    ("entropy_temperature", "token_bias", "state_bias"),
 )
 
 
@@ -147,6 +149,8 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(DEFAULT_FAMILIES))
     parser.add_argument("--rank", type=int, default=8, help="rank of the low-rank families")
     parser.add_argument("--max-iterations", type=int, default=40, help="L-BFGS iterations of each fit")
+    parser.add_argument("--fit-max-tokens", type=int, default=8192,
+                        help="tokens each fit uses, in windows drawn from all --fit-tokens (fit's max_tokens)")
     parser.add_argument("--families-table", action="store_true")
     parser.add_argument("--no-cross-domain", action="store_true")
     parser.add_argument("--steps", type=int, default=32)
@@ -169,7 +173,8 @@ def main() -> None:
     for spec in args.modifications.split(","):
         modified = modified_model(reference, tokenizer, spec)
         row = results[spec] = {}
-        fit_options = {"families": families, "rank": args.rank, "max_iterations": args.max_iterations, "progress": False}
+        fit_options = {"families": families, "rank": args.rank, "max_iterations": args.max_iterations,
+                       "max_tokens": args.fit_max_tokens, "progress": False}
         in_domain = DecodingCalibration.fit(reference, modified, fit_windows, **fit_options)
         row["in_domain"] = quality(reference, modified, in_domain, held_out)
         print(spec, "in-domain", json.dumps(row["in_domain"]), flush=True)
