@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -33,9 +32,15 @@ def test_sigint_mid_run_leaves_no_output_file(tmp_path, wikitext_text):
     text_file = tmp_path / "t.txt"
     text_file.write_text(wikitext_text[:200_000], encoding="utf-8")
     output = tmp_path / "out"
-    process = subprocess.Popen(_report_command(text_file, output), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    time.sleep(25)  # model loaded and measuring a long text by now
+    command = [argument for argument in _report_command(text_file, output) if argument != "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # Interrupt once the progress bar shows it is measuring (a fixed sleep hit model loading on a busy machine).
+    seen = ""
+    while "measuring" not in seen:
+        character = process.stderr.read(1)
+        assert character, f"the report ended before measuring: {seen[-2000:]}"
+        seen += character
     assert process.poll() is None, process.communicate()[1][-2000:]
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
