@@ -229,12 +229,12 @@ class HiddenStateFactors:
     def identity(cls, output_embeddings: torch.Tensor, *, rank: int, seed: int = 0) -> HiddenStateFactors:
         """Zero first factor, small random second one: the bias is zero, the first factor's gradient is not."""
         output_embeddings = output_embeddings.detach().float()
-        hidden = output_embeddings.shape[1]
+        hidden, device = output_embeddings.shape[1], output_embeddings.device
         centred = output_embeddings - output_embeddings.mean(0)
         generator = torch.Generator().manual_seed(seed)
         second = torch.randn(hidden, rank, generator=generator) / math.sqrt(hidden)
-        return cls(torch.linalg.pinv(centred.T), output_embeddings, torch.zeros(hidden, rank),
-                   second.to(output_embeddings.device))
+        return cls(torch.linalg.pinv(centred.T), output_embeddings, torch.zeros(hidden, rank, device=device),
+                   second.to(device))
 
     def trainable(self) -> list[torch.Tensor]:
         return [self.first, self.second]

@@ -35,7 +35,7 @@ def test_sigint_mid_run_leaves_no_output_file(tmp_path, wikitext_text):
     command = [argument for argument in _report_command(text_file, output) if argument != "--quiet"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    # Interrupt once the progress bar shows it is measuring (a fixed sleep hit model loading on a busy machine).
+    # Interrupt once the progress bar shows it is measuring: a fixed sleep was not enough on a busy machine.
     seen = ""
     while "measuring" not in seen:
         character = process.stderr.read(1)
