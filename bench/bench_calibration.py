@@ -2,7 +2,8 @@
 
 For each modification, measured in one run:
   quality  : KL(P_ref ‖ P_mod) mean and PPL ratio on held-out text, without and with the calibration, from one
-             measure() pass (the calibrated figures come from the same modified logits). Two settings:
+             measure() pass (the calibrated figures come from the same modified logits), and the in-domain fit's
+             seconds (collecting both models' predictions included). Two settings:
                in-domain     fit on the first --fit-tokens of WikiText-2 (valid), judge on its last --held-out-tokens
                              (disjoint articles);
                cross-domain  fit on the prose of Python's docs, judge on the same WikiText-2 slice.
@@ -175,8 +176,10 @@ def main() -> None:
         row = results[spec] = {}
         fit_options = {"families": families, "rank": args.rank, "max_iterations": args.max_iterations,
                        "max_tokens": args.fit_max_tokens, "progress": False}
+        started = time.perf_counter()
         in_domain = DecodingCalibration.fit(reference, modified, fit_windows, **fit_options)
-        row["in_domain"] = quality(reference, modified, in_domain, held_out)
+        fit_seconds = time.perf_counter() - started
+        row["in_domain"] = {**quality(reference, modified, in_domain, held_out), "fit_seconds": fit_seconds}
         print(spec, "in-domain", json.dumps(row["in_domain"]), flush=True)
         if not args.no_cross_domain:
             python_docs = tokenize_corpus(tokenizer, python_docs_text(), window=args.window, max_tokens=args.fit_tokens)

@@ -183,12 +183,9 @@ def apply_correction(
     scores = scores.float()
     corrected = scores
     if parameters.log_inverse_temperature is not None:
-        log_scale = parameters.log_inverse_temperature
-        if parameters.entropy_slope is not None:
-            scores_entropy = entropy(corrected) if scores_entropy is None else scores_entropy
-            log_scale = log_scale + parameters.entropy_slope * (scores_entropy - parameters.entropy_center)
-            log_scale = log_scale.unsqueeze(-1)
-        corrected = corrected * log_scale.exp()
+        if parameters.entropy_slope is not None and scores_entropy is None:
+            scores_entropy = entropy(scores)
+        corrected = corrected * _log_scale(parameters, scores_entropy).exp().unsqueeze(-1)
     if parameters.token_bias is not None:
         corrected = corrected + parameters.token_bias
     if parameters.previous_token_factors is not None:
@@ -196,6 +193,14 @@ def apply_correction(
     if parameters.state_bias_in is not None:
         corrected = corrected + (_state_features(scores) @ parameters.state_bias_in) @ parameters.state_bias_out
     return corrected
+
+
+def _log_scale(parameters: CorrectionParameters, scores_entropy: torch.Tensor | None) -> torch.Tensor:
+    """Log of the inverse temperature: ``[]``, or ``[...]`` per position with the entropy-dependent family."""
+    log_scale = parameters.log_inverse_temperature
+    if parameters.entropy_slope is not None:
+        log_scale = log_scale + parameters.entropy_slope * (scores_entropy - parameters.entropy_center)
+    return log_scale
 
 
 def _state_features(scores: torch.Tensor) -> torch.Tensor:
@@ -238,6 +243,10 @@ class HiddenStateFactors:
 
     def trainable(self) -> list[torch.Tensor]:
         return [self.first, self.second]
+
+    def read(self, scores: torch.Tensor) -> torch.Tensor:
+        """The final hidden states ``[..., hidden]`` behind ``scores`` (up to the head's bias, if it has one)."""
+        return _state_features(scores) @ self.reader
 
     def into(self, parameters: CorrectionParameters) -> CorrectionParameters:
         """``parameters`` with the state bias these factors stand for, in the vocabulary-space form it is stored in."""
@@ -294,6 +303,55 @@ def _to_half(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().clamp(-half_range, half_range).half()
 
 
+def _correction_terms(
+    parameters: CorrectionParameters, state: HiddenStateFactors | None, chunk: Chunk, hidden: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``apply_correction`` of the chunk as ``scores · scale + bias + factors @ basis``: per-position scale
+    ``[n]``, bias ``[vocab]``, and the low-rank terms side by side (``[n, k]`` @ ``[k, vocab]``, ``k`` may be 0)."""
+    count, vocab_size = chunk.modified_logits.shape
+    device = chunk.modified_logits.device
+    scale = torch.ones(count, device=device)
+    if parameters.log_inverse_temperature is not None:
+        scale = scale * _log_scale(parameters, chunk.modified_entropy).exp()
+    bias = parameters.token_bias if parameters.token_bias is not None else torch.zeros(vocab_size, device=device)
+    factors, bases = [torch.zeros(count, 0, device=device)], [torch.zeros(0, vocab_size, device=device)]
+    if parameters.previous_token_factors is not None:
+        factors.append(parameters.previous_token_factors[chunk.previous_ids])
+        bases.append(parameters.previous_token_basis)
+    if state is not None:
+        factors.append(hidden @ state.first)
+        bases.append(state.second.T @ state.output_embeddings.T)
+    return scale, bias, torch.cat(factors, -1), torch.cat(bases)
+
+
+class _CorrectedScoresLoss(torch.autograd.Function):
+    """``Σ_positions logsumexp(z') − P_ref · z'`` (the KL up to a constant) of ``z' = z · scale + bias + factors @
+    basis``, with its gradient written out (``softmax(z') − P_ref`` against each term). Autograd would keep several
+    ``[positions × vocab]`` intermediates and pass over each; this keeps one, and the fit runs about twice as fast."""
+
+    @staticmethod
+    def forward(ctx, scores, reference_probs, scale, bias, factors, basis):
+        corrected = torch.addmm(bias, factors, basis).addcmul_(scores, scale.unsqueeze(-1))
+        normaliser = torch.logsumexp(corrected, -1)
+        loss = (normaliser - (reference_probs * corrected).sum(-1)).sum()
+        gradient = corrected.sub_(normaliser.unsqueeze(-1)).exp_().sub_(reference_probs)
+        ctx.save_for_backward(scores, gradient, factors, basis)
+        return loss
+
+    @staticmethod
+    def backward(ctx, loss_gradient):
+        scores, gradient, factors, basis = ctx.saved_tensors
+        gradient = gradient * loss_gradient
+        return (
+            None,
+            None,
+            (gradient * scores).sum(-1) if ctx.needs_input_grad[2] else None,
+            gradient.sum(0) if ctx.needs_input_grad[3] else None,
+            gradient @ basis.T if ctx.needs_input_grad[4] else None,
+            factors.T @ gradient if ctx.needs_input_grad[5] else None,
+        )
+
+
 def fit_correction(
     data: CalibrationData,
     families: Iterable[str],
@@ -336,17 +394,19 @@ def fit_correction(
         trainable, max_iter=max_iterations, history_size=20, line_search_fn="strong_wolfe",
         tolerance_grad=1e-7, tolerance_change=1e-12,
     )
+    # The final hidden states behind the modified scores never change during the fit: read them once.
+    hidden_states = [state.read(chunk.modified_logits) if state is not None else None
+                     for chunk in data.chunks(chunk_size)]
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         total = 0.0
         # Chunks bound memory; their gradients accumulate into one full-batch gradient.
-        for chunk in data.chunks(chunk_size):
-            corrected = apply_correction(chunk.modified_logits, chunk.previous_ids, current(),
-                                         scores_entropy=chunk.modified_entropy)
-            # KL up to a constant: logsumexp(z') − Σ p_ref z'.
-            reference_probs = chunk.reference_logprobs.exp()
-            loss = (torch.logsumexp(corrected, -1) - (reference_probs * corrected).sum(-1)).sum() / len(data)
+        for chunk, hidden in zip(data.chunks(chunk_size), hidden_states):
+            loss = _CorrectedScoresLoss.apply(
+                chunk.modified_logits, chunk.reference_logprobs.exp(),
+                *_correction_terms(parameters, state, chunk, hidden),
+            ) / len(data)
             loss.backward()
             total += loss.item()
         penalty = regularization * current().penalty()

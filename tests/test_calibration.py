@@ -11,7 +11,15 @@ from conftest import SCALE, tiny_llama
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper, pipeline
 
 from hemorrhage_hf.calibration import CalibrationError, CalibrationWarning, DecodingCalibration
-from hemorrhage_hf.calibration_ops import FAMILIES, CorrectionParameters
+from hemorrhage_hf.calibration_ops import (
+    FAMILIES,
+    CalibrationData,
+    CorrectionParameters,
+    HiddenStateFactors,
+    _correction_terms,
+    _CorrectedScoresLoss,
+    apply_correction,
+)
 from hemorrhage_hf.cli import main
 from hemorrhage_hf.corpus import tokenize_corpus
 from hemorrhage_hf.errors import CorpusError, TokenizerMismatchError
@@ -94,6 +102,39 @@ def test_state_bias_undoes_a_linear_change_of_the_final_state_on_held_out_window
     out = calibration.parameters.state_bias_out
     projected = out @ head @ torch.linalg.pinv(head)
     torch.testing.assert_close(projected, out, rtol=0, atol=1e-4 * out.abs().max().item())
+
+
+def test_fit_loss_and_gradient_match_autograd_through_apply_correction():
+    """The fit's hand-written gradient is that of the correction generation applies, for every family at once."""
+    vocab, hidden, count = 64, 16, 24
+    generator = torch.Generator().manual_seed(0)
+    data = CalibrationData.from_logits(torch.randn(count, vocab, generator=generator) * 3,
+                                       torch.randn(count, vocab, generator=generator) * 3,
+                                       torch.randint(0, vocab, (count,), generator=generator))
+    chunk = next(data.chunks(count))
+    parameters = CorrectionParameters.identity(FAMILIES[1:4], vocab_size=vocab, rank=3, entropy_center=2.0)
+    state = HiddenStateFactors.identity(torch.randn(vocab, hidden, generator=generator), rank=3)
+    trainable = parameters.trainable() + state.trainable()
+    with torch.no_grad():
+        for tensor in trainable:
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
+    for tensor in trainable:
+        tensor.requires_grad_(True)
+
+    def gradients(loss):
+        return [tensor.detach().clone() for tensor in torch.autograd.grad(loss, trainable)]
+
+    corrected = apply_correction(chunk.modified_logits, chunk.previous_ids, state.into(parameters),
+                                 scores_entropy=chunk.modified_entropy)
+    reference_probs = chunk.reference_logprobs.exp()
+    autograd_loss = (torch.logsumexp(corrected, -1) - (reference_probs * corrected).sum(-1)).sum()
+    fused_loss = _CorrectedScoresLoss.apply(
+        chunk.modified_logits, reference_probs,
+        *_correction_terms(parameters, state, chunk, state.read(chunk.modified_logits)),
+    )
+    torch.testing.assert_close(fused_loss, autograd_loss, rtol=1e-5, atol=1e-4)
+    for fused, expected in zip(gradients(fused_loss), gradients(autograd_loss), strict=True):
+        torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.heavy
