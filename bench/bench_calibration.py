@@ -12,9 +12,9 @@ For each modification, measured in one run:
   overhead : one greedy decoding step of the modified model (batch 1, KV cache, 256-token prompt) with and without
              the calibration, interleaved; and the calibration call alone on one step's scores.
 
-Usage: python bench/bench_calibration.py [--modifications int4-g64,wanda-50] [--fit-tokens 8192]
+Usage: python bench/bench_calibration.py [--modifications int4-g64,wanda-50] [--fit-tokens 16384]
                                          [--held-out-tokens 4096] [--families entropy_temperature,token_bias,state_bias]
-                                         [--rank 8] [--max-iterations 40] [--fit-max-tokens 8192]
+                                         [--rank 8] [--max-iterations 40] [--fit-max-tokens 16384]
                                          [--families-table] [--steps 32]
                                          [--overhead-only]
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessorList
 
-from hemorrhage_hf.calibration import DEFAULT_FAMILIES, DecodingCalibration, _collect, _vocab_size
+from hemorrhage_hf.calibration import DEFAULT_FAMILIES, DEFAULT_MAX_TOKENS, DecodingCalibration, _collect, _vocab_size
 from hemorrhage_hf.calibration_ops import CorrectionParameters, fit_correction, kl_before_after
 from hemorrhage_hf.compare import CalibrationSettings
 from hemorrhage_hf.corpus import python_docs_text, tokenize_corpus
@@ -144,13 +144,13 @@ def overhead(modified, calibration: DecodingCalibration, prompt_ids: torch.Tenso
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modifications", default="int4-g64,wanda-50")
-    parser.add_argument("--fit-tokens", type=int, default=8192)
+    parser.add_argument("--fit-tokens", type=int, default=16384)
     parser.add_argument("--held-out-tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--families", default=",".join(DEFAULT_FAMILIES))
     parser.add_argument("--rank", type=int, default=8, help="rank of the low-rank families")
     parser.add_argument("--max-iterations", type=int, default=40, help="L-BFGS iterations of each fit")
-    parser.add_argument("--fit-max-tokens", type=int, default=8192,
+    parser.add_argument("--fit-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help="tokens each fit uses, in windows drawn from all --fit-tokens (fit's max_tokens)")
     parser.add_argument("--families-table", action="store_true")
     parser.add_argument("--no-cross-domain", action="store_true")

@@ -53,6 +53,8 @@ CONFIG_NAME = "calibration_config.json"
 WEIGHTS_NAME = "calibration.safetensors"
 
 DEFAULT_FAMILIES = ("entropy_temperature", "token_bias", "state_bias")
+#: Tokens a fit uses by default: more text of more kinds carries better to new text (BENCHMARKS.md: 16k beat 8k).
+DEFAULT_MAX_TOKENS = 16384
 #: Fewer scored tokens than this cannot fit a per-token correction or tell its effect from noise.
 MIN_FIT_TOKENS = 256
 MIN_VALIDATION_TOKENS = 64
@@ -176,7 +178,7 @@ class DecodingCalibration(LogitsProcessor):
         families: Sequence[str] = DEFAULT_FAMILIES,
         window: int = 512,
         stride: int | None = None,
-        max_tokens: int | None = 8192,
+        max_tokens: int | None = DEFAULT_MAX_TOKENS,
         batch_size: int = 1,
         rank: int = 8,
         regularization: float = 1e-4,
@@ -193,8 +195,8 @@ class DecodingCalibration(LogitsProcessor):
             families: corrections to fit, from :data:`~hemorrhage_hf.calibration_ops.FAMILIES`.
             window, stride: tokens per model input, and how far apart inputs start, when ``calibration`` is text.
             max_tokens: at most this many tokens are used, in windows drawn from all over the text (``seed``);
-                both models' predictions are kept in fp16 meanwhile, 4 bytes × vocabulary per token (0.2 MB for a
-                49k vocabulary).
+                both models' predictions are kept in fp16 meanwhile, 4 bytes × vocabulary per token (3.2 GB for
+                16,384 tokens of a 49k vocabulary).
             rank: rank of the low-rank biases (families ``previous_token`` and ``state_bias``).
             regularization: weight of the squared norm of the per-token tensors.
             metadata: carried into the saved config (what was compared, on which text).

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from .common import add_model_arguments, add_text_arguments, text_from_arguments
 
-DEFAULT_CALIBRATION_TOKENS = 8192
 #: Name of the calibrated variant in a report (``report --calibration``) and of its output subfolder.
 CALIBRATED = "calibrated"
 
@@ -26,7 +25,7 @@ use it in Python:
 
 
 def add_parser(subparsers) -> None:
-    from ..calibration import DEFAULT_FAMILIES
+    from ..calibration import DEFAULT_FAMILIES, DEFAULT_MAX_TOKENS
     from ..calibration_ops import FAMILIES
 
     parser = subparsers.add_parser(
@@ -48,8 +47,11 @@ def add_parser(subparsers) -> None:
         "--modification", metavar="SPEC",
         help="instead of MOD: apply this modification to a copy of the reference, e.g. int4-g64, wanda-50",
     )
-    add_text_arguments(parser)
-    parser.set_defaults(max_tokens=DEFAULT_CALIBRATION_TOKENS)
+    add_text_arguments(
+        parser, max_tokens=DEFAULT_MAX_TOKENS,
+        max_tokens_help=f"fit on at most N tokens, in windows drawn from all over the text (default: {DEFAULT_MAX_TOKENS}; "
+        "both models' predictions are kept meanwhile, 4 bytes × vocabulary per token)",
+    )
     add_model_arguments(parser)
     fit = parser.add_argument_group("correction")
     fit.add_argument(

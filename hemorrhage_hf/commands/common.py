@@ -27,7 +27,10 @@ def add_device_map_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_text_arguments(parser: argparse.ArgumentParser) -> None:
+def add_text_arguments(
+    parser: argparse.ArgumentParser, *, max_tokens: int | None = None,
+    max_tokens_help: str = "measure on the first N tokens only",
+) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
         "--text-file", metavar="F", help="UTF-8 text file to measure on (default: the prose of Python's own docs)"
@@ -39,7 +42,7 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset-config", default=None, help="dataset configuration name, e.g. wikitext-2-raw-v1")
     parser.add_argument("--split", default="test", help="dataset split (default: test)")
     parser.add_argument("--column", default="text", help="dataset text column (default: text)")
-    parser.add_argument("--max-tokens", type=int, default=None, metavar="N", help="measure on the first N tokens only")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N", help=max_tokens_help)
     parser.add_argument("--window", type=int, default=512, metavar="W", help="tokens per model input (default: 512)")
     parser.add_argument(
         "--stride", type=int, default=None, metavar="S",
