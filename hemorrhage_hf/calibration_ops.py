@@ -327,7 +327,8 @@ def _correction_terms(
 class _CorrectedScoresLoss(torch.autograd.Function):
     """``Σ_positions logsumexp(z') − P_ref · z'`` (the KL up to a constant) of ``z' = z · scale + bias + factors @
     basis``, with its gradient written out (``softmax(z') − P_ref`` against each term). Autograd would keep several
-    ``[positions × vocab]`` intermediates and pass over each; this keeps one, and the fit runs about twice as fast."""
+    ``[positions × vocab]`` intermediates and pass over each; this keeps one, and the fit runs 1.6–1.9 times as fast
+    (BENCHMARKS.md)."""
 
     @staticmethod
     def forward(ctx, scores, reference_probs, scale, bias, factors, basis):
