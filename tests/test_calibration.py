@@ -10,7 +10,7 @@ import torch
 from conftest import SCALE, tiny_llama
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper, pipeline
 
-from hemorrhage_hf.calibration import CalibrationError, CalibrationWarning, DecodingCalibration
+from hemorrhage_hf.calibration import VALIDATION_EVERY, CalibrationError, CalibrationWarning, DecodingCalibration
 from hemorrhage_hf.calibration_ops import (
     FAMILIES,
     CalibrationData,
@@ -102,6 +102,25 @@ def test_state_bias_undoes_a_linear_change_of_the_final_state_on_held_out_window
     out = calibration.parameters.state_bias_out
     projected = out @ head @ torch.linalg.pinv(head)
     torch.testing.assert_close(projected, out, rtol=0, atol=1e-4 * out.abs().max().item())
+
+
+def test_fit_says_so_when_the_correction_does_not_carry_to_the_held_out_windows():
+    """The modification damages the embeddings of the tokens the fit windows read and barely touches those of the
+    held-out windows: what the fit learns makes the held-out text worse, and ``fit`` must say so."""
+    reference = tiny_llama()
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(40)
+    modified = copy.deepcopy(reference)
+    noise = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        modified.model.embed_tokens.weight[:32] += 0.05 * torch.randn(32, 32, generator=noise)
+        modified.model.embed_tokens.weight[32:] += 0.001 * torch.randn(32, 32, generator=noise)
+    ids = torch.randint(0, 32, (10, 40), generator=torch.Generator().manual_seed(0))
+    ids[VALIDATION_EVERY - 1 :: VALIDATION_EVERY] += 32  # the windows fit holds out read only tokens 32..63
+    with pytest.warns(CalibrationWarning, match="does NOT help"):
+        calibration = DecodingCalibration.fit(reference, modified, ids, progress=False)
+    summary = calibration.summary
+    assert summary.kl_before > 0 and summary.kl_after > summary.kl_before and not summary.helps, summary.verdict()
 
 
 def test_fit_loss_and_gradient_match_autograd_through_apply_correction():
