@@ -130,13 +130,10 @@ def overhead(modified, calibration: DecodingCalibration, prompt_ids: torch.Tenso
 
     decode(LogitsProcessorList())  # warm-up
     plain, calibrated = [], []
+    sides = [(plain, LogitsProcessorList()), (calibrated, LogitsProcessorList([calibration]))]
     for pair in range(pairs):
-        if pair % 2:
-            calibrated.append(decode(LogitsProcessorList([calibration])))
-            plain.append(decode(LogitsProcessorList()))
-        else:
-            plain.append(decode(LogitsProcessorList()))
-            calibrated.append(decode(LogitsProcessorList([calibration])))
+        for times, processors in sides[:: -1 if pair % 2 else 1]:
+            times.append(decode(processors))
     ratios = [with_calibration / without - 1 for with_calibration, without in zip(calibrated, plain)]
     lower_quartile, _, upper_quartile = statistics.quantiles(ratios, n=4)
     scores = modified(prompt_ids).logits[:, -1].float()

@@ -248,10 +248,13 @@ class HiddenStateFactors:
         """The final hidden states ``[..., hidden]`` behind ``scores`` (up to the head's bias, if it has one)."""
         return _state_features(scores) @ self.reader
 
+    def written(self) -> torch.Tensor:
+        """``[rank, vocab]``: the map's output directions, written into the scores through the output head."""
+        return self.second.T @ self.output_embeddings.T
+
     def into(self, parameters: CorrectionParameters) -> CorrectionParameters:
         """``parameters`` with the state bias these factors stand for, in the vocabulary-space form it is stored in."""
-        return replace(parameters, state_bias_in=self.reader @ self.first,
-                       state_bias_out=self.second.T @ self.output_embeddings.T)
+        return replace(parameters, state_bias_in=self.reader @ self.first, state_bias_out=self.written())
 
 
 class Chunk(NamedTuple):
@@ -304,53 +307,56 @@ def _to_half(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _correction_terms(
-    parameters: CorrectionParameters, state: HiddenStateFactors | None, chunk: Chunk, hidden: torch.Tensor | None
+    parameters: CorrectionParameters, state: HiddenStateFactors | None, data: CalibrationData,
+    hidden: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``apply_correction`` of the chunk as ``scores · scale + bias + factors @ basis``: per-position scale
-    ``[n]``, bias ``[vocab]``, and the low-rank terms side by side (``[n, k]`` @ ``[k, vocab]``, ``k`` may be 0)."""
-    count, vocab_size = chunk.modified_logits.shape
-    device = chunk.modified_logits.device
+    """``apply_correction`` of all of ``data`` as ``scores · scale + bias + factors @ basis``: per-position scale
+    ``[N]``, bias ``[vocab]``, and the low-rank terms side by side (``[N, k]`` @ ``[k, vocab]``, ``k`` may be 0).
+    None is as large as the scores: the fit builds them once per step, for every chunk."""
+    count, vocab_size = data.modified_logits.shape
+    device = data.modified_logits.device
     scale = torch.ones(count, device=device)
     if parameters.log_inverse_temperature is not None:
-        scale = scale * _log_scale(parameters, chunk.modified_entropy).exp()
+        scale = scale * _log_scale(parameters, data.modified_entropy).exp()
     bias = parameters.token_bias if parameters.token_bias is not None else torch.zeros(vocab_size, device=device)
     factors, bases = [torch.zeros(count, 0, device=device)], [torch.zeros(0, vocab_size, device=device)]
     if parameters.previous_token_factors is not None:
-        factors.append(parameters.previous_token_factors[chunk.previous_ids])
+        factors.append(parameters.previous_token_factors[data.previous_ids])
         bases.append(parameters.previous_token_basis)
     if state is not None:
         factors.append(hidden @ state.first)
-        bases.append(state.second.T @ state.output_embeddings.T)
+        bases.append(state.written())
     return scale, bias, torch.cat(factors, -1), torch.cat(bases)
 
 
 class _CorrectedScoresLoss(torch.autograd.Function):
     """``Σ_positions logsumexp(z') − P_ref · z'`` (the KL up to a constant) of ``z' = z · scale + bias + factors @
-    basis``, with its gradient written out (``softmax(z') − P_ref`` against each term). Autograd would keep several
-    ``[positions × vocab]`` intermediates and pass over each; this keeps one, and the fit runs 1.6–1.9 times as fast
-    (BENCHMARKS.md)."""
+    basis`` over all of ``data``, chunk by chunk, with its gradient written out (``softmax(z') − P_ref`` against each
+    term) and gathered as each chunk passes. Autograd would keep several ``[positions × vocab]`` intermediates of
+    every chunk until its backward; this keeps none, and the fit runs 1.6–1.9 times as fast (BENCHMARKS.md)."""
 
     @staticmethod
-    def forward(ctx, scores, reference_probs, scale, bias, factors, basis):
-        corrected = torch.addmm(bias, factors, basis).addcmul_(scores, scale.unsqueeze(-1))
-        normaliser = torch.logsumexp(corrected, -1)
-        loss = (normaliser - (reference_probs * corrected).sum(-1)).sum()
-        gradient = corrected.sub_(normaliser.unsqueeze(-1)).exp_().sub_(reference_probs)
-        ctx.save_for_backward(scores, gradient, factors, basis)
+    def forward(ctx, data: CalibrationData, chunk_size: int, scale, bias, factors, basis):
+        loss = scale.new_zeros(())
+        scale_gradient, factors_gradient = torch.empty_like(scale), torch.empty_like(factors)
+        bias_gradient, basis_gradient = torch.zeros_like(bias), torch.zeros_like(basis)
+        for start, chunk in zip(range(0, len(data), chunk_size), data.chunks(chunk_size)):
+            rows = slice(start, start + chunk_size)
+            reference_probs = chunk.reference_logprobs.exp()
+            corrected = torch.addmm(bias, factors[rows], basis).addcmul_(chunk.modified_logits, scale[rows, None])
+            normaliser = torch.logsumexp(corrected, -1)
+            loss += (normaliser - (reference_probs * corrected).sum(-1)).sum()
+            gradient = corrected.sub_(normaliser.unsqueeze(-1)).exp_().sub_(reference_probs)
+            scale_gradient[rows] = (gradient * chunk.modified_logits).sum(-1)
+            factors_gradient[rows] = gradient @ basis.T
+            bias_gradient += gradient.sum(0)
+            basis_gradient.addmm_(factors[rows].T, gradient)
+        ctx.save_for_backward(scale_gradient, bias_gradient, factors_gradient, basis_gradient)
         return loss
 
     @staticmethod
     def backward(ctx, loss_gradient):
-        scores, gradient, factors, basis = ctx.saved_tensors
-        gradient = gradient * loss_gradient
-        return (
-            None,
-            None,
-            (gradient * scores).sum(-1) if ctx.needs_input_grad[2] else None,
-            gradient.sum(0) if ctx.needs_input_grad[3] else None,
-            gradient @ basis.T if ctx.needs_input_grad[4] else None,
-            factors.T @ gradient if ctx.needs_input_grad[5] else None,
-        )
+        return None, None, *(gradient * loss_gradient for gradient in ctx.saved_tensors)
 
 
 def fit_correction(
@@ -396,20 +402,16 @@ def fit_correction(
         tolerance_grad=1e-7, tolerance_change=1e-12,
     )
     # The final hidden states behind the modified scores never change during the fit: read them once.
-    hidden_states = [state.read(chunk.modified_logits) if state is not None else None
-                     for chunk in data.chunks(chunk_size)]
+    hidden = None
+    if state is not None:
+        hidden = torch.cat([state.read(chunk.modified_logits) for chunk in data.chunks(chunk_size)])
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        total = 0.0
-        # Chunks bound memory; their gradients accumulate into one full-batch gradient.
-        for chunk, hidden in zip(data.chunks(chunk_size), hidden_states):
-            loss = _CorrectedScoresLoss.apply(
-                chunk.modified_logits, chunk.reference_logprobs.exp(),
-                *_correction_terms(parameters, state, chunk, hidden),
-            ) / len(data)
-            loss.backward()
-            total += loss.item()
+        loss = _CorrectedScoresLoss.apply(data, chunk_size, *_correction_terms(parameters, state, data, hidden))
+        loss = loss / len(data)
+        loss.backward()
+        total = loss.item()
         penalty = regularization * current().penalty()
         if penalty.requires_grad:
             penalty.backward()

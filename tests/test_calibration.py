@@ -147,9 +147,9 @@ def test_fit_loss_and_gradient_match_autograd_through_apply_correction():
                                  scores_entropy=chunk.modified_entropy)
     reference_probs = chunk.reference_logprobs.exp()
     autograd_loss = (torch.logsumexp(corrected, -1) - (reference_probs * corrected).sum(-1)).sum()
+    # Chunks of 10 rows: the loss and gradients gathered chunk by chunk (the last one short) add up to the whole.
     fused_loss = _CorrectedScoresLoss.apply(
-        chunk.modified_logits, reference_probs,
-        *_correction_terms(parameters, state, chunk, state.read(chunk.modified_logits)),
+        data, 10, *_correction_terms(parameters, state, data, state.read(chunk.modified_logits))
     )
     torch.testing.assert_close(fused_loss, autograd_loss, rtol=1e-5, atol=1e-4)
     for fused, expected in zip(gradients(fused_loss), gradients(autograd_loss), strict=True):
