@@ -64,9 +64,11 @@ class CorrectionParameters:
     ) -> CorrectionParameters:
         """Parameters at which the correction is exactly the identity, ready to be fitted.
 
-        The previous-token bias starts with a zero first factor and a small random second one: the bias is then
-        zero, yet the gradient of the first factor is not (two zero factors would be a saddle point the fit never
-        leaves). The state bias is zero here; :class:`HiddenStateFactors` starts it for a fit the same way.
+        The previous-token bias starts with a zero first factor and a random second one: the bias is then zero, yet
+        the gradient of the first factor is not (two zero factors would be a saddle point the fit never leaves). The
+        second factor's entries are of unit size, the scale of a logit: scaled down by √vocab they made the first
+        step's change of the loss smaller than fp32 resolves, and the fit never left its start on SmolLM2. The
+        state bias is zero here; :class:`HiddenStateFactors` starts it for a fit the same way.
         """
         families = set(families)
         unknown = families - set(FAMILIES)
@@ -83,7 +85,7 @@ class CorrectionParameters:
         generator = torch.Generator().manual_seed(seed)
         if "previous_token" in families:
             parameters.previous_token_factors = torch.zeros(vocab_size, rank)
-            parameters.previous_token_basis = torch.randn(rank, vocab_size, generator=generator) / math.sqrt(vocab_size)
+            parameters.previous_token_basis = torch.randn(rank, vocab_size, generator=generator)
         if "state_bias" in families:
             parameters.state_bias_in = torch.zeros(vocab_size, rank)
             parameters.state_bias_out = torch.zeros(rank, vocab_size)

@@ -19,6 +19,8 @@ from hemorrhage_hf.calibration_ops import (
     _correction_terms,
     _CorrectedScoresLoss,
     apply_correction,
+    fit_correction,
+    kl_before_after,
 )
 from hemorrhage_hf.cli import main
 from hemorrhage_hf.corpus import tokenize_corpus
@@ -102,6 +104,20 @@ def test_state_bias_undoes_a_linear_change_of_the_final_state_on_held_out_window
     out = calibration.parameters.state_bias_out
     projected = out @ head @ torch.linalg.pinv(head)
     torch.testing.assert_close(projected, out, rtol=0, atol=1e-4 * out.abs().max().item())
+
+
+def test_previous_token_bias_leaves_its_start_at_a_real_vocabulary_size():
+    """The reference adds a rank-2 table keyed by the previous token to the modified scores. With a vocabulary of 4,096
+    the family's first step once moved the loss by less than fp32 resolves, and the fit returned the identity."""
+    vocab, count = 4096, 2000
+    generator = torch.Generator().manual_seed(0)
+    previous_ids = torch.randint(0, 50, (count,), generator=generator)
+    modified = torch.randn(count, vocab, generator=generator) * 3
+    table = torch.randn(vocab, 2, generator=generator) @ torch.randn(2, vocab, generator=generator)
+    data = CalibrationData.from_logits(modified + table[previous_ids], modified, previous_ids)
+    parameters = fit_correction(data, ("previous_token",), rank=2, regularization=0.0, max_iterations=30)
+    before, after = kl_before_after(data, parameters)
+    assert after.mean() < 0.8 * before.mean(), (before.mean().item(), after.mean().item())
 
 
 def test_fit_says_so_when_the_correction_does_not_carry_to_the_held_out_windows():
