@@ -406,7 +406,8 @@ def fit_correction(
     # The final hidden states behind the modified scores never change during the fit: read them once.
     hidden = None
     if state is not None:
-        hidden = torch.cat([state.read(chunk.modified_logits) for chunk in data.chunks(chunk_size)])
+        hidden = torch.cat([state.read(data.modified_logits[start : start + chunk_size].float())
+                            for start in range(0, len(data), chunk_size)])
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
