@@ -15,7 +15,7 @@ For each modification, measured in one run:
 
 Usage: python bench/bench_calibration.py [--modifications int4-g64,wanda-50] [--fit-tokens 16384]
                                          [--held-out-tokens 4096] [--families entropy_temperature,token_bias,state_bias]
-                                         [--rank 8] [--max-iterations 40] [--fit-max-tokens 16384]
+                                         [--rank 32] [--max-iterations 40] [--fit-max-tokens 16384]
                                          [--families-table] [--steps 32] [--pairs 16]
                                          [--overhead-only]
 """
@@ -31,7 +31,14 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessorList
 
-from hemorrhage_hf.calibration import DEFAULT_FAMILIES, DEFAULT_MAX_TOKENS, DecodingCalibration, _collect, _vocab_size
+from hemorrhage_hf.calibration import (
+    DEFAULT_FAMILIES,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_RANK,
+    DecodingCalibration,
+    _collect,
+    _vocab_size,
+)
 from hemorrhage_hf.calibration_ops import CorrectionParameters, fit_correction, kl_before_after
 from hemorrhage_hf.compare import CalibrationSettings
 from hemorrhage_hf.corpus import python_docs_text, tokenize_corpus
@@ -104,7 +111,7 @@ def families_table(reference, modified, fit_windows, held_out) -> list[dict]:
         rows.append({
             "families": "+".join(families),
             "parameters": sum(t.numel() for t in parameters.trainable())
-            + (2 * parameters.rank * modified.config.hidden_size if "state_bias" in families else 0),
+            + ((2 * parameters.rank + 1) * modified.config.hidden_size if "state_bias" in families else 0),
             "fit_seconds": fit_seconds,
             "in_sample_reduction": 1 - fitted_after.mean().item() / fitted_before.mean().item(),
             "held_out_reduction": 1 - after.mean().item() / before.mean().item(),
@@ -158,7 +165,7 @@ def main() -> None:
     parser.add_argument("--held-out-tokens", type=int, default=4096)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--families", default=",".join(DEFAULT_FAMILIES))
-    parser.add_argument("--rank", type=int, default=8, help="rank of the low-rank families")
+    parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help="rank of the low-rank families")
     parser.add_argument("--max-iterations", type=int, default=40, help="L-BFGS iterations of each fit")
     parser.add_argument("--fit-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help="tokens each fit uses, in windows drawn from all --fit-tokens (fit's max_tokens)")

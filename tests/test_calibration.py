@@ -18,6 +18,7 @@ from hemorrhage_hf.calibration_ops import (
     HiddenStateFactors,
     _correction_terms,
     _CorrectedScoresLoss,
+    _reduced_rank_ridge,
     apply_correction,
     fit_correction,
     kl_before_after,
@@ -84,9 +85,25 @@ def test_every_family_starts_and_fits_as_identity_on_tiny_models(families):
     assert calibration.families == families
 
 
+def test_reduced_rank_ridge_recovers_an_affine_map_of_that_rank():
+    generator = torch.Generator().manual_seed(0)
+    hidden, count = 16, 500
+    modified = torch.randn(count, hidden, generator=generator) * 3 + 1
+    true_map = torch.randn(hidden, 2, generator=generator) @ torch.randn(2, hidden, generator=generator) * 0.3
+    true_offset = torch.randn(hidden, generator=generator)
+    wanted = modified + modified @ true_map + true_offset
+    first, second, offset = _reduced_rank_ridge(modified, wanted, rank=2, shrinkage=1e-6)
+    torch.testing.assert_close(first @ second.T, true_map, rtol=0, atol=1e-4)
+    torch.testing.assert_close(offset, true_offset, rtol=0, atol=1e-4)
+    # A strong shrinkage pulls the map towards zero; the offset then takes the mean change the map gave up.
+    shrunk_first, shrunk_second, _ = _reduced_rank_ridge(modified, wanted, rank=2, shrinkage=4.0)
+    assert (shrunk_first @ shrunk_second.T).norm() < 0.5 * true_map.norm()
+
+
 def test_state_bias_undoes_a_linear_change_of_the_final_state_on_held_out_windows():
     """A modified model whose final norm weights are rescaled differs from its reference by a linear map of the
-    final hidden state, which the state bias at full rank (the hidden size) can undo from the scores alone."""
+    final hidden state, which the state bias at full rank (the hidden size) can undo from the scores alone: the fit
+    must choose a weak shrinkage on its inner split."""
     reference = tiny_llama()
     with torch.no_grad():
         reference.lm_head.weight.mul_(40)  # peaked next-token distributions, so the two models' KL is large
@@ -94,8 +111,7 @@ def test_state_bias_undoes_a_linear_change_of_the_final_state_on_held_out_window
     with torch.no_grad():
         modified.model.norm.weight.mul_(torch.empty(32).uniform_(0.3, 1.7, generator=torch.Generator().manual_seed(1)))
     ids = torch.randint(0, 64, (10, 40), generator=torch.Generator().manual_seed(0))
-    calibration = DecodingCalibration.fit(reference, modified, ids, families=("state_bias",), rank=32,
-                                          max_iterations=100, progress=False)
+    calibration = DecodingCalibration.fit(reference, modified, ids, families=("state_bias",), rank=32, progress=False)
     summary = calibration.summary
     assert summary.kl_before > 0.1, summary.verdict()
     assert summary.kl_after < 0.05 * summary.kl_before, summary.verdict()
@@ -148,8 +164,10 @@ def test_fit_loss_and_gradient_match_autograd_through_apply_correction():
                                        torch.randint(0, vocab, (count,), generator=generator))
     chunk = next(data.chunks(count))
     parameters = CorrectionParameters.identity(FAMILIES[1:4], vocab_size=vocab, rank=3, entropy_center=2.0)
-    state = HiddenStateFactors.identity(torch.randn(vocab, hidden, generator=generator), rank=3)
-    trainable = parameters.trainable() + state.trainable()
+    # The state bias is fitted before, in closed form, and held fixed here: its term must still add up.
+    state = HiddenStateFactors.on_head(*(torch.randn(shape, generator=generator)
+                                         for shape in ((vocab, hidden), (hidden, 3), (hidden, 3), (hidden,))))
+    trainable = parameters.trainable()
     with torch.no_grad():
         for tensor in trainable:
             tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
@@ -176,14 +194,14 @@ def test_fit_loss_and_gradient_match_autograd_through_apply_correction():
 def test_calibration_reduces_kl_on_held_out_text(smollm2, int4_model, int4_calibration, wiki_halves):
     reference, tokenizer = smollm2
     summary = int4_calibration.summary
-    assert summary.helps and summary.kl_reduction > 0.05, summary.verdict()
+    assert summary.helps and summary.kl_reduction > 0.2, summary.verdict()
     held_out = tokenize_corpus(tokenizer, wiki_halves[1], window=256, max_tokens=1024 * SCALE)
     report = measure(reference, int4_model, held_out, progress=False,
                      modified_variants={"calibrated": int4_calibration.calibrate_sequence})
     plain, calibrated = report.figures, report.variants["calibrated"].figures
     assert calibrated["n_tokens"] == plain["n_tokens"] == 1020 * SCALE
     assert calibrated["ppl_reference"] == plain["ppl_reference"]
-    assert calibrated["kl_mean"] < 0.95 * plain["kl_mean"], (plain["kl_mean"], calibrated["kl_mean"])
+    assert calibrated["kl_mean"] < 0.85 * plain["kl_mean"], (plain["kl_mean"], calibrated["kl_mean"])
     assert calibrated["ppl_ratio"] < plain["ppl_ratio"]
 
 

@@ -25,7 +25,7 @@ use it in Python:
 
 
 def add_parser(subparsers) -> None:
-    from ..calibration import DEFAULT_FAMILIES, DEFAULT_MAX_TOKENS
+    from ..calibration import DEFAULT_FAMILIES, DEFAULT_MAX_TOKENS, DEFAULT_RANK
     from ..calibration_ops import FAMILIES
 
     parser = subparsers.add_parser(
@@ -58,8 +58,8 @@ def add_parser(subparsers) -> None:
         "--families", default=",".join(DEFAULT_FAMILIES), type=_families_argument, metavar="F,G",
         help=f"comma-separated corrections to fit, from {', '.join(FAMILIES)} (default: {','.join(DEFAULT_FAMILIES)})",
     )
-    fit.add_argument("--rank", type=int, default=8, metavar="R",
-                     help="rank of the low-rank biases, previous_token and state_bias (default: 8)")
+    fit.add_argument("--rank", type=int, default=DEFAULT_RANK, metavar="R",
+                     help=f"rank of the low-rank biases, previous_token and state_bias (default: {DEFAULT_RANK})")
     fit.add_argument("--regularization", type=float, default=1e-4, metavar="L",
                      help="weight of the squared norm of the per-token tensors (default: 1e-4)")
     fit.add_argument("--max-iterations", type=int, default=40, metavar="N", help="L-BFGS iterations (default: 40)")
