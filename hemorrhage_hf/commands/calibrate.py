@@ -62,7 +62,8 @@ def add_parser(subparsers) -> None:
                      help=f"rank of the low-rank biases, previous_token and state_bias (default: {DEFAULT_RANK})")
     fit.add_argument("--regularization", type=float, default=1e-4, metavar="L",
                      help="weight of the squared norm of the per-token tensors (default: 1e-4)")
-    fit.add_argument("--max-iterations", type=int, default=40, metavar="N", help="L-BFGS iterations (default: 40)")
+    fit.add_argument("--max-iterations", type=int, default=40, metavar="N",
+                     help="L-BFGS iterations of the families fitted around the closed-form state_bias (default: 40)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the saved calibration")
     parser.set_defaults(func=run)
