@@ -42,7 +42,14 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import atomic_path, atomic_write_text
-from .calibration_ops import CalibrationData, CorrectionParameters, apply_correction, fit_correction, kl_before_after
+from .calibration_ops import (
+    DEFAULT_RANK,
+    CalibrationData,
+    CorrectionParameters,
+    apply_correction,
+    fit_correction,
+    kl_before_after,
+)
 from .corpus import Window, make_windows, tokenize_corpus, tokenize_documents
 from .errors import CorpusError, HemorrhageError, TokenizerMismatchError
 from .measure import batch_windows
@@ -53,9 +60,6 @@ CONFIG_NAME = "calibration_config.json"
 WEIGHTS_NAME = "calibration.safetensors"
 
 DEFAULT_FAMILIES = ("entropy_temperature", "token_bias", "state_bias")
-#: Rank of the state bias: 32 kept 27 % of the KL off held-out int4-g64 text, 8 kept 24 %, 64 kept 28 % for twice
-#: the size and per-step cost (BENCHMARKS.md, "Decoding calibration").
-DEFAULT_RANK = 32
 #: Tokens a fit uses by default: more text of more kinds carries better to new text (BENCHMARKS.md: 16k beat 8k).
 DEFAULT_MAX_TOKENS = 16384
 #: Fewer scored tokens than this cannot fit a per-token correction or tell its effect from noise.

@@ -36,9 +36,12 @@ from .divergence import kl_divergence, log_probs
 #: Every correction family, cheapest first. ``entropy_temperature`` includes the global temperature.
 FAMILIES = ("temperature", "entropy_temperature", "token_bias", "previous_token", "state_bias")
 #: Ridge penalties the state bias chooses from, as multiples of the hidden state's mean variance. SmolLM2's best on
-#: held-out text lay between 0.5 and 4 (int4-g64 and wanda-50); a model that differs from its reference by an exact linear map of
-#: the state wants almost none.
+#: held-out text lay between 0.5 and 4 (int4-g64 and wanda-50); a model that differs from its reference by an exact
+#: linear map of the state wants almost none.
 SHRINKAGES = (1 / 256, 1 / 64, 1 / 16, 1 / 4, 1.0, 4.0)
+#: Rank of the low-rank biases. For the state bias, 32 kept 27 % of the KL off held-out int4-g64 text, 8 kept 24 %,
+#: 64 kept 28 % for twice the size and per-step cost (BENCHMARKS.md, "Decoding calibration").
+DEFAULT_RANK = 32
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -245,40 +248,42 @@ class HiddenStateFactors:
 
     @classmethod
     def on_head(
-        cls, output_embeddings: torch.Tensor, first: torch.Tensor, second: torch.Tensor, offset: torch.Tensor
+        cls, output_embeddings: torch.Tensor, first: torch.Tensor | None = None, second: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
     ) -> HiddenStateFactors:
-        """The map ``first``, ``second``, ``offset`` of the hidden state behind the head ``output_embeddings``."""
+        """The map ``first``, ``second``, ``offset`` of the hidden state behind the head ``output_embeddings``
+        (left out: no map yet, only the head to :meth:`read` states with and :meth:`regress` a map on)."""
         output_embeddings = output_embeddings.detach().float()
         centred = output_embeddings - output_embeddings.mean(0)
-        return cls(torch.linalg.pinv(centred.T), output_embeddings, first, second, offset)
+        no_map = torch.empty(0, device=output_embeddings.device)
+        return cls(torch.linalg.pinv(centred.T), output_embeddings,
+                   *(no_map if tensor is None else tensor for tensor in (first, second, offset)))
 
-    @classmethod
     def regress(
-        cls,
+        self,
         data: CalibrationData,
-        output_embeddings: torch.Tensor,
+        modified: torch.Tensor,
         *,
         rank: int,
         shrinkages: tuple[float, ...] = SHRINKAGES,
         chunk_size: int = 1024,
     ) -> HiddenStateFactors:
-        """The rank-``rank`` affine map of the hidden state fitted to ``data``.
+        """The rank-``rank`` affine map of the hidden state on this head, fitted to ``data``, whose modified
+        states ``modified`` (``[N, hidden]``, :meth:`read_rows` of its modified logits) the caller has read already.
 
-        The shrinkage (> 0), a multiple of the mean variance of the hidden state, is chosen among ``shrinkages`` on the
-        last fifth of ``data`` after fitting on the rest, then the map is fitted again on all of it. Two identical
+        The shrinkage (> 0), a multiple of the mean variance of the hidden state, is chosen among ``shrinkages`` on
+        the last fifth of ``data`` after fitting on the rest, then the map is fitted again on all of it. Two identical
         models give a zero map, exactly.
         """
-        hidden_size = output_embeddings.shape[1]
+        hidden_size = self.output_embeddings.shape[1]
         if not 0 < rank <= hidden_size:
             raise ValueError(f"the state_bias rank must be in 1..{hidden_size} (the hidden size), got {rank}")
-        head = cls.on_head(output_embeddings, *(torch.empty(0),) * 3)
-        modified = head.read_rows(data.modified_logits, chunk_size)
-        wanted = head.read_rows(data.reference_logits, chunk_size)
+        wanted = self.read_rows(data.reference_logits, chunk_size)
         split = len(data) - len(data) // 5
 
         def solve(rows: slice, shrinkage: float) -> HiddenStateFactors:
             first, second, offset = _reduced_rank_ridge(modified[rows], wanted[rows], rank, shrinkage)
-            return replace(head, first=first, second=second, offset=offset)
+            return replace(self, first=first, second=second, offset=offset)
 
         def validation_loss(shrinkage: float) -> float:
             state = solve(slice(0, split), shrinkage)
@@ -448,7 +453,7 @@ def fit_correction(
     families: Iterable[str],
     *,
     output_embeddings: torch.Tensor | None = None,
-    rank: int = 32,
+    rank: int = DEFAULT_RANK,
     regularization: float = 1e-4,
     max_iterations: int = 40,
     chunk_size: int = 1024,
@@ -473,10 +478,10 @@ def fit_correction(
                 "the state_bias family needs output_embeddings, the modified model's [vocab, hidden] output head "
                 f"for a vocabulary of {vocab_size}"
             )
-        state = HiddenStateFactors.regress(
-            data, output_embeddings.to(data.modified_logits.device), rank=rank, chunk_size=chunk_size
-        )
-        hidden = state.read_rows(data.modified_logits, chunk_size)
+        # The modified model's states never change during the fit: read once, for the regression and the L-BFGS.
+        head = HiddenStateFactors.on_head(output_embeddings.to(data.modified_logits.device))
+        hidden = head.read_rows(data.modified_logits, chunk_size)
+        state = head.regress(data, hidden, rank=rank, chunk_size=chunk_size)
 
     trainable = parameters.trainable()
     if trainable:
