@@ -30,11 +30,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +43,16 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import atomic_path, atomic_write_text
+from .calibration_network import (
+    DEFAULT_EPOCHS,
+    DEFAULT_NETWORK_RANK,
+    DEFAULT_NETWORK_WIDTH,
+    OutputHead,
+    StateData,
+    fit_state_network,
+    read_tokens,
+    vocabulary_tensors,
+)
 from .calibration_ops import (
     DEFAULT_RANK,
     CalibrationData,
@@ -49,19 +60,27 @@ from .calibration_ops import (
     apply_correction,
     fit_correction,
     kl_before_after,
+    state_network_term,
 )
 from .corpus import Window, make_windows, tokenize_corpus, tokenize_documents
 from .errors import CorpusError, HemorrhageError, TokenizerMismatchError
 from .measure import batch_windows
 
 FORMAT = "hemorrhage-hf-decoding-calibration"
-FORMAT_VERSION = 2  # 2: the state bias gained its offset
+FORMAT_VERSION = 3  # 2: the state bias gained its offset; 3: the state network (a v2 file reads as v3)
+READABLE_VERSIONS = (2, 3)
 CONFIG_NAME = "calibration_config.json"
 WEIGHTS_NAME = "calibration.safetensors"
 
 DEFAULT_FAMILIES = ("entropy_temperature", "token_bias", "state_bias")
 #: Tokens a fit uses by default: more text of more kinds carries better to new text (BENCHMARKS.md: 16k beat 8k).
 DEFAULT_MAX_TOKENS = 16384
+#: Tokens a fit with the ``state_network`` uses by default: the network learns the fit text unless it sees a great
+#: deal of it (SmolLM2 wanda-50, held out: 16 % of the KL removed after 131k tokens, 22 % after 262k).
+NETWORK_MAX_TOKENS = 262144
+#: With the ``state_network``, the other families still fit on logits (4 bytes × vocabulary per prediction): they
+#: keep them for this many tokens of the text, spread over it; the rest is kept as states only.
+LOGIT_MAX_TOKENS = DEFAULT_MAX_TOKENS
 #: Fewer scored tokens than this cannot fit a per-token correction or tell its effect from noise.
 MIN_FIT_TOKENS = 256
 MIN_VALIDATION_TOKENS = 64
@@ -90,6 +109,8 @@ class FitSummary:
     kl_after: float
     kl_difference_error: float  # standard error of the mean per-token (after − before)
     metadata: dict = field(default_factory=dict)
+    network: dict | None = None  # the state network's own held-out check (NetworkFit.to_dict), and whether it was kept
+    notes: list[str] = field(default_factory=list)  # families the fit left out, and why
 
     @property
     def kl_reduction(self) -> float:
@@ -108,16 +129,17 @@ class FitSummary:
         )
         if self.kl_before == 0:
             return "the two models agree exactly on the held-out text: the calibration is the identity"
+        left_out = "".join(f"; {note}" for note in self.notes)
         if self.helps:
-            return f"the calibration helps: {figures}"
-        return f"the calibration does NOT help beyond noise: {figures}; do not use it"
+            return f"the calibration helps: {figures}{left_out}"
+        return f"the calibration does NOT help beyond noise: {figures}{left_out}; do not use it"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "kl_reduction": self.kl_reduction, "helps": self.helps}
 
     @classmethod
     def from_dict(cls, data: dict) -> FitSummary:
-        return cls(**{key: data[key] for key in cls.__dataclass_fields__})
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__ if key in data})
 
 
 class DecodingCalibration(LogitsProcessor):
@@ -185,11 +207,14 @@ class DecodingCalibration(LogitsProcessor):
         families: Sequence[str] = DEFAULT_FAMILIES,
         window: int = 512,
         stride: int | None = None,
-        max_tokens: int | None = DEFAULT_MAX_TOKENS,
+        max_tokens: int | None = None,
         batch_size: int = 1,
         rank: int = DEFAULT_RANK,
         regularization: float = 1e-4,
         max_iterations: int = 40,
+        network_rank: int = DEFAULT_NETWORK_RANK,
+        network_width: int = DEFAULT_NETWORK_WIDTH,
+        network_epochs: int = DEFAULT_EPOCHS,
         seed: int = 0,
         metadata: dict | None = None,
         progress: bool = True,
@@ -202,36 +227,75 @@ class DecodingCalibration(LogitsProcessor):
             families: corrections to fit, from :data:`~hemorrhage_hf.calibration_ops.FAMILIES`.
             window, stride: tokens per model input, and how far apart inputs start, when ``calibration`` is text.
             max_tokens: at most this many tokens are used, in windows drawn from all over the text (``seed``);
-                both models' predictions are kept in fp16 meanwhile, 4 bytes × vocabulary per token (3.2 GB for
-                16,384 tokens of a 49k vocabulary).
+                by default :data:`DEFAULT_MAX_TOKENS`, or :data:`NETWORK_MAX_TOKENS` with the ``state_network``.
+                Both models' predictions are kept in fp16 for the families fitted on logits, 4 bytes × vocabulary
+                per token (3.2 GB for 16,384 tokens of a 49k vocabulary); with the ``state_network`` only
+                :data:`LOGIT_MAX_TOKENS` of them are, the rest as 2 × hidden fp32 numbers per token.
             rank: rank of the low-rank biases (families ``previous_token`` and ``state_bias``).
             regularization: weight of the squared norm of the per-token tensors.
+            network_rank, network_width, network_epochs: the ``state_network``'s bottleneck, hidden units and
+                passes over the text (:mod:`~hemorrhage_hf.calibration_network`).
             metadata: carried into the saved config (what was compared, on which text).
 
         One window in :data:`VALIDATION_EVERY` is held out; :attr:`summary` holds the KL there with and without
-        the correction, and a :class:`CalibrationWarning` is issued when the correction does not help.
+        the correction, and a :class:`CalibrationWarning` is issued when the correction does not help. The
+        ``state_network`` is fitted first, and kept only if it helps on the held-out windows by itself; the other
+        families are then fitted on the scores it corrected.
         """
         _check_same_vocabulary(reference, modified)
+        families = tuple(families)
+        with_network = "state_network" in families
+        if max_tokens is None:
+            max_tokens = NETWORK_MAX_TOKENS if with_network else DEFAULT_MAX_TOKENS
         windows = _spread(_as_windows(calibration, tokenizer, window=window, stride=stride), max_tokens, seed)
-        fit_windows, validation_windows = _split(windows)
-        description = "calibration: collecting predictions"
-        with tqdm(total=len(windows), desc=description, unit="window", disable=not progress) as bar:
-            fit_data = _collect(reference, modified, fit_windows, batch_size, bar)
-            validation_data = _collect(reference, modified, validation_windows, batch_size, bar)
-        parameters = fit_correction(
-            fit_data, families, output_embeddings=modified.get_output_embeddings().weight, rank=rank,
-            regularization=regularization, max_iterations=max_iterations, seed=seed,
-        )
+        other_families = [family for family in families if family != "state_network"]
+        fit_windows, fit_states_only, validation_windows = _plan(windows, with_network, bool(other_families), seed)
+        head = OutputHead.of(modified) if with_network else None
+        with tqdm(total=len(windows), desc="calibration: collecting predictions", unit="window",
+                  disable=not progress) as bar:
+            fit_data, fit_states = _collect(reference, modified, fit_windows, batch_size, bar, head=head)
+            _, more_fit_states = _collect(reference, modified, fit_states_only, batch_size, bar, head=head,
+                                          keep_logits=False)
+            validation_data, validation_states = _collect(reference, modified, validation_windows, batch_size, bar,
+                                                          head=head)
+        network_tensors, network_summary = {}, None
+        if with_network:
+            read_ids = read_tokens(_token_counts(windows, _vocab_size(modified)), _special_ids(modified),
+                                   hidden_size=head.weight.shape[1], seed=seed)
+            network_tensors, network_summary = _fit_network(
+                _join(fit_states, more_fit_states), validation_states, head, read_ids, rank=network_rank,
+                width=network_width, epochs=network_epochs, seed=seed, progress=progress,
+            )
+        parameters = CorrectionParameters(vocab_size=_vocab_size(modified))
+        notes = [] if network_summary is None or network_summary["kept"] else [_network_left_out(network_summary)]
+        if other_families:
+            network_only = replace(parameters, **network_tensors)
+            if network_tensors:  # the other families fit on the scores the network corrected
+                fit_data = fit_data.with_modified_logits(
+                    lambda logits: logits + state_network_term(logits, network_only)
+                )
+            parameters = fit_correction(
+                fit_data, other_families, output_embeddings=modified.get_output_embeddings().weight, rank=rank,
+                regularization=regularization, max_iterations=max_iterations, seed=seed,
+            )
+            parameters = replace(parameters, **network_tensors)
+            if network_tensors:
+                parameters, note = _keep_if_helping(parameters, network_only, validation_data, other_families)
+                notes += [note] if note else []
+        else:
+            parameters = replace(parameters, **network_tensors)
         before, after = kl_before_after(validation_data, parameters)
         difference = (after - before).double()
         summary = FitSummary(
             families=list(parameters.families),
-            fit_tokens=len(fit_data),
+            fit_tokens=sum(window.n_scored for window in fit_windows + fit_states_only),
             validation_tokens=len(validation_data),
             kl_before=before.double().mean().item(),
             kl_after=after.double().mean().item(),
             kl_difference_error=(difference.std() / math.sqrt(len(difference) - 1)).item(),
             metadata=dict(metadata or {}),
+            network=network_summary,
+            notes=notes,
         )
         if summary.kl_before > 0 and not summary.helps:
             warnings.warn(summary.verdict(), CalibrationWarning, stacklevel=2)
@@ -272,7 +336,7 @@ class DecodingCalibration(LogitsProcessor):
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise CalibrationError(f"{config_path} is not valid JSON: {error}") from error
-        if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        if config.get("format") != FORMAT or config.get("format_version") not in READABLE_VERSIONS:
             raise CalibrationError(
                 f"{config_path} is not a {FORMAT} v{FORMAT_VERSION} config "
                 f"(format {config.get('format')!r}, version {config.get('format_version')!r})"
@@ -368,19 +432,136 @@ def _split(windows: list[Window]) -> tuple[list[Window], list[Window]]:
     return fit, validation
 
 
+def _plan(
+    windows: list[Window], with_network: bool, with_logit_families: bool, seed: int
+) -> tuple[list[Window], list[Window], list[Window]]:
+    """The windows to fit on with logits kept, to fit on as states only (the state network's extra text), and to
+    hold out.
+
+    With the state network, logits are kept for a spread share of the fit windows (:data:`LOGIT_MAX_TOKENS`, none
+    without other families), for the families fitted on them; the held-out windows stay as many as without it, and
+    the rest of the text goes to the network's fit.
+    """
+    fit_windows, validation_windows = _split(windows)
+    if not with_network:
+        return fit_windows, [], validation_windows
+    validation_budget = LOGIT_MAX_TOKENS // VALIDATION_EVERY
+    validation_windows, more_fit = _divide(validation_windows, validation_budget, seed)
+    logit_budget = LOGIT_MAX_TOKENS - validation_budget if with_logit_families else 0
+    fit_windows, fit_states_only = _divide(fit_windows + more_fit, logit_budget, seed)
+    return fit_windows, fit_states_only, validation_windows
+
+
+def _fit_network(
+    fit: StateData, validation: StateData, head: OutputHead, read_ids: torch.Tensor, **options
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state network's tensors in vocabulary space (none if it did not help on ``validation``), and its summary."""
+    network_fit = fit_state_network(fit, validation, head, **options)
+    kept = network_fit.helps or network_fit.epochs == 0  # untrained: the exact identity of equal models
+    summary = {**network_fit.to_dict(), "kept": kept}
+    if not kept:
+        return {}, summary
+    tensors = vocabulary_tensors(network_fit.network, head, read_ids)
+    return {name: tensor.cpu() for name, tensor in tensors.items()}, summary  # where the other families fit
+
+
+def _network_left_out(network: dict) -> str:
+    return (f"the state_network was left out: on its {network['validation_tokens']} held-out tokens it took the KL "
+            f"from {network['kl_before']:.4f} to {network['kl_after']:.4f} (± {network['kl_difference_error']:.4f}), "
+            "no help beyond noise (more text helps it)")
+
+
+def _keep_if_helping(
+    parameters: CorrectionParameters, network_only: CorrectionParameters, validation: CalibrationData,
+    families: list[str],
+) -> tuple[CorrectionParameters, str | None]:
+    """``parameters`` if the families fitted around the network help on the held-out windows beyond noise, else the
+    network alone and a note why (on SmolLM2 wanda-50 they made the network's held-out KL worse; BENCHMARKS.md)."""
+    _, alone = kl_before_after(validation, network_only)
+    _, together = kl_before_after(validation, parameters)
+    difference = (together - alone).double()
+    error = (difference.std() / math.sqrt(len(difference) - 1)).item()
+    if not difference.any() or -difference.mean().item() > 2 * error:  # all zero: equal models, nothing to choose
+        return parameters, None
+    return network_only, (f"{', '.join(families)} were left out: fitted around the state_network they took its "
+                          f"held-out KL from {alone.double().mean():.4f} to {together.double().mean():.4f} "
+                          f"(± {error:.4f}), no help beyond noise")
+
+
+def _token_counts(windows: list[Window], vocab_size: int) -> torch.Tensor:
+    return torch.bincount(torch.cat([window.input_ids for window in windows]), minlength=vocab_size)[:vocab_size]
+
+
+def _special_ids(model: PreTrainedModel) -> set[int]:
+    """Token ids generation may ban or force (beginning, end, padding), from the model's configs."""
+    ids = set()
+    for config in (model.config, getattr(model, "generation_config", None)):
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(config, name, None)
+            ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    return {int(token) for token in ids if 0 <= int(token) < _vocab_size(model)}
+
+
+def _divide(windows: list[Window], budget: int, seed: int) -> tuple[list[Window], list[Window]]:
+    """About ``budget`` tokens of ``windows`` drawn from all over them (:func:`_spread`), and the rest."""
+    chosen = _spread(windows, budget, seed)
+    taken = {id(window) for window in chosen}
+    return chosen, [window for window in windows if id(window) not in taken]
+
+
+def _join(*parts: StateData | None) -> StateData:
+    return StateData.concatenate([part for part in parts if part is not None])
+
+
+@contextlib.contextmanager
+def _head_inputs(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
+    """The final hidden states the output head reads during the ``with`` block, one tensor per forward pass."""
+    captured: list[torch.Tensor] = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def _check_plain_head(states: torch.Tensor, logits: torch.Tensor, head: OutputHead) -> None:
+    """The state network corrects scores as ``states @ Eᵀ + b``: a model that changes its scores after the head
+    (soft-capping, scaling) is refused rather than calibrated wrongly."""
+    expected = torch.addmm(head.bias, states[:8].float(), head.weight.T)
+    if not torch.allclose(expected, logits[:8].float(), rtol=1e-3, atol=1e-3 * logits[:8].abs().max().item()):
+        raise CalibrationError(
+            "the state_network family needs scores that are the output head applied to the final hidden state; "
+            "this model changes them after its head (logit soft-capping or scaling?). Leave state_network out."
+        )
+
+
 @torch.no_grad()
 def _collect(
-    reference: PreTrainedModel, modified: PreTrainedModel, windows: list[Window], batch_size: int, bar
-) -> CalibrationData:
-    parts = []
+    reference: PreTrainedModel, modified: PreTrainedModel, windows: list[Window], batch_size: int, bar, *,
+    head: OutputHead | None, keep_logits: bool = True,
+) -> tuple[CalibrationData | None, StateData | None]:
+    """Both models' predictions on ``windows``: their fp16 logits (``keep_logits``) and, given the modified model's
+    ``head``, the states the state network fits on."""
+    logit_parts, state_parts = [], []
     for batch in batch_windows(windows, batch_size):
         reference_logits = reference(input_ids=batch.input_ids.to(reference.device), use_cache=False).logits
-        modified_logits = modified(input_ids=batch.input_ids.to(modified.device), use_cache=False).logits
-        parts.append(
-            CalibrationData.from_logits(
-                batch.scored(reference_logits), batch.scored(modified_logits), batch.scored(batch.input_ids)
+        with _head_inputs(modified) as states:
+            modified_logits = modified(input_ids=batch.input_ids.to(modified.device), use_cache=False).logits
+        if keep_logits:
+            logit_parts.append(
+                CalibrationData.from_logits(
+                    batch.scored(reference_logits), batch.scored(modified_logits), batch.scored(batch.input_ids)
+                )
             )
-        )
-        del reference_logits, modified_logits
+        if head is not None:
+            scored_states = batch.scored(states[-1]).to(head.weight.device)
+            scored_modified = batch.scored(modified_logits)
+            if not state_parts:
+                _check_plain_head(scored_states, scored_modified.to(head.weight.device), head)
+            state_parts.append(StateData.from_predictions(batch.scored(reference_logits).to(head.weight.device),
+                                                          scored_modified.to(head.weight.device), scored_states, head))
+        del reference_logits, modified_logits, states
         bar.update(len(batch.first_scored))
-    return CalibrationData.concatenate(parts)
+    return (CalibrationData.concatenate(logit_parts) if logit_parts else None,
+            StateData.concatenate(state_parts) if state_parts else None)

@@ -4,6 +4,7 @@ A correction maps the modified model's scores ``z`` (``[..., vocab]``) and the t
 (``previous_ids``, ``[...]``) to corrected scores. Each family adds one term; a family that is absent, or present
 with its identity values (zero scalars, zero bias, zero first factors), leaves ``z`` bit-for-bit unchanged::
 
+    z  = z + state_network(z)                                                             # first, if present
     s  = log_inverse_temperature + entropy_slope · (H(softmax z) − entropy_center)        # temperature families
     z' = z · exp(s) + token_bias                                                          # per-token bias
          + previous_token_factors[previous_ids] @ previous_token_basis                    # low-rank, previous token
@@ -13,6 +14,8 @@ with its identity values (zero scalars, zero bias, zero first factors), leaves `
 is a rank-``r`` affine correction of that state. It is fitted first, in closed form in the hidden space
 (:class:`HiddenStateFactors`, (2 ``r`` + 1) × hidden numbers), and stored as the vocabulary-space factors above, so the
 processor needs no model; the other families are then fitted around it by L-BFGS on the KL.
+``state_network`` (:mod:`hemorrhage_hf.calibration_network`) is a small non-linear map of the same state, trained
+on states of much more text before everything else; the other families are fitted on the scores it corrected.
 
 Example:
     >>> import torch
@@ -31,10 +34,16 @@ from typing import NamedTuple
 
 import torch
 
+from .calibration_network import DEFAULT_NETWORK_RANK, DEFAULT_NETWORK_WIDTH, READ_TOKENS
 from .divergence import kl_divergence, log_probs
 
 #: Every correction family, cheapest first. ``entropy_temperature`` includes the global temperature.
-FAMILIES = ("temperature", "entropy_temperature", "token_bias", "previous_token", "state_bias")
+#: ``state_network`` is fitted on states, not logits (:mod:`hemorrhage_hf.calibration_network`).
+FAMILIES = ("temperature", "entropy_temperature", "token_bias", "previous_token", "state_bias", "state_network")
+#: The tensors of the ``state_network`` family, in the order of :class:`CorrectionParameters`.
+NETWORK_TENSORS = ("state_network_read_ids", "state_network_in", "state_network_in_bias", "state_network_linear",
+                   "state_network_up", "state_network_up_bias", "state_network_down", "state_network_bias",
+                   "state_network_out")
 #: Ridge penalties the state bias chooses from, as multiples of the hidden state's mean variance. SmolLM2's best on
 #: held-out text lay between 0.5 and 4 (int4-g64 and wanda-50); a model that differs from its reference by an exact
 #: linear map of the state wants almost none.
@@ -65,10 +74,20 @@ class CorrectionParameters:
     state_bias_in: torch.Tensor | None = None  # [vocab, rank]; 0 is the identity
     state_bias_out: torch.Tensor | None = None  # [rank, vocab]
     state_bias_offset: torch.Tensor | None = None  # [vocab]; the map's constant part, written through the head
+    state_network_read_ids: torch.Tensor | None = None  # [n] int64: the tokens whose scores the state is read from
+    state_network_in: torch.Tensor | None = None  # [n, r]: reads the network's input from those scores
+    state_network_in_bias: torch.Tensor | None = None  # [r]
+    state_network_linear: torch.Tensor | None = None  # [r, r]; zero (with down and bias) is the identity
+    state_network_up: torch.Tensor | None = None  # [width, r]
+    state_network_up_bias: torch.Tensor | None = None  # [width]
+    state_network_down: torch.Tensor | None = None  # [r, width]
+    state_network_bias: torch.Tensor | None = None  # [r]
+    state_network_out: torch.Tensor | None = None  # [r, vocab]: writes through the output head
 
     @classmethod
     def identity(
-        cls, families: Iterable[str], *, vocab_size: int, rank: int = 8, entropy_center: float = 0.0, seed: int = 0
+        cls, families: Iterable[str], *, vocab_size: int, rank: int = 8, entropy_center: float = 0.0, seed: int = 0,
+        network_shape: tuple[int, int] = (DEFAULT_NETWORK_RANK, DEFAULT_NETWORK_WIDTH),
     ) -> CorrectionParameters:
         """Parameters at which the correction is exactly the identity, ready to be fitted.
 
@@ -76,7 +95,9 @@ class CorrectionParameters:
         the gradient of the first factor is not (two zero factors would be a saddle point the fit never leaves). The
         second factor's entries are of unit size, the scale of a logit: scaled down by √vocab they made the first
         step's change of the loss smaller than fp32 resolves, and the fit never left its start on SmolLM2. The
-        state bias is zero here; a fit finds it in closed form (:meth:`HiddenStateFactors.regress`).
+        state bias is zero here; a fit finds it in closed form (:meth:`HiddenStateFactors.regress`). The state
+        network (``network_shape``: rank, width) is all zeros: a fit trains it apart, on states
+        (:func:`~hemorrhage_hf.calibration_network.fit_state_network`), and never from here.
         """
         families = set(families)
         unknown = families - set(FAMILIES)
@@ -98,6 +119,15 @@ class CorrectionParameters:
             parameters.state_bias_in = torch.zeros(vocab_size, rank)
             parameters.state_bias_out = torch.zeros(rank, vocab_size)
             parameters.state_bias_offset = torch.zeros(vocab_size)
+        if "state_network" in families:
+            network_rank, width = network_shape
+            read_ids = torch.arange(min(READ_TOKENS, vocab_size))
+            n_read = len(read_ids)
+            shapes = ((n_read,), (n_read, network_rank), (network_rank,), (network_rank, network_rank),
+                      (width, network_rank), (width,), (network_rank, width), (network_rank,), (network_rank, vocab_size))
+            for name, shape in zip(NETWORK_TENSORS, shapes, strict=True):
+                setattr(parameters, name, torch.zeros(shape))
+            parameters.state_network_read_ids = read_ids
         return parameters
 
     @property
@@ -108,6 +138,7 @@ class CorrectionParameters:
             "token_bias": self.token_bias is not None,
             "previous_token": self.previous_token_factors is not None,
             "state_bias": self.state_bias_in is not None,
+            "state_network": self.state_network_in is not None,
         }
         return tuple(family for family in FAMILIES if present[family])
 
@@ -117,10 +148,19 @@ class CorrectionParameters:
         factors = self.previous_token_factors if self.previous_token_factors is not None else self.state_bias_in
         return 0 if factors is None else factors.shape[1]
 
+    @property
+    def network_shape(self) -> tuple[int, int]:
+        """(rank, width) of the state network; (0, 0) without it."""
+        if self.state_network_up is None:
+            return 0, 0
+        width, rank = self.state_network_up.shape
+        return rank, width
+
     def is_identity(self) -> bool:
         """Every term at its identity value (what a fit on two identical models returns)."""
         terms = (self.log_inverse_temperature, self.entropy_slope, self.token_bias, self.previous_token_factors,
-                 self.state_bias_in, self.state_bias_offset)
+                 self.state_bias_in, self.state_bias_offset, self.state_network_linear, self.state_network_down,
+                 self.state_network_bias)
         return all(term is None or not term.any() for term in terms)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -130,7 +170,7 @@ class CorrectionParameters:
     def trainable(self) -> list[torch.Tensor]:
         """What :func:`fit_correction` optimises by L-BFGS: not the entropy centre (a fixed statistic), nor the state
         bias (fitted before, in closed form, by :meth:`HiddenStateFactors.regress`)."""
-        fixed = {"entropy_center", "state_bias_in", "state_bias_out", "state_bias_offset"}
+        fixed = {"entropy_center", "state_bias_in", "state_bias_out", "state_bias_offset", *NETWORK_TENSORS}
         return [tensor for name, tensor in self.tensors().items() if name not in fixed]
 
     def penalty(self) -> torch.Tensor:
@@ -153,6 +193,8 @@ class CorrectionParameters:
     def validate(self) -> None:
         """Raise ValueError when the tensors do not fit together (a corrupted or hand-edited file)."""
         vocab, rank = self.vocab_size, self.rank
+        network_rank, width = self.network_shape
+        read = 0 if self.state_network_read_ids is None else len(self.state_network_read_ids)
         expected = {
             "log_inverse_temperature": (),
             "entropy_slope": (),
@@ -163,6 +205,15 @@ class CorrectionParameters:
             "state_bias_in": (vocab, rank),
             "state_bias_out": (rank, vocab),
             "state_bias_offset": (vocab,),
+            "state_network_read_ids": (read,),
+            "state_network_in": (read, network_rank),
+            "state_network_in_bias": (network_rank,),
+            "state_network_linear": (network_rank, network_rank),
+            "state_network_up": (width, network_rank),
+            "state_network_up_bias": (width,),
+            "state_network_down": (network_rank, width),
+            "state_network_bias": (network_rank,),
+            "state_network_out": (network_rank, vocab),
         }
         for name, tensor in self.tensors().items():
             if tuple(tensor.shape) != expected[name]:
@@ -177,6 +228,11 @@ class CorrectionParameters:
             raise ValueError("previous_token_factors and previous_token_basis come together")
         if not (self.state_bias_in is None) == (self.state_bias_out is None) == (self.state_bias_offset is None):
             raise ValueError("state_bias_in, state_bias_out and state_bias_offset come together")
+        if len({getattr(self, name) is None for name in NETWORK_TENSORS}) > 1:
+            raise ValueError(f"the state network's tensors {', '.join(NETWORK_TENSORS)} come together")
+        read_ids = self.state_network_read_ids
+        if read_ids is not None and (read_ids.dtype != torch.long or read_ids.min() < 0 or read_ids.max() >= vocab):
+            raise ValueError(f"state_network_read_ids must be int64 token ids below {vocab}")
 
 
 def apply_correction(
@@ -191,8 +247,14 @@ def apply_correction(
     Works for one generation step (``[batch, vocab]`` with ``input_ids[:, -1]``) and for whole sequences
     (``[batch, time, vocab]`` with ``input_ids``) alike, so measured figures use exactly the math of generation.
     ``scores_entropy`` (``[...]``) spares recomputing :func:`entropy` of ``scores`` where it is already known.
+
+    The state network comes first: it corrects the state behind the scores, and every other family reads the
+    corrected scores (they are fitted on them).
     """
     scores = scores.float()
+    if parameters.state_network_in is not None:
+        scores = scores + state_network_term(scores, parameters)
+        scores_entropy = None
     corrected = scores
     if parameters.log_inverse_temperature is not None:
         if parameters.entropy_slope is not None and scores_entropy is None:
@@ -206,6 +268,22 @@ def apply_correction(
         state_bias = (_state_features(scores) @ parameters.state_bias_in) @ parameters.state_bias_out
         corrected = corrected + state_bias + parameters.state_bias_offset
     return corrected
+
+
+def state_network_term(scores: torch.Tensor, parameters: CorrectionParameters) -> torch.Tensor:
+    """What the state network adds to ``scores`` (``[..., vocab]``): read, map, write (calibration_network).
+
+    A row where an earlier processor banned one of the read tokens (a score of -inf) gets no network correction:
+    its state can no longer be read exactly."""
+    read_scores = scores[..., parameters.state_network_read_ids]
+    readable = torch.isfinite(read_scores).all(-1, keepdim=True)
+    if not readable.all():
+        read_scores = torch.where(readable, read_scores, torch.zeros_like(read_scores))
+    read = read_scores @ parameters.state_network_in + parameters.state_network_in_bias
+    hidden = torch.nn.functional.gelu(read @ parameters.state_network_up.T + parameters.state_network_up_bias)
+    change = read @ parameters.state_network_linear.T + hidden @ parameters.state_network_down.T
+    term = (change + parameters.state_network_bias) @ parameters.state_network_out
+    return term if readable.all() else term * readable
 
 
 def _log_scale(parameters: CorrectionParameters, scores_entropy: torch.Tensor | None) -> torch.Tensor:
@@ -377,6 +455,18 @@ class CalibrationData:
     @classmethod
     def concatenate(cls, parts: list[CalibrationData]) -> CalibrationData:
         return cls(*(torch.cat([getattr(part, f.name) for part in parts]) for f in fields(cls)))
+
+    def with_modified_logits(
+        self, transform: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = 1024
+    ) -> CalibrationData:
+        """The same positions with the modified logits replaced by ``transform`` of them (fp32 in, kept in fp16),
+        e.g. corrected by a family fitted before the others."""
+        modified, modified_entropy = [], []
+        for start in range(0, len(self), chunk_size):
+            logits = transform(self.modified_logits[start : start + chunk_size].float())
+            modified.append(_to_half(logits))
+            modified_entropy.append(entropy(logits))
+        return replace(self, modified_logits=torch.cat(modified), modified_entropy=torch.cat(modified_entropy))
 
     def chunks(self, size: int) -> Iterator[Chunk]:
         for start in range(0, len(self), size):

@@ -14,6 +14,8 @@ CALIBRATED = "calibrated"
 EPILOG = """examples:
   hemorrhage-hf calibrate default --modification int4-g64 --output int4-calibration/
   hemorrhage-hf calibrate default ./my-pruned-model --text-file my-domain.txt --output pruned-calibration/
+  hemorrhage-hf calibrate default --modification wanda-50 --text-file big-text.txt \
+      --families entropy_temperature,token_bias,state_bias,state_network --output wanda-calibration/
   hemorrhage-hf report --reference default --modification int4-g64 --calibration int4-calibration/ --output out/
 
 use it in Python:
@@ -25,7 +27,8 @@ use it in Python:
 
 
 def add_parser(subparsers) -> None:
-    from ..calibration import DEFAULT_FAMILIES, DEFAULT_MAX_TOKENS, DEFAULT_RANK
+    from ..calibration import DEFAULT_FAMILIES, DEFAULT_MAX_TOKENS, DEFAULT_RANK, LOGIT_MAX_TOKENS, NETWORK_MAX_TOKENS
+    from ..calibration_network import DEFAULT_EPOCHS, DEFAULT_NETWORK_RANK, DEFAULT_NETWORK_WIDTH
     from ..calibration_ops import FAMILIES
 
     parser = subparsers.add_parser(
@@ -48,9 +51,11 @@ def add_parser(subparsers) -> None:
         help="instead of MOD: apply this modification to a copy of the reference, e.g. int4-g64, wanda-50",
     )
     add_text_arguments(
-        parser, max_tokens=DEFAULT_MAX_TOKENS,
-        max_tokens_help=f"fit on at most N tokens, in windows drawn from all over the text (default: {DEFAULT_MAX_TOKENS}; "
-        "both models' predictions are kept meanwhile, 4 bytes × vocabulary per token)",
+        parser, max_tokens=None,
+        max_tokens_help="fit on at most N tokens, in windows drawn from all over the text (default: "
+        f"{DEFAULT_MAX_TOKENS}, or {NETWORK_MAX_TOKENS} with state_network; both models' predictions are kept "
+        f"meanwhile, 4 bytes × vocabulary per token for at most {LOGIT_MAX_TOKENS} tokens, the rest as 2 × hidden "
+        "numbers)",
     )
     add_model_arguments(parser)
     fit = parser.add_argument_group("correction")
@@ -64,6 +69,13 @@ def add_parser(subparsers) -> None:
                      help="weight of the squared norm of the per-token tensors (default: 1e-4)")
     fit.add_argument("--max-iterations", type=int, default=40, metavar="N",
                      help="L-BFGS iterations of the families fitted around the closed-form state_bias (default: 40)")
+    fit.add_argument("--network-rank", type=int, default=DEFAULT_NETWORK_RANK, metavar="R",
+                     help="state_network: directions of the hidden state it reads and writes "
+                     f"(default: {DEFAULT_NETWORK_RANK})")
+    fit.add_argument("--network-width", type=int, default=DEFAULT_NETWORK_WIDTH, metavar="H",
+                     help=f"state_network: hidden units (default: {DEFAULT_NETWORK_WIDTH})")
+    fit.add_argument("--network-epochs", type=int, default=DEFAULT_EPOCHS, metavar="E",
+                     help=f"state_network: passes over the calibration text (default: {DEFAULT_EPOCHS})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the saved calibration")
     parser.set_defaults(func=run)
@@ -103,8 +115,9 @@ def run(args: argparse.Namespace) -> int:
         calibration = DecodingCalibration.fit(
             reference, modified, text, tokenizer=tokenizer, families=args.families, window=args.window,
             stride=args.stride, max_tokens=args.max_tokens, batch_size=args.batch_size, rank=args.rank,
-            regularization=args.regularization, max_iterations=args.max_iterations, metadata=metadata,
-            progress=not args.quiet,
+            regularization=args.regularization, max_iterations=args.max_iterations,
+            network_rank=args.network_rank, network_width=args.network_width, network_epochs=args.network_epochs,
+            metadata=metadata, progress=not args.quiet,
         )
     folder = calibration.save_pretrained(Path(args.output))
     print(f"{calibration!r}: {calibration.summary.verdict()}")
