@@ -14,8 +14,8 @@ CALIBRATED = "calibrated"
 EPILOG = """examples:
   hemorrhage-hf calibrate default --modification int4-g64 --output int4-calibration/
   hemorrhage-hf calibrate default ./my-pruned-model --text-file my-domain.txt --output pruned-calibration/
-  hemorrhage-hf calibrate default --modification wanda-50 --text-file big-text.txt \
-      --families entropy_temperature,token_bias,state_bias,state_network --output wanda-calibration/
+  hemorrhage-hf calibrate default --modification wanda-50 --families state_network \
+      --text-file a-few-hundred-thousand-tokens.txt --output wanda-calibration/
   hemorrhage-hf report --reference default --modification int4-g64 --calibration int4-calibration/ --output out/
 
 use it in Python:
