@@ -17,10 +17,10 @@ of int4-g64's KL on articles the fit never saw, for about 1 % of a generation st
 Pruning moves the state in ways no linear map undoes: on wanda-50 the default removes 5 %. The opt-in
 ``state_network`` family (:mod:`~hemorrhage_hf.calibration_network`) trains a small non-linear map of the state on
 the KL, over up to 262,144 tokens of text (it keeps two hidden-sized vectors per token, not logits): on wanda-50 it
-removed 19.8 % of the held-out KL (PPL ratio 2.667 → 2.103), for 1.7 % of a generation step, after a fit of about
-27 minutes on two CPU cores. It is fitted first and kept only if it helps on the held-out windows; the other
-families asked for are then fitted around it and left out, with a note in :attr:`FitSummary.notes`, if they do not
-help there too.
+removed 19.8 % of the held-out KL (PPL ratio 2.667 → 2.103), for a call of 1.7 % of a generation step
+(``generate`` 3–5 % slower), after a fit of about 27 minutes on two CPU cores. It is fitted first and kept only if
+it helps on the held-out windows; the other families asked for are then fitted around it and left out, with a note
+in :attr:`FitSummary.notes`, if they do not help there too.
 
 Example:
     >>> from transformers import LogitsProcessorList
