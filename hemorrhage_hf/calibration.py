@@ -347,8 +347,8 @@ class DecodingCalibration(LogitsProcessor):
             raise CalibrationError(f"{config_path} is not valid JSON: {error}") from error
         if config.get("format") != FORMAT or config.get("format_version") not in READABLE_VERSIONS:
             raise CalibrationError(
-                f"{config_path} is not a {FORMAT} v{FORMAT_VERSION} config "
-                f"(format {config.get('format')!r}, version {config.get('format_version')!r})"
+                f"{config_path} is not a {FORMAT} config this version reads (format {config.get('format')!r}, "
+                f"version {config.get('format_version')!r}; readable: {', '.join(map(str, READABLE_VERSIONS))})"
             )
         saved_vocab = config.get("vocab_size")
         if vocab_size is not None and saved_vocab != vocab_size:

@@ -336,7 +336,14 @@ def test_saved_calibration_for_another_vocabulary_is_refused(tmp_path):
     loaded = DecodingCalibration.from_pretrained(tmp_path)
     with pytest.raises(CalibrationError, match="vocabulary of 64 tokens, but the scores have 49152"):
         loaded(ids[:1], torch.zeros(1, 49152))
-    (tmp_path / "calibration_config.json").write_text('{"format": "something else"}')
+    config_path = tmp_path / "calibration_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "format_version": 2}))  # 3 only added the state network
+    assert DecodingCalibration.from_pretrained(tmp_path).families == loaded.families
+    config_path.write_text(json.dumps({**config, "format_version": 1}))
+    with pytest.raises(CalibrationError, match="version 1; readable: 2, 3"):
+        DecodingCalibration.from_pretrained(tmp_path)
+    config_path.write_text('{"format": "something else"}')
     with pytest.raises(CalibrationError, match="is not a hemorrhage-hf-decoding-calibration"):
         DecodingCalibration.from_pretrained(tmp_path)
     with pytest.raises(CalibrationError, match="calibration_config.json is missing"):
