@@ -492,7 +492,7 @@ def _keep_if_helping(
     error = (difference.std() / math.sqrt(len(difference) - 1)).item()
     if not difference.any() or -difference.mean().item() > 2 * error:  # all zero: equal models, nothing to choose
         return parameters, None
-    return network_only, (f"{', '.join(families)} were left out: fitted around the state_network they took its "
+    return network_only, (f"left out {', '.join(families)}: fitted around the state_network they took its "
                           f"held-out KL from {alone.double().mean():.4f} to {together.double().mean():.4f} "
                           f"(± {error:.4f}), no help beyond noise")
 

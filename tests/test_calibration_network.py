@@ -7,7 +7,13 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from hemorrhage_hf.calibration import VALIDATION_EVERY, CalibrationError, CalibrationWarning, DecodingCalibration
+from hemorrhage_hf.calibration import (
+    VALIDATION_EVERY,
+    CalibrationError,
+    CalibrationWarning,
+    DecodingCalibration,
+    _keep_if_helping,
+)
 from hemorrhage_hf.calibration_network import (
     OutputHead,
     StateData,
@@ -15,7 +21,7 @@ from hemorrhage_hf.calibration_network import (
     read_tokens,
     vocabulary_tensors,
 )
-from hemorrhage_hf.calibration_ops import CorrectionParameters, state_network_term
+from hemorrhage_hf.calibration_ops import CalibrationData, CorrectionParameters, state_network_term
 from hemorrhage_hf.divergence import kl_divergence, log_probs
 
 NETWORK = {"network_rank": 16, "network_width": 64}
@@ -121,6 +127,26 @@ def test_the_fit_leaves_the_network_out_when_it_does_not_help_on_held_out_window
                                               progress=False, **NETWORK)
     assert calibration.families == () and calibration.is_identity()
     assert calibration.summary.network["kept"] is False and not calibration.summary.network["helps"]
+
+
+def test_families_fitted_around_the_network_are_kept_only_if_they_help_on_held_out_windows():
+    """The gate behind ``fit``: a token bias that is the true difference between the models stays; one that moves
+    the scores elsewhere is dropped, the network alone kept, and the note says what each gave."""
+    vocab, count = 64, 400
+    generator = torch.Generator().manual_seed(0)
+    modified_logits = torch.randn(count, vocab, generator=generator) * 3
+    difference = torch.randn(vocab, generator=generator)
+    validation = CalibrationData.from_logits(modified_logits + difference, modified_logits,
+                                             torch.zeros(count, dtype=torch.long))
+    network_only = CorrectionParameters.identity(("state_network",), vocab_size=vocab, network_shape=(4, 8))
+    helping = CorrectionParameters.identity(("token_bias", "state_network"), vocab_size=vocab, network_shape=(4, 8))
+    helping.token_bias = difference.clone()
+    kept, note = _keep_if_helping(helping, network_only, validation, ["token_bias"])
+    assert kept is helping and note is None
+    hurting = CorrectionParameters.identity(("token_bias", "state_network"), vocab_size=vocab, network_shape=(4, 8))
+    hurting.token_bias = -difference
+    kept, note = _keep_if_helping(hurting, network_only, validation, ["token_bias"])
+    assert kept is network_only and note.startswith("left out token_bias: fitted around the state_network")
 
 
 def test_saved_network_reloads_and_corrects_the_same(tmp_path):
