@@ -3,9 +3,9 @@ trained on the KL itself over much more text than the other families can keep.
 
 Pruning changes the final hidden state in ways a linear map barely undoes (SmolLM2 ``wanda-50``, held out: a
 linear map of the state fitted on 131k tokens removes 8 % of the KL, this network fitted on 262k 19.8 %;
-BENCHMARKS.md, "Decoding calibration"). A network needs hundreds of thousands of predictions, and a prediction's logits are
-4 bytes × vocabulary (196 KB for SmolLM2): so the fit keeps, per prediction, only what the KL needs of the two
-models (:class:`StateData`, 2 × hidden + 1 numbers)::
+BENCHMARKS.md, "Decoding calibration"). A network needs hundreds of thousands of predictions, and a prediction's
+logits are 4 bytes × vocabulary (both models in fp16; 196 KB for SmolLM2): so the fit keeps, per prediction, only
+what the KL needs of the two models (:class:`StateData`, 2 × hidden + 1 numbers)::
 
     KL(P_ref ‖ softmax(h' Eᵀ + b)) = Σ p log p − p·b − h'·(Σ_v p_v E_v) + logsumexp(h' Eᵀ + b)
 
