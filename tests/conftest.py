@@ -60,3 +60,22 @@ def tiny_llama(n_layers: int = 2, vocab_size: int = 64, hidden: int = 32, heads:
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def pair_that_does_not_carry(validation_every: int) -> tuple:
+    """(reference, modified, ids): tiny Llamas where the modification damages the embeddings of the tokens the fit
+    windows read and barely touches those of the windows a calibration fit holds out (every ``validation_every``-th,
+    reading only tokens 32..63), so what a fit learns does not carry to them."""
+    import copy
+
+    reference = tiny_llama()
+    with torch.no_grad():
+        reference.lm_head.weight.mul_(40)  # peaked next-token distributions, so the two models' KL is large
+    modified = copy.deepcopy(reference)
+    noise = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        modified.model.embed_tokens.weight[:32] += 0.05 * torch.randn(32, 32, generator=noise)
+        modified.model.embed_tokens.weight[32:] += 0.001 * torch.randn(32, 32, generator=noise)
+    ids = torch.randint(0, 32, (10, 40), generator=torch.Generator().manual_seed(0))
+    ids[validation_every - 1 :: validation_every] += 32
+    return reference, modified, ids

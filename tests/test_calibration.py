@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import SCALE, tiny_llama
+from conftest import SCALE, pair_that_does_not_carry, tiny_llama
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper, pipeline
 
 from hemorrhage_hf.calibration import VALIDATION_EVERY, CalibrationError, CalibrationWarning, DecodingCalibration
@@ -154,16 +154,7 @@ def test_previous_token_bias_leaves_its_start_at_a_real_vocabulary_size():
 def test_fit_says_so_when_the_correction_does_not_carry_to_the_held_out_windows():
     """The modification damages the embeddings of the tokens the fit windows read and barely touches those of the
     held-out windows: what the fit learns makes the held-out text worse, and ``fit`` must say so."""
-    reference = tiny_llama()
-    with torch.no_grad():
-        reference.lm_head.weight.mul_(40)
-    modified = copy.deepcopy(reference)
-    noise = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        modified.model.embed_tokens.weight[:32] += 0.05 * torch.randn(32, 32, generator=noise)
-        modified.model.embed_tokens.weight[32:] += 0.001 * torch.randn(32, 32, generator=noise)
-    ids = torch.randint(0, 32, (10, 40), generator=torch.Generator().manual_seed(0))
-    ids[VALIDATION_EVERY - 1 :: VALIDATION_EVERY] += 32  # the windows fit holds out read only tokens 32..63
+    reference, modified, ids = pair_that_does_not_carry(VALIDATION_EVERY)
     with pytest.warns(CalibrationWarning, match="does NOT help"):
         calibration = DecodingCalibration.fit(reference, modified, ids, progress=False)
     summary = calibration.summary

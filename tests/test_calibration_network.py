@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import pair_that_does_not_carry, tiny_llama
 
 from hemorrhage_hf.calibration import (
     VALIDATION_EVERY,
@@ -112,16 +112,7 @@ def test_the_network_undoes_on_held_out_windows_what_the_linear_state_map_cannot
 def test_the_fit_leaves_the_network_out_when_it_does_not_help_on_held_out_windows():
     """The modification damages the embeddings of the tokens the fit windows read and barely touches those of the
     held-out windows: what the network learns does not carry, and the fit drops it and says so."""
-    reference = tiny_llama()
-    with torch.no_grad():
-        reference.lm_head.weight.mul_(40)
-    modified = copy.deepcopy(reference)
-    noise = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        modified.model.embed_tokens.weight[:32] += 0.05 * torch.randn(32, 32, generator=noise)
-        modified.model.embed_tokens.weight[32:] += 0.001 * torch.randn(32, 32, generator=noise)
-    ids = torch.randint(0, 32, (10, 40), generator=torch.Generator().manual_seed(0))
-    ids[VALIDATION_EVERY - 1 :: VALIDATION_EVERY] += 32  # the windows fit holds out read only tokens 32..63
+    reference, modified, ids = pair_that_does_not_carry(VALIDATION_EVERY)
     with pytest.warns(CalibrationWarning, match="state_network was left out"):
         calibration = DecodingCalibration.fit(reference, modified, ids, families=("state_network",),
                                               progress=False, **NETWORK)
