@@ -7,6 +7,7 @@ For each modification, measured in one run:
                in-domain     fit on the first --fit-tokens of WikiText-2 (valid), judge on its last --held-out-tokens
                              (disjoint articles);
                cross-domain  fit on the prose of Python's docs, judge on the same WikiText-2 slice.
+             --extra-fit-text adds other texts to the in-domain fit (the first --extra-fit-tokens of each).
   families : (--families-table) held-out KL reduction of each candidate correction family, fitted on the same
              in-domain predictions (the fit's fp16 store, same held-out tokens).
   overhead : one greedy decoding step of the modified model (batch 1, KV cache, 256-token prompt) with and without
@@ -16,6 +17,7 @@ For each modification, measured in one run:
 Usage: python bench/bench_calibration.py [--modifications int4-g64,wanda-50] [--fit-tokens 16384]
                                          [--held-out-tokens 4096] [--families entropy_temperature,token_bias,state_bias]
                                          [--rank 32] [--max-iterations 40] [--fit-max-tokens 16384]
+                                         [--extra-fit-text python-docs,PATH,...] [--extra-fit-tokens 65536]
                                          [--families-table] [--steps 32] [--pairs 16]
                                          [--overhead-only]
 """
@@ -41,7 +43,7 @@ from hemorrhage_hf.calibration import (
 )
 from hemorrhage_hf.calibration_ops import CorrectionParameters, fit_correction, kl_before_after
 from hemorrhage_hf.compare import CalibrationSettings
-from hemorrhage_hf.corpus import python_docs_text, tokenize_corpus
+from hemorrhage_hf.corpus import load_corpus, python_docs_text, tokenize_corpus
 from hemorrhage_hf.measure import measure
 from hemorrhage_hf.models import load_model
 from hemorrhage_hf.modify import apply_modification, parse_spec
@@ -169,6 +171,9 @@ def main() -> None:
     parser.add_argument("--max-iterations", type=int, default=40, help="L-BFGS iterations of each fit")
     parser.add_argument("--fit-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help="tokens each fit uses, in windows drawn from all --fit-tokens (fit's max_tokens)")
+    parser.add_argument("--extra-fit-text", default="",
+                        help="comma-separated texts added to the in-domain fit: python-docs or UTF-8 file paths")
+    parser.add_argument("--extra-fit-tokens", type=int, default=65536, help="tokens taken from each extra text")
     parser.add_argument("--families-table", action="store_true")
     parser.add_argument("--no-cross-domain", action="store_true")
     parser.add_argument("--steps", type=int, default=32)
@@ -181,6 +186,10 @@ def main() -> None:
     reference, tokenizer = load_model("default")
     fit_windows, held_out = wiki_windows(tokenizer, window=args.window, fit_tokens=args.fit_tokens,
                                          held_out_tokens=args.held_out_tokens)
+    extra_sources = [source for source in args.extra_fit_text.split(",") if source]
+    for source in extra_sources:
+        fit_windows += tokenize_corpus(tokenizer, load_corpus(source), window=args.window,
+                                       max_tokens=args.extra_fit_tokens)
     families = tuple(args.families.split(","))
     if args.overhead_only:
         for spec in args.modifications.split(","):
@@ -188,7 +197,8 @@ def main() -> None:
             identity = DecodingCalibration(CorrectionParameters.identity(families, vocab_size=_vocab_size(modified)))
             print(spec, "overhead", json.dumps(overhead(modified, identity, held_out[0].input_ids[None, :256], args.steps, args.pairs)))
         return
-    results = {"fit_tokens": args.fit_tokens, "held_out": f"last {args.held_out_tokens} tokens of WikiText-2 valid"}
+    results = {"fit_tokens": args.fit_tokens, "held_out": f"last {args.held_out_tokens} tokens of WikiText-2 valid",
+               "extra_fit_text": {source: args.extra_fit_tokens for source in extra_sources}}
     for spec in args.modifications.split(","):
         modified = modified_model(reference, tokenizer, spec)
         row = results[spec] = {}
