@@ -186,10 +186,6 @@ def main() -> None:
     reference, tokenizer = load_model("default")
     fit_windows, held_out = wiki_windows(tokenizer, window=args.window, fit_tokens=args.fit_tokens,
                                          held_out_tokens=args.held_out_tokens)
-    extra_sources = [source for source in args.extra_fit_text.split(",") if source]
-    for source in extra_sources:
-        fit_windows += tokenize_corpus(tokenizer, load_corpus(source), window=args.window,
-                                       max_tokens=args.extra_fit_tokens)
     families = tuple(args.families.split(","))
     if args.overhead_only:
         for spec in args.modifications.split(","):
@@ -198,7 +194,11 @@ def main() -> None:
             print(spec, "overhead", json.dumps(overhead(modified, identity, held_out[0].input_ids[None, :256], args.steps, args.pairs)))
         return
     results = {"fit_tokens": args.fit_tokens, "held_out": f"last {args.held_out_tokens} tokens of WikiText-2 valid",
-               "extra_fit_text": {source: args.extra_fit_tokens for source in extra_sources}}
+               "extra_fit_text": {}}
+    for source in filter(None, args.extra_fit_text.split(",")):
+        extra = tokenize_corpus(tokenizer, load_corpus(source), window=args.window, max_tokens=args.extra_fit_tokens)
+        results["extra_fit_text"][source] = sum(window.n_scored for window in extra)  # fewer if the text is shorter
+        fit_windows += extra
     for spec in args.modifications.split(","):
         modified = modified_model(reference, tokenizer, spec)
         row = results[spec] = {}
