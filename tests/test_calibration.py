@@ -50,19 +50,21 @@ def int4_calibration(smollm2, int4_model, wiki_halves):
         warnings.simplefilter("error", CalibrationWarning)  # the fit must judge itself helpful
         return DecodingCalibration.fit(
             reference, int4_model, wiki_halves[0], tokenizer=tokenizer, window=256, max_tokens=2560 * SCALE,
-            progress=False,
+            max_iterations=12, progress=False,  # held out as good as 40 (0.726 against 0.732 of the KL, measured)
         )
 
 
 @pytest.fixture(scope="module")
 def int4_network_calibration(smollm2, int4_model, wikitext_text):
-    """With the state network, on more text than the other fixture: it needs it (BENCHMARKS.md)."""
+    """With the state network, on more text than the other fixture: it needs it (BENCHMARKS.md). On these 12,288
+    tokens it removed 28.7 % of its own held-out windows' KL and left 0.784 of the KL of the test's held-out text
+    (20,480 tokens: 32.8 % and 0.762; measured)."""
     reference, tokenizer = smollm2
     with warnings.catch_warnings():
         warnings.simplefilter("error", CalibrationWarning)
         calibration = DecodingCalibration.fit(
             reference, int4_model, wikitext_text[: 100_000 * SCALE], tokenizer=tokenizer,
-            families=("state_network",), window=256, max_tokens=20_480 * SCALE, progress=False,
+            families=("state_network",), window=256, max_tokens=12_288 * SCALE, progress=False,
         )
     assert calibration.summary.network["kept"], calibration.summary.verdict()  # else the tests below use none
     return calibration
@@ -269,7 +271,7 @@ def test_calibrate_command_and_report_side_by_side(tmp_path, smollm2, wikitext_t
     text_file.write_text(wikitext_text[:12_000], encoding="utf-8")
     folder = tmp_path / "calibration"
     code = main(["calibrate", "default", "--modification", "int4-g64", "--text-file", str(text_file),
-                 "--max-tokens", "1280", "--window", "128", "--max-iterations", "15", "--quiet",
+                 "--max-tokens", "1280", "--window", "128", "--max-iterations", "5", "--quiet",
                  "--output", str(folder)])
     assert code in (0, 1)  # 1: saved, but judged unhelpful on its held-out windows
     config = json.loads((folder / "calibration_config.json").read_text())

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.heavy
 
 @pytest.fixture(scope="module")
 def calibration(smollm2):
-    return calibration_windows(smollm2[1], python_docs_text(), n_sequences=8 * SCALE, seq_len=256, seed=0)
+    return calibration_windows(smollm2[1], python_docs_text(), n_sequences=4 * SCALE, seq_len=256, seed=0)
 
 
 @pytest.fixture(scope="module")
