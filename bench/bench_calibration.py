@@ -36,6 +36,7 @@ from transformers import LogitsProcessorList
 from hemorrhage_hf.calibration import (
     DEFAULT_FAMILIES,
     DEFAULT_MAX_TOKENS,
+    DEFAULT_NETWORK_RANK,
     DEFAULT_RANK,
     DecodingCalibration,
     _collect,
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--families", default=",".join(DEFAULT_FAMILIES))
     parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help="rank of the low-rank families")
+    parser.add_argument("--network-rank", type=int, default=DEFAULT_NETWORK_RANK, help="the state_network's bottleneck")
     parser.add_argument("--max-iterations", type=int, default=40, help="L-BFGS iterations of each fit")
     parser.add_argument("--fit-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help="tokens each fit uses, in windows drawn from all --fit-tokens (fit's max_tokens)")
@@ -176,6 +178,7 @@ def main() -> None:
     parser.add_argument("--extra-fit-tokens", type=int, default=65536, help="tokens taken from each extra text")
     parser.add_argument("--families-table", action="store_true")
     parser.add_argument("--no-cross-domain", action="store_true")
+    parser.add_argument("--progress", action="store_true", help="progress bars of each fit, on stderr")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--pairs", type=int, default=16, help="decodings with and without the calibration")
     parser.add_argument("--overhead-only", action="store_true",
@@ -202,8 +205,9 @@ def main() -> None:
     for spec in args.modifications.split(","):
         modified = modified_model(reference, tokenizer, spec)
         row = results[spec] = {}
-        fit_options = {"families": families, "rank": args.rank, "max_iterations": args.max_iterations,
-                       "max_tokens": args.fit_max_tokens, "progress": False}
+        fit_options = {"families": families, "rank": args.rank, "network_rank": args.network_rank,
+                       "max_iterations": args.max_iterations,
+                       "max_tokens": args.fit_max_tokens, "progress": args.progress}
         started = time.perf_counter()
         in_domain = DecodingCalibration.fit(reference, modified, fit_windows, **fit_options)
         fit_seconds = time.perf_counter() - started
