@@ -206,8 +206,8 @@ def main() -> None:
         modified = modified_model(reference, tokenizer, spec)
         row = results[spec] = {}
         fit_options = {"families": families, "rank": args.rank, "network_rank": args.network_rank,
-                       "max_iterations": args.max_iterations,
-                       "max_tokens": args.fit_max_tokens, "progress": args.progress}
+                       "max_iterations": args.max_iterations, "max_tokens": args.fit_max_tokens,
+                       "progress": args.progress}
         started = time.perf_counter()
         in_domain = DecodingCalibration.fit(reference, modified, fit_windows, **fit_options)
         fit_seconds = time.perf_counter() - started
