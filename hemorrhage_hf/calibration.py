@@ -552,7 +552,10 @@ def _collect(
 ) -> tuple[CalibrationData | None, StateData | None]:
     """Both models' predictions on ``windows``: their fp16 logits (``keep_logits``) and, given the modified model's
     ``head``, the states the state network fits on."""
-    logit_parts, state_parts = [], []
+    logit_parts = []
+    states_kept = (StateData.empty(sum(window.n_scored for window in windows), head.weight.shape[1],
+                                   head.weight.device) if head is not None and windows else None)
+    states_written = 0
     for batch in batch_windows(windows, batch_size):
         reference_logits = reference(input_ids=batch.input_ids.to(reference.device), use_cache=False).logits
         with _head_inputs(modified) as states:
@@ -566,11 +569,12 @@ def _collect(
         if head is not None:
             scored_states = batch.scored(states[-1]).to(head.weight.device)
             scored_modified = batch.scored(modified_logits)
-            if not state_parts:
+            if not states_written:
                 _check_plain_head(scored_states, scored_modified.to(head.weight.device), head)
-            state_parts.append(StateData.from_predictions(batch.scored(reference_logits).to(head.weight.device),
-                                                          scored_modified.to(head.weight.device), scored_states, head))
+            part = StateData.from_predictions(batch.scored(reference_logits).to(head.weight.device),
+                                              scored_modified.to(head.weight.device), scored_states, head)
+            states_kept.write(states_written, part)
+            states_written += len(part)
         del reference_logits, modified_logits, states
         bar.update(len(batch.first_scored))
-    return (CalibrationData.concatenate(logit_parts) if logit_parts else None,
-            StateData.concatenate(state_parts) if state_parts else None)
+    return CalibrationData.concatenate(logit_parts) if logit_parts else None, states_kept

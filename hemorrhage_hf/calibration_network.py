@@ -81,6 +81,22 @@ class StateData:
         return cls(modified_states.float(), torch.cat(expected), torch.cat(constant), identical)
 
     @classmethod
+    def empty(cls, size: int, hidden_size: int, device: torch.device) -> StateData:
+        """Room for ``size`` predictions, filled window by window with :meth:`write`.
+
+        One allocation for a whole collection: a hidden-sized part kept per window, between the window's
+        vocabulary-sized temporaries, fragmented glibc's heap so that it grew by 24 MiB a window (SmolLM2, a
+        524k-token fit: 12 GB resident after 410 windows, 2.8 GB once ``malloc_trim`` returned the free heap)."""
+        return cls(torch.empty(size, hidden_size, device=device), torch.empty(size, hidden_size, device=device),
+                   torch.empty(size, dtype=torch.float64, device=device),
+                   torch.empty(size, dtype=torch.bool, device=device))
+
+    def write(self, start: int, part: StateData) -> None:
+        """Copy ``part`` into rows ``start : start + len(part)``."""
+        for column in fields(self):
+            getattr(self, column.name)[start : start + len(part)] = getattr(part, column.name)
+
+    @classmethod
     def concatenate(cls, parts: list[StateData]) -> StateData:
         return cls(*(torch.cat([getattr(part, f.name) for part in parts]) for f in fields(cls)))
 
