@@ -7,7 +7,8 @@ For each modification, measured in one run:
                in-domain     fit on the first --fit-tokens of WikiText-2 (valid), judge on its last --held-out-tokens
                              (disjoint articles);
                cross-domain  fit on the prose of Python's docs, judge on the same WikiText-2 slice.
-             --extra-fit-text adds other texts to the in-domain fit (the first --extra-fit-tokens of each).
+             --extra-fit-text adds other texts to the in-domain fit (the first --extra-fit-tokens of each),
+             --sampled-tokens the reference's own samples (fit's sampled_tokens; state_network only).
   families : (--families-table) held-out KL reduction of each candidate correction family, fitted on the same
              in-domain predictions (the fit's fp16 store, same held-out tokens).
   overhead : one greedy decoding step of the modified model (batch 1, KV cache, 256-token prompt) with and without
@@ -18,6 +19,7 @@ Usage: python bench/bench_calibration.py [--modifications int4-g64,wanda-50] [--
                                          [--held-out-tokens 4096] [--families entropy_temperature,token_bias,state_bias]
                                          [--rank 32] [--max-iterations 40] [--fit-max-tokens 16384]
                                          [--extra-fit-text python-docs,PATH,...] [--extra-fit-tokens 65536]
+                                         [--sampled-tokens 0]
                                          [--families-table] [--steps 32] [--pairs 16]
                                          [--overhead-only]
 """
@@ -176,6 +178,8 @@ def main() -> None:
     parser.add_argument("--extra-fit-text", default="",
                         help="comma-separated texts added to the in-domain fit: python-docs or UTF-8 file paths")
     parser.add_argument("--extra-fit-tokens", type=int, default=65536, help="tokens taken from each extra text")
+    parser.add_argument("--sampled-tokens", type=int, default=0,
+                        help="tokens of the reference's own samples added to the state_network's fit")
     parser.add_argument("--families-table", action="store_true")
     parser.add_argument("--no-cross-domain", action="store_true")
     parser.add_argument("--progress", action="store_true", help="progress bars of each fit, on stderr")
@@ -206,6 +210,7 @@ def main() -> None:
         modified = modified_model(reference, tokenizer, spec)
         row = results[spec] = {}
         fit_options = {"families": families, "rank": args.rank, "network_rank": args.network_rank,
+                       "sampled_tokens": args.sampled_tokens, "window": args.window,
                        "max_iterations": args.max_iterations, "max_tokens": args.fit_max_tokens,
                        "progress": args.progress}
         started = time.perf_counter()

@@ -73,6 +73,7 @@ from .calibration_ops import (
 from .corpus import Window, make_windows, tokenize_corpus, tokenize_documents
 from .errors import CorpusError, HemorrhageError, TokenizerMismatchError
 from .measure import batch_windows
+from .reference_samples import sample_windows
 
 FORMAT = "hemorrhage-hf-decoding-calibration"
 FORMAT_VERSION = 3  # 2: the state bias gained its offset; 3: the state network (a v2 file reads as v3)
@@ -117,6 +118,7 @@ class FitSummary:
     kl_before: float
     kl_after: float
     kl_difference_error: float  # standard error of the mean per-token (after − before)
+    sampled_tokens: int = 0  # of fit_tokens, the reference's own text (``fit(sampled_tokens=...)``)
     metadata: dict = field(default_factory=dict)
     network: dict | None = None  # the state network's own held-out check (NetworkFit.to_dict), and whether it was kept
     notes: list[str] = field(default_factory=list)  # families the fit left out, and why
@@ -224,6 +226,7 @@ class DecodingCalibration(LogitsProcessor):
         network_rank: int = DEFAULT_NETWORK_RANK,
         network_width: int = DEFAULT_NETWORK_WIDTH,
         network_epochs: int = DEFAULT_EPOCHS,
+        sampled_tokens: int = 0,
         seed: int = 0,
         metadata: dict | None = None,
         progress: bool = True,
@@ -244,6 +247,9 @@ class DecodingCalibration(LogitsProcessor):
             regularization: weight of the squared norm of the per-token tensors.
             network_rank, network_width, network_epochs: the ``state_network``'s bottleneck, hidden units and
                 passes over the text (:mod:`~hemorrhage_hf.calibration_network`).
+            sampled_tokens: this many tokens of the reference's own text, sampled after prompts cut from the
+                calibration text (:func:`~hemorrhage_hf.reference_samples.sample_windows`), are added to the
+                ``state_network``'s fit; the held-out windows stay calibration text.
             metadata: carried into the saved config (what was compared, on which text).
 
         One window in :data:`VALIDATION_EVERY` is held out; :attr:`summary` holds the KL there with and without
@@ -257,10 +263,18 @@ class DecodingCalibration(LogitsProcessor):
         if max_tokens is None:
             max_tokens = NETWORK_MAX_TOKENS if with_network else DEFAULT_MAX_TOKENS
         windows = _spread(_as_windows(calibration, tokenizer, window=window, stride=stride), max_tokens, seed)
+        if sampled_tokens < 0:
+            raise CalibrationError(f"sampled_tokens must be 0 or more, got {sampled_tokens}")
+        if sampled_tokens and not with_network:
+            raise CalibrationError("sampled_tokens adds text to the state_network's fit; add state_network to "
+                                   "the families")
         other_families = [family for family in families if family != "state_network"]
         fit_windows, fit_states_only, validation_windows = _plan(windows, with_network, bool(other_families), seed)
+        samples = sample_windows(reference, fit_windows + fit_states_only, tokens=sampled_tokens, window=window,
+                                 seed=seed, progress=progress) if sampled_tokens else []
+        fit_states_only += samples
         head = OutputHead.of(modified) if with_network else None
-        with tqdm(total=len(windows), desc="calibration: collecting predictions", unit="window",
+        with tqdm(total=len(fit_windows + fit_states_only + validation_windows), desc="calibration: collecting predictions", unit="window",
                   disable=not progress) as bar:
             fit_data, fit_states = _collect(reference, modified, fit_windows, batch_size, bar, head=head)
             _, more_fit_states = _collect(reference, modified, fit_states_only, batch_size, bar, head=head,
@@ -298,6 +312,7 @@ class DecodingCalibration(LogitsProcessor):
         summary = FitSummary(
             families=list(parameters.families),
             fit_tokens=sum(window.n_scored for window in fit_windows + fit_states_only),
+            sampled_tokens=sum(window.n_scored for window in samples),
             validation_tokens=len(validation_data),
             kl_before=before.double().mean().item(),
             kl_after=after.double().mean().item(),

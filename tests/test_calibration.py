@@ -295,10 +295,14 @@ def test_calibrate_command_fits_the_state_network_with_its_options(tmp_path, wik
     folder = tmp_path / "calibration"
     code = main(["calibrate", "default", "--modification", "int4-g64", "--text-file", str(text_file),
                  "--max-tokens", "1280", "--window", "128", "--families", "state_network", "--network-rank", "32",
-                 "--network-width", "128", "--network-epochs", "2", "--quiet", "--output", str(folder)])
-    # Even this small network, on 1,123 tokens, removed 11 % of the held-out windows' KL (± 0.7 %, measured).
+                 "--network-width", "128", "--network-epochs", "2", "--sampled-tokens", "192", "--quiet",
+                 "--output", str(folder)])
+    # Even this small network, on 1,123 tokens and 192 of the reference's own, removed 11 % of the held-out windows'
+    # KL (± 0.7 %, measured).
     assert code == 0, capsys.readouterr().out
-    network = json.loads((folder / "calibration_config.json").read_text())["fit"]["network"]
+    fit = json.loads((folder / "calibration_config.json").read_text())["fit"]
+    assert fit["sampled_tokens"] == 192  # two windows of 128, 96 tokens sampled after each 32-token prompt
+    network = fit["network"]
     assert network["kept"] and network["epochs"] == 2 and network["validation_tokens"] == 2 * 127
     assert network["kl_after"] < 0.95 * network["kl_before"]
     loaded = DecodingCalibration.from_pretrained(folder)

@@ -15,7 +15,7 @@ EPILOG = """examples:
   hemorrhage-hf calibrate default --modification int4-g64 --output int4-calibration/
   hemorrhage-hf calibrate default ./my-pruned-model --text-file my-domain.txt --output pruned-calibration/
   hemorrhage-hf calibrate default --modification wanda-50 --families state_network \
-      --text-file a-few-hundred-thousand-tokens.txt --output wanda-calibration/
+      --text-file a-few-hundred-thousand-tokens.txt --sampled-tokens 131072 --output wanda-calibration/
   hemorrhage-hf report --reference default --modification int4-g64 --calibration int4-calibration/ --output out/
 
 use it in Python:
@@ -76,6 +76,9 @@ def add_parser(subparsers) -> None:
                      help=f"state_network: hidden units (default: {DEFAULT_NETWORK_WIDTH})")
     fit.add_argument("--network-epochs", type=int, default=DEFAULT_EPOCHS, metavar="E",
                      help=f"state_network: passes over the calibration text (default: {DEFAULT_EPOCHS})")
+    fit.add_argument("--sampled-tokens", type=int, default=0, metavar="N",
+                     help="state_network: add N tokens the reference samples itself, after short prompts cut from "
+                     "the text, to the network's fit (more text for it when yours runs out; default: 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the saved calibration")
     parser.set_defaults(func=run)
@@ -117,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             stride=args.stride, max_tokens=args.max_tokens, batch_size=args.batch_size, rank=args.rank,
             regularization=args.regularization, max_iterations=args.max_iterations,
             network_rank=args.network_rank, network_width=args.network_width, network_epochs=args.network_epochs,
-            metadata=metadata, progress=not args.quiet,
+            sampled_tokens=args.sampled_tokens, metadata=metadata, progress=not args.quiet,
         )
     folder = calibration.save_pretrained(Path(args.output))
     print(f"{calibration!r}: {calibration.summary.verdict()}")
