@@ -276,7 +276,7 @@ class DecodingCalibration(LogitsProcessor):
                                  seed=seed, progress=progress) if sampled_tokens else []
         fit_states_only += samples
         head = OutputHead.of(modified) if with_network else None
-        with tqdm(total=len(fit_windows + fit_states_only + validation_windows), desc="calibration: collecting predictions", unit="window",
+        with tqdm(total=len(windows) + len(samples), desc="calibration: collecting predictions", unit="window",
                   disable=not progress) as bar:
             fit_data, fit_states = _collect(reference, modified, fit_windows, batch_size, bar, head=head)
             _, more_fit_states = _collect(reference, modified, fit_states_only, batch_size, bar, head=head,
