@@ -262,14 +262,14 @@ class DecodingCalibration(LogitsProcessor):
         _check_same_vocabulary(reference, modified)
         families = tuple(families)
         with_network = "state_network" in families
-        if max_tokens is None:
-            max_tokens = NETWORK_MAX_TOKENS if with_network else DEFAULT_MAX_TOKENS
-        windows = _spread(_as_windows(calibration, tokenizer, window=window, stride=stride), max_tokens, seed)
         if sampled_tokens < 0:
             raise CalibrationError(f"sampled_tokens must be 0 or more, got {sampled_tokens}")
         if sampled_tokens and not with_network:
             raise CalibrationError("sampled_tokens adds text to the state_network's fit; add state_network to "
                                    "the families")
+        if max_tokens is None:
+            max_tokens = NETWORK_MAX_TOKENS if with_network else DEFAULT_MAX_TOKENS
+        windows = _spread(_as_windows(calibration, tokenizer, window=window, stride=stride), max_tokens, seed)
         other_families = [family for family in families if family != "state_network"]
         fit_windows, fit_states_only, validation_windows = _plan(windows, with_network, bool(other_families), seed)
         samples = sample_windows(reference, fit_windows + fit_states_only, tokens=sampled_tokens, window=window,

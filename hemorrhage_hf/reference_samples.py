@@ -89,7 +89,7 @@ def _prompts(sources: list[torch.Tensor], count: int, prompt_tokens: int, seed: 
 def _sampling_config(model: PreTrainedModel, new_tokens: int) -> GenerationConfig:
     """Plain sampling whatever the model's own generation settings; every sample runs its full length."""
     own = model.generation_config
-    eos = own.eos_token_id
-    pad = own.pad_token_id if own.pad_token_id is not None else eos if isinstance(eos, int) else (eos or [0])[0]
+    # Prompts of one length that all run the full length are never padded: the pad id only keeps generate quiet.
+    pad = 0 if own.pad_token_id is None else own.pad_token_id
     return GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                            min_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad)
+                            min_new_tokens=new_tokens, eos_token_id=own.eos_token_id, pad_token_id=pad)
