@@ -553,9 +553,12 @@ def _head_inputs(model: PreTrainedModel) -> Iterator[list[torch.Tensor]]:
 
 def _check_plain_head(states: torch.Tensor, logits: torch.Tensor, head: OutputHead) -> None:
     """The state network corrects scores as ``states @ Eᵀ + b``: a model that changes its scores after the head
-    (soft-capping, scaling) is refused rather than calibrated wrongly."""
+    (soft-capping, scaling) is refused rather than calibrated wrongly. The tolerance allows for the scores' own
+    rounding: a bfloat16 model's are rounded to 8 bits (a 1e-3 tolerance refused every such model)."""
     expected = torch.addmm(head.bias, states[:8].float(), head.weight.T)
-    if not torch.allclose(expected, logits[:8].float(), rtol=1e-3, atol=1e-3 * logits[:8].abs().max().item()):
+    tolerance = max(1e-3, 2 * torch.finfo(logits.dtype).eps)
+    if not torch.allclose(expected, logits[:8].float(), rtol=tolerance,
+                          atol=tolerance * logits[:8].abs().max().item()):
         raise CalibrationError(
             "the state_network family needs scores that are the output head applied to the final hidden state; "
             "this model changes them after its head (logit soft-capping or scaling?). Leave state_network out."

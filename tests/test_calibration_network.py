@@ -153,6 +153,14 @@ def test_saved_network_reloads_and_corrects_the_same(tmp_path):
     assert not torch.equal(loaded(ids[:3], scores), scores)
 
 
+def test_bfloat16_models_fit_the_network_their_rounded_scores_are_not_taken_for_a_changed_head():
+    reference, modified = (model.to(torch.bfloat16) for model in _pruned_mlp_pair())
+    ids = torch.randint(0, 64, (200, 40), generator=torch.Generator().manual_seed(0))
+    network = DecodingCalibration.fit(reference, modified, ids, families=("state_network",), network_epochs=5,
+                                      progress=False, **NETWORK)
+    assert network.summary.network["kept"] and network.summary.kl_reduction > 0.5, network.summary.verdict()
+
+
 def test_a_model_that_changes_its_scores_after_the_head_is_refused():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
