@@ -154,7 +154,13 @@ def test_saved_network_reloads_and_corrects_the_same(tmp_path):
 
 
 def test_bfloat16_models_fit_the_network_their_rounded_scores_are_not_taken_for_a_changed_head():
+    """Their training products run in bfloat16 too (OutputHead.product_dtype), within its rounding of fp32's."""
     reference, modified = (model.to(torch.bfloat16) for model in _pruned_mlp_pair())
+    head = OutputHead.of(modified)
+    assert head.product_dtype == torch.bfloat16 and head.weight.dtype == torch.float32
+    states = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    exact = torch.addmm(head.bias, states, head.weight.T)
+    torch.testing.assert_close(head.training_scores(states), exact, rtol=0, atol=0.02 * exact.abs().max().item())
     ids = torch.randint(0, 64, (200, 40), generator=torch.Generator().manual_seed(0))
     network = DecodingCalibration.fit(reference, modified, ids, families=("state_network",), network_epochs=5,
                                       progress=False, **NETWORK)
@@ -195,5 +201,7 @@ def test_collecting_states_keeps_memory_flat_window_after_window():
     _, states = _collect(reference, modified, windows, 1, RecordingBar(), head=OutputHead.of(modified),
                          keep_logits=False)
     assert len(states) == sum(window.n_scored for window in windows)
-    growth_per_window = (resident[-1] - resident[4]) / (len(resident) - 5)
+    # glibc gives freed memory back now and then: a flat heap saws between +0 and +180 MiB (each window's
+    # temporaries), a fragmented one never comes back down. So the lowest readings of two stretches compare.
+    growth_per_window = (min(resident[-7:]) - min(resident[2:9])) / (len(resident) - 9)
     assert growth_per_window < 2 * 2**20, f"{growth_per_window / 2**20:.1f} MiB a window"
