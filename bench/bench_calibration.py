@@ -9,6 +9,8 @@ For each modification, measured in one run:
                cross-domain  fit on the prose of Python's docs, judge on the same WikiText-2 slice.
              --extra-fit-text adds other texts to the in-domain fit (the first --extra-fit-tokens of each),
              --sampled-tokens the reference's own samples (fit's sampled_tokens; state_network only).
+             --fit-dtype bf16 runs both models in bfloat16 during the fit (what `calibrate --dtype bf16` does);
+             the held-out figures are always those of the fp32 models.
   families : (--families-table) held-out KL reduction of each candidate correction family, fitted on the same
              in-domain predictions (the fit's fp16 store, same held-out tokens).
   overhead : one greedy decoding step of the modified model (batch 1, KV cache, 256-token prompt) with and without
@@ -19,7 +21,7 @@ Usage: python bench/bench_calibration.py [--modifications int4-g64,wanda-50] [--
                                          [--held-out-tokens 4096] [--families entropy_temperature,token_bias,state_bias]
                                          [--rank 32] [--max-iterations 40] [--fit-max-tokens 16384]
                                          [--extra-fit-text python-docs,PATH,...] [--extra-fit-tokens 65536]
-                                         [--sampled-tokens 0]
+                                         [--sampled-tokens 0] [--fit-dtype fp32]
                                          [--families-table] [--steps 32] [--pairs 16]
                                          [--overhead-only]
 """
@@ -27,6 +29,7 @@ Usage: python bench/bench_calibration.py [--modifications int4-g64,wanda-50] [--
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -48,7 +51,7 @@ from hemorrhage_hf.calibration_ops import CorrectionParameters, fit_correction, 
 from hemorrhage_hf.compare import CalibrationSettings
 from hemorrhage_hf.corpus import load_corpus, python_docs_text, tokenize_corpus
 from hemorrhage_hf.measure import measure
-from hemorrhage_hf.models import load_model
+from hemorrhage_hf.models import DTYPES, load_model
 from hemorrhage_hf.modify import apply_modification, parse_spec
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
@@ -180,6 +183,8 @@ def main() -> None:
     parser.add_argument("--extra-fit-tokens", type=int, default=65536, help="tokens taken from each extra text")
     parser.add_argument("--sampled-tokens", type=int, default=0,
                         help="tokens of the reference's own samples added to the state_network's fit")
+    parser.add_argument("--fit-dtype", choices=sorted(DTYPES), default="fp32",
+                        help="dtype both models run in during the fit (the held-out judgement stays fp32)")
     parser.add_argument("--families-table", action="store_true")
     parser.add_argument("--no-cross-domain", action="store_true")
     parser.add_argument("--progress", action="store_true", help="progress bars of each fit, on stderr")
@@ -200,7 +205,8 @@ def main() -> None:
             identity = DecodingCalibration(CorrectionParameters.identity(families, vocab_size=_vocab_size(modified)))
             print(spec, "overhead", json.dumps(overhead(modified, identity, held_out[0].input_ids[None, :256], args.steps, args.pairs)))
         return
-    results = {"fit_tokens": args.fit_tokens, "held_out": f"last {args.held_out_tokens} tokens of WikiText-2 valid",
+    results = {"fit_tokens": args.fit_tokens, "fit_dtype": args.fit_dtype,
+               "held_out": f"last {args.held_out_tokens} tokens of WikiText-2 valid",
                "extra_fit_text": {}}
     for source in filter(None, args.extra_fit_text.split(",")):
         extra = tokenize_corpus(tokenizer, load_corpus(source), window=args.window, max_tokens=args.extra_fit_tokens)
@@ -213,14 +219,16 @@ def main() -> None:
                        "sampled_tokens": args.sampled_tokens, "window": args.window,
                        "max_iterations": args.max_iterations, "max_tokens": args.fit_max_tokens,
                        "progress": args.progress}
+        fit_models = [model if args.fit_dtype == "fp32" else copy.deepcopy(model).to(DTYPES[args.fit_dtype])
+                      for model in (reference, modified)]
         started = time.perf_counter()
-        in_domain = DecodingCalibration.fit(reference, modified, fit_windows, **fit_options)
+        in_domain = DecodingCalibration.fit(*fit_models, fit_windows, **fit_options)
         fit_seconds = time.perf_counter() - started
         row["in_domain"] = {**quality(reference, modified, in_domain, held_out), "fit_seconds": fit_seconds}
         print(spec, "in-domain", json.dumps(row["in_domain"]), flush=True)
         if not args.no_cross_domain:
             python_docs = tokenize_corpus(tokenizer, python_docs_text(), window=args.window, max_tokens=args.fit_tokens)
-            cross = DecodingCalibration.fit(reference, modified, python_docs, **fit_options)
+            cross = DecodingCalibration.fit(*fit_models, python_docs, **fit_options)
             row["cross_domain"] = quality(reference, modified, cross, held_out)
             print(spec, "cross-domain", json.dumps(row["cross_domain"]), flush=True)
         if args.families_table:
