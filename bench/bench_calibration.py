@@ -13,6 +13,9 @@ For each modification, measured in one run:
              the held-out figures are always those of the fp32 models.
   families : (--families-table) held-out KL reduction of each candidate correction family, fitted on the same
              in-domain predictions (the fit's fp16 store, same held-out tokens).
+  speed    : (--speed-only DTYPE) the fit's two costly parts in fp32 and in DTYPE, alternating: collecting both
+             models' states on a window (what the state network's fit does on every window) and one training
+             step's head product, forward and backward; the ratios of the medians.
   overhead : one greedy decoding step of the modified model (batch 1, KV cache, 256-token prompt) with and without
              the calibration, in alternating pairs (median ratio and its quartiles); and the calibration call
              alone on one step's scores.
@@ -23,7 +26,7 @@ Usage: python bench/bench_calibration.py [--modifications int4-g64,wanda-50] [--
                                          [--extra-fit-text python-docs,PATH,...] [--extra-fit-tokens 65536]
                                          [--sampled-tokens 0] [--fit-dtype fp32]
                                          [--families-table] [--steps 32] [--pairs 16]
-                                         [--overhead-only]
+                                         [--overhead-only] [--speed-only bf16]
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from hemorrhage_hf.calibration import (
     _collect,
     _vocab_size,
 )
+from hemorrhage_hf.calibration_network import BATCH_SIZE, OutputHead
 from hemorrhage_hf.calibration_ops import CorrectionParameters, fit_correction, kl_before_after
 from hemorrhage_hf.compare import CalibrationSettings
 from hemorrhage_hf.corpus import load_corpus, python_docs_text, tokenize_corpus
@@ -129,6 +133,39 @@ def families_table(reference, modified, fit_windows, held_out) -> list[dict]:
     return rows
 
 
+def dtype_speed(reference, modified, windows, dtype: str, rounds: int) -> dict:
+    """Seconds a window of collecting states and a training step's head product take in fp32 and in ``dtype``
+    (a name of :data:`DTYPES`)."""
+    from tqdm.auto import tqdm
+
+    def collect(models) -> float:
+        with tqdm(disable=True) as bar:
+            started = time.perf_counter()
+            _collect(*models, windows, 1, bar, head=OutputHead.of(models[1]), keep_logits=False)
+        return (time.perf_counter() - started) / len(windows)
+
+    def train_step(head: OutputHead) -> float:
+        states = torch.randn(BATCH_SIZE, head.weight.shape[1], requires_grad=True)
+        started = time.perf_counter()
+        for _ in range(8):
+            torch.logsumexp(head.training_scores(states), -1).sum().backward()
+        return (time.perf_counter() - started) / 8
+
+    sides = {"fp32": (reference, modified),
+             dtype: tuple(copy.deepcopy(model).to(DTYPES[dtype]) for model in (reference, modified))}
+    timings = {name: {"collect_window_s": [], "train_step_s": []} for name in sides}
+    for _ in range(rounds):
+        for name, models in sides.items():
+            timings[name]["collect_window_s"].append(collect(models))
+            timings[name]["train_step_s"].append(train_step(OutputHead.of(models[1])))
+    medians = {name: {part: statistics.median(times) for part, times in parts.items()}
+               for name, parts in timings.items()}
+    fast = medians[dtype]
+    return {"windows": len(windows), "rounds": rounds, **medians,
+            "collect_ratio": medians["fp32"]["collect_window_s"] / fast["collect_window_s"],
+            "train_step_ratio": medians["fp32"]["train_step_s"] / fast["train_step_s"]}
+
+
 @torch.inference_mode()
 def overhead(modified, calibration: DecodingCalibration, prompt_ids: torch.Tensor, steps: int, pairs: int) -> dict:
     """Per-step time of greedy decoding with and without the calibration, and of the call alone.
@@ -185,6 +222,8 @@ def main() -> None:
                         help="tokens of the reference's own samples added to the state_network's fit")
     parser.add_argument("--fit-dtype", choices=sorted(DTYPES), default="fp32",
                         help="dtype both models run in during the fit (the held-out judgement stays fp32)")
+    parser.add_argument("--speed-only", choices=sorted(set(DTYPES) - {"fp32"}),
+                        help="only the fit's collection and training speed in fp32 and this dtype")
     parser.add_argument("--families-table", action="store_true")
     parser.add_argument("--no-cross-domain", action="store_true")
     parser.add_argument("--progress", action="store_true", help="progress bars of each fit, on stderr")
@@ -203,7 +242,14 @@ def main() -> None:
         for spec in args.modifications.split(","):
             modified = modified_model(reference, tokenizer, spec)
             identity = DecodingCalibration(CorrectionParameters.identity(families, vocab_size=_vocab_size(modified)))
-            print(spec, "overhead", json.dumps(overhead(modified, identity, held_out[0].input_ids[None, :256], args.steps, args.pairs)))
+            prompt = held_out[0].input_ids[None, :256]
+            print(spec, "overhead", json.dumps(overhead(modified, identity, prompt, args.steps, args.pairs)))
+        return
+    if args.speed_only:
+        for spec in args.modifications.split(","):
+            speed = dtype_speed(reference, modified_model(reference, tokenizer, spec), fit_windows[:8],
+                                args.speed_only, rounds=3)
+            print(spec, "speed", json.dumps(speed))
         return
     results = {"fit_tokens": args.fit_tokens, "fit_dtype": args.fit_dtype,
                "held_out": f"last {args.held_out_tokens} tokens of WikiText-2 valid",
