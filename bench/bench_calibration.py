@@ -138,10 +138,10 @@ def dtype_speed(reference, modified, windows, dtype: str, rounds: int) -> dict:
     (a name of :data:`DTYPES`)."""
     from tqdm.auto import tqdm
 
-    def collect(models) -> float:
+    def collect(models, head: OutputHead) -> float:
         with tqdm(disable=True) as bar:
             started = time.perf_counter()
-            _collect(*models, windows, 1, bar, head=OutputHead.of(models[1]), keep_logits=False)
+            _collect(*models, windows, 1, bar, head=head, keep_logits=False)
         return (time.perf_counter() - started) / len(windows)
 
     def train_step(head: OutputHead) -> float:
@@ -153,11 +153,12 @@ def dtype_speed(reference, modified, windows, dtype: str, rounds: int) -> dict:
 
     sides = {"fp32": (reference, modified),
              dtype: tuple(copy.deepcopy(model).to(DTYPES[dtype]) for model in (reference, modified))}
+    heads = {name: OutputHead.of(models[1]) for name, models in sides.items()}  # outside the timed parts
     timings = {name: {"collect_window_s": [], "train_step_s": []} for name in sides}
     for _ in range(rounds):
         for name, models in sides.items():
-            timings[name]["collect_window_s"].append(collect(models))
-            timings[name]["train_step_s"].append(train_step(OutputHead.of(models[1])))
+            timings[name]["collect_window_s"].append(collect(models, heads[name]))
+            timings[name]["train_step_s"].append(train_step(heads[name]))
     medians = {name: {part: statistics.median(times) for part, times in parts.items()}
                for name, parts in timings.items()}
     fast = medians[dtype]
