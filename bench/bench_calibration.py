@@ -230,6 +230,8 @@ def main() -> None:
     parser.add_argument("--progress", action="store_true", help="progress bars of each fit, on stderr")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--pairs", type=int, default=16, help="decodings with and without the calibration")
+    parser.add_argument("--save", type=Path,
+                        help="keep each in-domain fit under SAVE/<modification> (save_pretrained), for later study")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only the generation overhead, with the families at their identity values (a fit changes "
                              "their values, not their cost)")
@@ -271,6 +273,8 @@ def main() -> None:
         started = time.perf_counter()
         in_domain = DecodingCalibration.fit(*fit_models, fit_windows, **fit_options)
         fit_seconds = time.perf_counter() - started
+        if args.save:
+            in_domain.save_pretrained(args.save / spec)
         row["in_domain"] = {**quality(reference, modified, in_domain, held_out), "fit_seconds": fit_seconds}
         print(spec, "in-domain", json.dumps(row["in_domain"]), flush=True)
         if not args.no_cross_domain:
