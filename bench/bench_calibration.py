@@ -11,6 +11,8 @@ For each modification, measured in one run:
              --sampled-tokens the reference's own samples (fit's sampled_tokens; state_network only).
              --fit-dtype bf16 runs both models in bfloat16 during the fit (what `calibrate --dtype bf16` does);
              the held-out figures are always those of the fp32 models.
+             kl_reduction_error is the paired standard error (both sides are scored on the same predictions);
+             --save DIR keeps each in-domain fit in DIR/<modification> (save_pretrained).
   families : (--families-table) held-out KL reduction of each candidate correction family, fitted on the same
              in-domain predictions (the fit's fp16 store, same held-out tokens).
   speed    : (--speed-only DTYPE) the fit's two costly parts in fp32 and in DTYPE, alternating: collecting both
@@ -24,7 +26,7 @@ Usage: python bench/bench_calibration.py [--modifications int4-g64,wanda-50] [--
                                          [--held-out-tokens 4096] [--families entropy_temperature,token_bias,state_bias]
                                          [--rank 32] [--max-iterations 40] [--fit-max-tokens 16384]
                                          [--extra-fit-text python-docs,PATH,...] [--extra-fit-tokens 65536]
-                                         [--sampled-tokens 0] [--fit-dtype fp32]
+                                         [--sampled-tokens 0] [--fit-dtype fp32] [--save DIR]
                                          [--families-table] [--steps 32] [--pairs 16]
                                          [--overhead-only] [--speed-only bf16]
 """
