@@ -59,6 +59,7 @@ from hemorrhage_hf.corpus import load_corpus, python_docs_text, tokenize_corpus
 from hemorrhage_hf.measure import measure
 from hemorrhage_hf.models import DTYPES, load_model
 from hemorrhage_hf.modify import apply_modification, parse_spec
+from hemorrhage_hf.report import _mean_and_error
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
 FAMILY_SETS = (
@@ -99,13 +100,13 @@ def quality(reference, modified, calibration: DecodingCalibration, held_out) -> 
     plain, calibrated = report.figures, report.variants["calibrated"].figures
     # Both are measured on the same predictions, so the reduction's error is the paired difference's, far below
     # what the two means' own errors suggest.
-    difference = torch.from_numpy(report.variants["calibrated"].tokens.kl - report.tokens.kl).double()
+    _, difference_error = _mean_and_error(report.variants["calibrated"].tokens.kl - report.tokens.kl)
     return {
         "held_out_tokens": plain["n_tokens"],
         "kl_before": plain["kl_mean"], "kl_before_error": plain["kl_mean_error"],
         "kl_after": calibrated["kl_mean"], "kl_after_error": calibrated["kl_mean_error"],
         "kl_reduction": 1 - calibrated["kl_mean"] / plain["kl_mean"],
-        "kl_reduction_error": float(difference.std() / len(difference) ** 0.5 / plain["kl_mean"]),
+        "kl_reduction_error": difference_error / plain["kl_mean"],
         "ppl_ratio_before": plain["ppl_ratio"], "ppl_ratio_after": calibrated["ppl_ratio"],
         "top1_before": plain["top1_agreement"], "top1_after": calibrated["top1_agreement"],
         "fit_validation": calibration.summary.to_dict(),
