@@ -24,7 +24,8 @@ For each modification, measured in one run:
 
 Usage: python bench/bench_calibration.py [--modifications int4-g64,wanda-50] [--fit-tokens 16384]
                                          [--held-out-tokens 4096] [--families entropy_temperature,token_bias,state_bias]
-                                         [--rank 32] [--max-iterations 40] [--fit-max-tokens 16384]
+                                         [--rank 32] [--network-rank 128] [--network-write-rank K]
+                                         [--max-iterations 40] [--fit-max-tokens 16384]
                                          [--extra-fit-text python-docs,PATH,...] [--extra-fit-tokens 65536]
                                          [--sampled-tokens 0] [--fit-dtype fp32] [--save DIR]
                                          [--families-table] [--steps 32] [--pairs 16]
@@ -47,6 +48,7 @@ from hemorrhage_hf.calibration import (
     DEFAULT_FAMILIES,
     DEFAULT_MAX_TOKENS,
     DEFAULT_NETWORK_RANK,
+    DEFAULT_NETWORK_WIDTH,
     DEFAULT_RANK,
     DecodingCalibration,
     _collect,
@@ -220,6 +222,8 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(DEFAULT_FAMILIES))
     parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help="rank of the low-rank families")
     parser.add_argument("--network-rank", type=int, default=DEFAULT_NETWORK_RANK, help="the state_network's bottleneck")
+    parser.add_argument("--network-write-rank", type=int,
+                        help="cut the trained state_network's write to this many directions (default: no cut)")
     parser.add_argument("--max-iterations", type=int, default=40, help="L-BFGS iterations of each fit")
     parser.add_argument("--fit-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help="tokens each fit uses, in windows drawn from all --fit-tokens (fit's max_tokens)")
@@ -251,7 +255,10 @@ def main() -> None:
     if args.overhead_only:
         for spec in args.modifications.split(","):
             modified = modified_model(reference, tokenizer, spec)
-            identity = DecodingCalibration(CorrectionParameters.identity(families, vocab_size=_vocab_size(modified)))
+            identity = DecodingCalibration(CorrectionParameters.identity(
+                families, vocab_size=_vocab_size(modified), network_shape=(args.network_rank, DEFAULT_NETWORK_WIDTH),
+                network_write_rank=args.network_write_rank,
+            ))
             prompt = held_out[0].input_ids[None, :256]
             print(spec, "overhead", json.dumps(overhead(modified, identity, prompt, args.steps, args.pairs)))
         return
@@ -272,7 +279,7 @@ def main() -> None:
         modified = modified_model(reference, tokenizer, spec)
         row = results[spec] = {}
         fit_options = {"families": families, "rank": args.rank, "network_rank": args.network_rank,
-                       "sampled_tokens": args.sampled_tokens, "window": args.window,
+                       "network_write_rank": args.network_write_rank, "sampled_tokens": args.sampled_tokens, "window": args.window,
                        "max_iterations": args.max_iterations, "max_tokens": args.fit_max_tokens,
                        "progress": args.progress}
         fit_models = [model if args.fit_dtype == "fp32" else copy.deepcopy(model).to(DTYPES[args.fit_dtype])

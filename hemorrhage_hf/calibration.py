@@ -228,6 +228,7 @@ class DecodingCalibration(LogitsProcessor):
         network_rank: int = DEFAULT_NETWORK_RANK,
         network_width: int = DEFAULT_NETWORK_WIDTH,
         network_epochs: int = DEFAULT_EPOCHS,
+        network_write_rank: int | None = None,
         sampled_tokens: int = 0,
         seed: int = 0,
         metadata: dict | None = None,
@@ -249,6 +250,8 @@ class DecodingCalibration(LogitsProcessor):
             regularization: weight of the squared norm of the per-token tensors.
             network_rank, network_width, network_epochs: the ``state_network``'s bottleneck, hidden units and
                 passes over the text (:mod:`~hemorrhage_hf.calibration_network`).
+            network_write_rank: after training, cut the ``state_network``'s write to this many directions (at
+                most ``network_rank``): the processor's cost per generation step scales with it.
             sampled_tokens: this many tokens of the reference's own text, sampled after prompts cut from the
                 calibration text (:func:`~hemorrhage_hf.reference_samples.sample_windows`), are added to the
                 ``state_network``'s fit; the held-out windows stay calibration text.
@@ -289,7 +292,8 @@ class DecodingCalibration(LogitsProcessor):
                                    hidden_size=head.weight.shape[1], seed=seed)
             network_tensors, network_summary = _fit_network(
                 _join(fit_states, more_fit_states), validation_states, head, read_ids, rank=network_rank,
-                width=network_width, epochs=network_epochs, seed=seed, progress=progress,
+                width=network_width, epochs=network_epochs, write_rank=network_write_rank, seed=seed,
+                progress=progress,
             )
         parameters = CorrectionParameters(vocab_size=_vocab_size(modified))
         notes = [] if network_summary is None or network_summary["kept"] else [_network_left_out(network_summary)]

@@ -77,17 +77,18 @@ class CorrectionParameters:
     state_network_read_ids: torch.Tensor | None = None  # [n] int64: the tokens whose scores the state is read from
     state_network_in: torch.Tensor | None = None  # [n, r]: reads the network's input from those scores
     state_network_in_bias: torch.Tensor | None = None  # [r]
-    state_network_linear: torch.Tensor | None = None  # [r, r]; zero (with down and bias) is the identity
+    state_network_linear: torch.Tensor | None = None  # [k, r]; zero (with down and bias) is the identity
     state_network_up: torch.Tensor | None = None  # [width, r]
     state_network_up_bias: torch.Tensor | None = None  # [width]
-    state_network_down: torch.Tensor | None = None  # [r, width]
-    state_network_bias: torch.Tensor | None = None  # [r]
-    state_network_out: torch.Tensor | None = None  # [r, vocab]: writes through the output head
+    state_network_down: torch.Tensor | None = None  # [k, width]
+    state_network_bias: torch.Tensor | None = None  # [k]
+    state_network_out: torch.Tensor | None = None  # [k, vocab]: writes through the output head; k ≤ r
 
     @classmethod
     def identity(
         cls, families: Iterable[str], *, vocab_size: int, rank: int = 8, entropy_center: float = 0.0, seed: int = 0,
         network_shape: tuple[int, int] = (DEFAULT_NETWORK_RANK, DEFAULT_NETWORK_WIDTH),
+        network_write_rank: int | None = None,
     ) -> CorrectionParameters:
         """Parameters at which the correction is exactly the identity, ready to be fitted.
 
@@ -96,7 +97,7 @@ class CorrectionParameters:
         second factor's entries are of unit size, the scale of a logit: scaled down by √vocab they made the first
         step's change of the loss smaller than fp32 resolves, and the fit never left its start on SmolLM2. The
         state bias is zero here; a fit finds it in closed form (:meth:`HiddenStateFactors.regress`). The state
-        network (``network_shape``: rank, width) is all zeros: a fit trains it apart, on states
+        network (``network_shape``: rank, width; ``network_write_rank``, by default the rank) is all zeros: a fit trains it apart, on states
         (:func:`~hemorrhage_hf.calibration_network.fit_state_network`), and never from here.
         """
         families = set(families)
@@ -121,10 +122,11 @@ class CorrectionParameters:
             parameters.state_bias_offset = torch.zeros(vocab_size)
         if "state_network" in families:
             network_rank, width = network_shape
+            write_rank = network_write_rank or network_rank
             read_ids = torch.arange(min(READ_TOKENS, vocab_size))
             n_read = len(read_ids)
-            shapes = ((n_read,), (n_read, network_rank), (network_rank,), (network_rank, network_rank),
-                      (width, network_rank), (width,), (network_rank, width), (network_rank,), (network_rank, vocab_size))
+            shapes = ((n_read,), (n_read, network_rank), (network_rank,), (write_rank, network_rank),
+                      (width, network_rank), (width,), (write_rank, width), (write_rank,), (write_rank, vocab_size))
             for name, shape in zip(NETWORK_TENSORS, shapes, strict=True):
                 setattr(parameters, name, torch.zeros(shape))
             parameters.state_network_read_ids = read_ids
@@ -155,6 +157,12 @@ class CorrectionParameters:
             return 0, 0
         width, rank = self.state_network_up.shape
         return rank, width
+
+    @property
+    def network_write_rank(self) -> int:
+        """Directions the state network writes along: its rank, or fewer where its fit cut the write
+        (:meth:`~hemorrhage_hf.calibration_network.StateNetwork.cut_write`); 0 without it."""
+        return 0 if self.state_network_out is None else self.state_network_out.shape[0]
 
     def is_identity(self) -> bool:
         """Every term at its identity value (what a fit on two identical models returns)."""
@@ -194,6 +202,7 @@ class CorrectionParameters:
         """Raise ValueError when the tensors do not fit together (a corrupted or hand-edited file)."""
         vocab, rank = self.vocab_size, self.rank
         network_rank, width = self.network_shape
+        write_rank = self.network_write_rank
         read = 0 if self.state_network_read_ids is None else len(self.state_network_read_ids)
         expected = {
             "log_inverse_temperature": (),
@@ -208,12 +217,12 @@ class CorrectionParameters:
             "state_network_read_ids": (read,),
             "state_network_in": (read, network_rank),
             "state_network_in_bias": (network_rank,),
-            "state_network_linear": (network_rank, network_rank),
+            "state_network_linear": (write_rank, network_rank),
             "state_network_up": (width, network_rank),
             "state_network_up_bias": (width,),
-            "state_network_down": (network_rank, width),
-            "state_network_bias": (network_rank,),
-            "state_network_out": (network_rank, vocab),
+            "state_network_down": (write_rank, width),
+            "state_network_bias": (write_rank,),
+            "state_network_out": (write_rank, vocab),
         }
         for name, tensor in self.tensors().items():
             if tuple(tensor.shape) != expected[name]:

@@ -295,8 +295,8 @@ def test_calibrate_command_fits_the_state_network_with_its_options(tmp_path, wik
     folder = tmp_path / "calibration"
     code = main(["calibrate", "default", "--modification", "int4-g64", "--text-file", str(text_file),
                  "--max-tokens", "1280", "--window", "128", "--families", "state_network", "--network-rank", "32",
-                 "--network-width", "128", "--network-epochs", "2", "--sampled-tokens", "192", "--quiet",
-                 "--output", str(folder)])
+                 "--network-width", "128", "--network-epochs", "2", "--network-write-rank", "16",
+                 "--sampled-tokens", "192", "--quiet", "--output", str(folder)])
     # Even this small network, on 1,143 tokens and 192 of the reference's own, removed 5.1 % of the held-out windows'
     # KL (± 1.3 %, measured; 11 % without the samples, on this little text they dilute it): kept means beyond noise.
     assert code == 0, capsys.readouterr().out
@@ -306,6 +306,7 @@ def test_calibrate_command_fits_the_state_network_with_its_options(tmp_path, wik
     assert network["kept"] and network["epochs"] == 2 and network["validation_tokens"] == 2 * 127
     loaded = DecodingCalibration.from_pretrained(folder)
     assert loaded.families == ("state_network",) and loaded.parameters.network_shape == (32, 128)
+    assert loaded.parameters.network_write_rank == 16
 
 
 def test_calibrate_command_fits_the_state_network_on_bfloat16_models(tmp_path, wikitext_text, capsys):

@@ -89,6 +89,34 @@ def test_the_network_folded_into_vocabulary_space_corrects_scores_as_it_corrects
     assert parameters.network_shape == (4, 32) and not parameters.is_identity()
 
 
+def test_cutting_the_write_keeps_the_networks_change_along_its_principal_directions():
+    """The cut network writes the trained network's change projected on its top principal directions (at full rank,
+    the same change), through tensors whose write side has that many rows, which still fold into vocabulary space."""
+    hidden, rank = 16, 6
+    generator = torch.Generator().manual_seed(0)
+    network = StateNetwork(hidden_size=hidden, rank=rank, width=32, mean=torch.zeros(hidden), scale=torch.ones(hidden))
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    states = torch.randn(300, hidden, generator=generator)
+    with torch.no_grad():
+        change = network(states)
+        directions = torch.linalg.svd(change, full_matrices=False).Vh[:3].T
+        full, cut = copy.deepcopy(network), copy.deepcopy(network)
+        full.cut_write(states, rank)
+        cut.cut_write(states, 3)
+        torch.testing.assert_close(full(states), change, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cut(states), change @ directions @ directions.T, rtol=1e-4, atol=1e-4)
+        assert (cut(states) - change).norm() > 0.1 * change.norm()  # three of six directions: a real cut
+    head = _random_head(64, hidden, generator)
+    parameters = CorrectionParameters(vocab_size=64, **vocabulary_tensors(cut, head, torch.arange(40)))
+    parameters.validate()
+    assert parameters.network_shape == (rank, 32) and parameters.network_write_rank == 3
+    with torch.no_grad():
+        torch.testing.assert_close(state_network_term(states @ head.weight.T + head.bias, parameters),
+                                   cut(states) @ head.weight.T, rtol=1e-4, atol=1e-4)
+
+
 def test_the_least_used_tokens_are_read():
     counts = torch.tensor([5, 0, 3, 0, 9, 1, 2, 7])
     assert read_tokens(counts, {1}, hidden_size=2).tolist() == [0, 2, 3, 4, 5, 6, 7]  # 7 ≤ 4,096: all but 1
@@ -144,9 +172,10 @@ def test_saved_network_reloads_and_corrects_the_same(tmp_path):
     reference, modified = _pruned_mlp_pair()
     ids = torch.randint(0, 64, (40, 40), generator=torch.Generator().manual_seed(0))
     calibration = DecodingCalibration.fit(reference, modified, ids, families=("token_bias", "state_network"),
-                                          progress=False, **NETWORK)
+                                          network_write_rank=8, progress=False, **NETWORK)
     loaded = DecodingCalibration.from_pretrained(calibration.save_pretrained(tmp_path), vocab_size=64)
     assert loaded.families == ("token_bias", "state_network")
+    assert (loaded.parameters.network_shape, loaded.parameters.network_write_rank) == ((16, 64), 8)
     assert loaded.summary.network == calibration.summary.network
     scores = torch.randn(3, 64) * 10
     assert torch.equal(loaded(ids[:3], scores), calibration(ids[:3], scores))

@@ -76,6 +76,9 @@ def add_parser(subparsers) -> None:
                      help=f"state_network: hidden units (default: {DEFAULT_NETWORK_WIDTH})")
     fit.add_argument("--network-epochs", type=int, default=DEFAULT_EPOCHS, metavar="E",
                      help=f"state_network: passes over the calibration text (default: {DEFAULT_EPOCHS})")
+    fit.add_argument("--network-write-rank", type=int, default=None, metavar="K",
+                     help="state_network: after training, cut its write to the K directions it changes the state "
+                     "most along; the processor's cost per token scales with K (default: the rank, no cut)")
     fit.add_argument("--sampled-tokens", type=int, default=0, metavar="N",
                      help="state_network: add N tokens the reference samples itself, after short prompts cut from "
                      "the text, to the network's fit (more text for it when yours runs out; default: 0)")
@@ -120,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             stride=args.stride, max_tokens=args.max_tokens, batch_size=args.batch_size, rank=args.rank,
             regularization=args.regularization, max_iterations=args.max_iterations,
             network_rank=args.network_rank, network_width=args.network_width, network_epochs=args.network_epochs,
-            sampled_tokens=args.sampled_tokens, metadata=metadata, progress=not args.quiet,
+            network_write_rank=args.network_write_rank, sampled_tokens=args.sampled_tokens, metadata=metadata, progress=not args.quiet,
         )
     folder = calibration.save_pretrained(Path(args.output))
     print(f"{calibration!r}: {calibration.summary.verdict()}")
