@@ -279,8 +279,8 @@ def main() -> None:
         modified = modified_model(reference, tokenizer, spec)
         row = results[spec] = {}
         fit_options = {"families": families, "rank": args.rank, "network_rank": args.network_rank,
-                       "network_write_rank": args.network_write_rank, "sampled_tokens": args.sampled_tokens, "window": args.window,
-                       "max_iterations": args.max_iterations, "max_tokens": args.fit_max_tokens,
+                       "network_write_rank": args.network_write_rank, "sampled_tokens": args.sampled_tokens,
+                       "window": args.window, "max_iterations": args.max_iterations, "max_tokens": args.fit_max_tokens,
                        "progress": args.progress}
         fit_models = [model if args.fit_dtype == "fp32" else copy.deepcopy(model).to(DTYPES[args.fit_dtype])
                       for model in (reference, modified)]

@@ -11,11 +11,12 @@ what the KL needs of the two models (:class:`StateData`, 2 × hidden + 1 numbers
 
 with ``p`` the reference's next-token distribution, ``E``/``b`` the modified model's output head and ``h'`` the
 corrected state. The network reads ``h`` through a rank-``r`` bottleneck (started at the state's principal
-directions) and writes back through another; in generation it reads ``h`` from a few thousand of the scores and
-writes through one ``[r × vocab]`` product (:func:`vocabulary_tensors`)::
+directions) and writes back through another of rank ``k ≤ r`` (``r`` in training; a fit may then cut it to the
+``k`` directions the network changes the state most along, :meth:`StateNetwork.cut_write`); in generation it reads
+``h`` from a few thousand of the scores and writes through one ``[k × vocab]`` product (:func:`vocabulary_tensors`)::
 
     u  = ((h − μ) / σ) Pᵀ + p₀                                    # [r]: what the network reads
-    Δh = (u Lᵀ + W₂ gelu(W₁ u + w₁) + w₂) Qᵀ                      # zero at the start: the identity
+    Δh = (u Lᵀ + W₂ gelu(W₁ u + w₁) + w₂) Qᵀ                      # [k] written through Q; zero at the start
 
 Example:
     >>> import torch

@@ -97,8 +97,9 @@ class CorrectionParameters:
         second factor's entries are of unit size, the scale of a logit: scaled down by √vocab they made the first
         step's change of the loss smaller than fp32 resolves, and the fit never left its start on SmolLM2. The
         state bias is zero here; a fit finds it in closed form (:meth:`HiddenStateFactors.regress`). The state
-        network (``network_shape``: rank, width; ``network_write_rank``, by default the rank) is all zeros: a fit trains it apart, on states
-        (:func:`~hemorrhage_hf.calibration_network.fit_state_network`), and never from here.
+        network (``network_shape``: rank, width; ``network_write_rank``, by default the rank) is all zeros: a fit
+        trains it apart, on states (:func:`~hemorrhage_hf.calibration_network.fit_state_network`), and never from
+        here.
         """
         families = set(families)
         unknown = families - set(FAMILIES)

@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
             stride=args.stride, max_tokens=args.max_tokens, batch_size=args.batch_size, rank=args.rank,
             regularization=args.regularization, max_iterations=args.max_iterations,
             network_rank=args.network_rank, network_width=args.network_width, network_epochs=args.network_epochs,
-            network_write_rank=args.network_write_rank, sampled_tokens=args.sampled_tokens, metadata=metadata, progress=not args.quiet,
+            network_write_rank=args.network_write_rank, sampled_tokens=args.sampled_tokens, metadata=metadata,
+            progress=not args.quiet,
         )
     folder = calibration.save_pretrained(Path(args.output))
     print(f"{calibration!r}: {calibration.summary.verdict()}")
