@@ -12,7 +12,7 @@ what the KL needs of the two models (:class:`StateData`, 2 × hidden + 1 numbers
 with ``p`` the reference's next-token distribution, ``E``/``b`` the modified model's output head and ``h'`` the
 corrected state. The network reads ``h`` through a rank-``r`` bottleneck (started at the state's principal
 directions) and writes back through another of rank ``k ≤ r`` (``r`` in training; a fit may then cut it to the
-``k`` directions the network changes the state most along, :meth:`StateNetwork.cut_write`); in generation it reads
+``k`` directions of its change that move the KL most, :meth:`StateNetwork.cut_write`); in generation it reads
 ``h`` from a few thousand of the scores and writes through one ``[k × vocab]`` product (:func:`vocabulary_tensors`)::
 
     u  = ((h − μ) / σ) Pᵀ + p₀                                    # [r]: what the network reads
@@ -169,21 +169,54 @@ class StateNetwork(nn.Module):
         return self.write(self.bottleneck(states))
 
     @torch.no_grad()
-    def cut_write(self, states: torch.Tensor, write_rank: int) -> None:
-        """Write only along the ``write_rank`` principal directions ``P`` of the change the network makes on
-        ``states``: ``Δh ← Δh P Pᵀ``, refactored so that the bottleneck ends in ``write_rank`` numbers and the write
-        is ``P`` itself (the processor's ``[rank × vocab]`` product becomes ``[write_rank × vocab]``).
+    def cut_write(self, states: torch.Tensor, write_rank: int, head: OutputHead) -> None:
+        """Write only along the ``write_rank`` directions of the network's change on ``states`` that move the
+        corrected model's scores most, refactored so that the bottleneck ends in ``write_rank`` numbers (the
+        processor's ``[rank × vocab]`` product becomes ``[write_rank × vocab]``).
 
-        A trained rank-256 network cut to 128 directions kept almost all it removed (wanda-50, held out: 17.6 % →
-        17.3 % of the KL) for two thirds of its generation overhead, where a network trained at rank 128 removes
-        less (BENCHMARKS.md, "Decoding calibration").
+        "Most" is measured in the KL's own metric (:func:`output_metric`, ``F = G²``): the cut is the best rank-``k``
+        approximation of ``Δh G``, written back through ``G⁻¹``, ``Δh ← Δh G V Vᵀ G⁻¹``. A trained rank-256
+        network cut to 128 directions kept almost all it removed (wanda-50, held out, 262k fit tokens: 21.5 % →
+        21.2 % of the KL, where the principal directions of ``Δh`` itself kept 21.0 %) for two thirds of its
+        generation overhead, where a network trained at rank 128 removes less (BENCHMARKS.md, "Decoding
+        calibration").
         """
-        directions = torch.linalg.svd(self(states), full_matrices=False).Vh[:write_rank].T  # P: [hidden, k]
-        compact = directions.T @ self.write.weight  # Pᵀ W: [k, rank], the bottleneck's output in P's coordinates
+        change = self(states)
+        root, inverse_root = _matrix_roots(output_metric(states + change, head))
+        directions = torch.linalg.svd(change @ root, full_matrices=False).Vh[:write_rank].T  # V: [hidden, k]
+        compact = directions.T @ root @ self.write.weight  # [k, rank]: the bottleneck's output in V's coordinates
         self.linear = _composed(self.linear, compact)
         self.down = _composed(self.down, compact)
         self.write = nn.Linear(write_rank, directions.shape[0], bias=False).to(directions.device)
-        self.write.weight.copy_(directions)
+        self.write.weight.copy_(inverse_root @ directions)
+
+
+#: States the KL's metric is averaged over (each costs a [vocab] softmax).
+METRIC_SAMPLE = 8192
+
+
+def output_metric(states: torch.Tensor, head: OutputHead, chunk_size: int = 256) -> torch.Tensor:
+    """``[hidden, hidden]``: the KL's second-order change when the states move by ``δ`` is ``½ δ F δᵀ``, with
+    ``F = E[Eᵀ (diag(q) − q qᵀ) E]`` over the first :data:`METRIC_SAMPLE` of ``states`` and ``q`` the head's
+    distribution at each (whatever the reference's distribution: the KL's Hessian in the scores is softmax's)."""
+    states = states[:METRIC_SAMPLE]
+    probability_mass = torch.zeros(head.weight.shape[0], dtype=torch.float64, device=states.device)
+    expected_outer = torch.zeros(states.shape[1], states.shape[1], dtype=torch.float64, device=states.device)
+    for start in range(0, len(states), chunk_size):
+        probs = torch.softmax(torch.addmm(head.bias, states[start : start + chunk_size], head.weight.T), -1)
+        probability_mass += probs.sum(0).double()
+        expected = (probs @ head.weight).double()  # [chunk, hidden]: Σ_v q_v E_v
+        expected_outer += expected.T @ expected
+    weight = head.weight.double()
+    return ((weight.T * probability_mass) @ weight - expected_outer) / len(states)
+
+
+def _matrix_roots(metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``G`` and ``G⁻¹`` in fp32 with ``G² = metric``; directions the scores do not see (a shift of all of
+    them) get a floor, so that ``G⁻¹`` stays finite."""
+    values, vectors = torch.linalg.eigh(metric)
+    roots = values.clamp_min(values.max() * 1e-9).sqrt()
+    return ((vectors * roots) @ vectors.T).float(), ((vectors / roots) @ vectors.T).float()
 
 
 def _composed(layer: nn.Linear, after: torch.Tensor) -> nn.Linear:
@@ -251,7 +284,7 @@ def fit_state_network(
         _train(network, fit, head, epochs=epochs, steps_per_epoch=steps_per_epoch, generator=generator,
                progress=progress)
         if write_rank is not None and write_rank < rank:
-            network.cut_write(states[_sample(len(states), seed).to(states.device)], write_rank)
+            network.cut_write(states[_sample(len(states), seed).to(states.device)], write_rank, head)
     network.eval()
     with torch.no_grad():
         before, after = [], []

@@ -18,6 +18,7 @@ from hemorrhage_hf.calibration_network import (
     OutputHead,
     StateData,
     StateNetwork,
+    output_metric,
     read_tokens,
     vocabulary_tensors,
 )
@@ -89,11 +90,30 @@ def test_the_network_folded_into_vocabulary_space_corrects_scores_as_it_corrects
     assert parameters.network_shape == (4, 32) and not parameters.is_identity()
 
 
-def test_cutting_the_write_keeps_the_networks_change_along_its_principal_directions():
-    """The cut network writes the trained network's change projected on its top principal directions (at full rank,
-    the same change), through tensors whose write side has that many rows, which still fold into vocabulary space."""
+def test_the_output_metric_is_the_kls_hessian_in_the_state():
+    vocab, hidden = 40, 6
+    generator = torch.Generator().manual_seed(0)
+    head = _random_head(vocab, hidden, generator)
+    states = torch.randn(5, hidden, generator=generator, dtype=torch.float64)
+    head64 = OutputHead(head.weight.double(), head.bias.double())
+
+    def kl_from(state: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        scores = state @ head64.weight.T + head64.bias
+        return kl_divergence(log_probs(scores), log_probs(scores + shift @ head64.weight.T))
+
+    hessians = [torch.autograd.functional.hessian(lambda shift: kl_from(state, shift), torch.zeros(hidden,
+                dtype=torch.float64)) for state in states]
+    torch.testing.assert_close(output_metric(states.float(), head), torch.stack(hessians).mean(0),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_cutting_the_write_keeps_the_change_that_moves_the_kl_most():
+    """The cut network writes a rank-3 part of the trained network's change (at the network's rank, the same
+    change), closer in the KL's metric than the change's principal directions, through tensors whose write side
+    has that many rows, which still fold into vocabulary space."""
     hidden, rank = 16, 6
     generator = torch.Generator().manual_seed(0)
+    head = _random_head(64, hidden, generator)
     network = StateNetwork(hidden_size=hidden, rank=rank, width=32, mean=torch.zeros(hidden), scale=torch.ones(hidden))
     with torch.no_grad():
         for parameter in network.parameters():
@@ -101,14 +121,20 @@ def test_cutting_the_write_keeps_the_networks_change_along_its_principal_directi
     states = torch.randn(300, hidden, generator=generator)
     with torch.no_grad():
         change = network(states)
-        directions = torch.linalg.svd(change, full_matrices=False).Vh[:3].T
+        metric = output_metric(states + change, head).float()
         full, cut = copy.deepcopy(network), copy.deepcopy(network)
-        full.cut_write(states, rank)
-        cut.cut_write(states, 3)
+        full.cut_write(states, rank, head)
+        cut.cut_write(states, 3, head)
         torch.testing.assert_close(full(states), change, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(cut(states), change @ directions @ directions.T, rtol=1e-4, atol=1e-4)
-        assert (cut(states) - change).norm() > 0.1 * change.norm()  # three of six directions: a real cut
-    head = _random_head(64, hidden, generator)
+        assert torch.linalg.matrix_rank(cut(states)) == 3
+
+        def metric_error(approximation: torch.Tensor) -> float:
+            residual = change - approximation
+            return (residual @ metric * residual).sum().item()
+
+        principal = torch.linalg.svd(change, full_matrices=False).Vh[:3].T
+        assert metric_error(cut(states)) < 0.9 * metric_error(change @ principal @ principal.T)
+        assert metric_error(cut(states)) > 0.01 * metric_error(torch.zeros_like(change))  # a real cut
     parameters = CorrectionParameters(vocab_size=64, **vocabulary_tensors(cut, head, torch.arange(40)))
     parameters.validate()
     assert parameters.network_shape == (rank, 32) and parameters.network_write_rank == 3

@@ -77,8 +77,8 @@ def add_parser(subparsers) -> None:
     fit.add_argument("--network-epochs", type=int, default=DEFAULT_EPOCHS, metavar="E",
                      help=f"state_network: passes over the calibration text (default: {DEFAULT_EPOCHS})")
     fit.add_argument("--network-write-rank", type=int, default=None, metavar="K",
-                     help="state_network: after training, cut its write to the K directions it changes the state "
-                     "most along; the processor's cost per token scales with K (default: the rank, no cut)")
+                     help="state_network: after training, cut its write to the K directions of its change that "
+                     "move the KL most; the processor's cost per token scales with K (default: the rank, no cut)")
     fit.add_argument("--sampled-tokens", type=int, default=0, metavar="N",
                      help="state_network: add N tokens the reference samples itself, after short prompts cut from "
                      "the text, to the network's fit (more text for it when yours runs out; default: 0)")
