@@ -95,11 +95,11 @@ def test_the_output_metric_is_the_kls_hessian_in_the_state():
     generator = torch.Generator().manual_seed(0)
     head = _random_head(vocab, hidden, generator)
     states = torch.randn(5, hidden, generator=generator, dtype=torch.float64)
-    head64 = OutputHead(head.weight.double(), head.bias.double())
+    weight, bias = head.weight.double(), head.bias.double()
 
     def kl_from(state: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        scores = state @ head64.weight.T + head64.bias
-        return kl_divergence(log_probs(scores), log_probs(scores + shift @ head64.weight.T))
+        scores = state @ weight.T + bias
+        return kl_divergence(log_probs(scores), log_probs(scores + shift @ weight.T))
 
     hessians = [torch.autograd.functional.hessian(lambda shift: kl_from(state, shift), torch.zeros(hidden,
                 dtype=torch.float64)) for state in states]
