@@ -44,7 +44,10 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessorList
 
-from hemorrhage_hf.calibration import (
+from hemorrhage_hf.corpus import load_corpus, python_docs_text, tokenize_corpus
+from hemorrhage_hf.correction.network import BATCH_SIZE, OutputHead
+from hemorrhage_hf.correction.ops import CorrectionParameters, fit_correction, kl_before_after
+from hemorrhage_hf.correction.processor import (
     DEFAULT_FAMILIES,
     DEFAULT_MAX_TOKENS,
     DEFAULT_NETWORK_RANK,
@@ -54,14 +57,11 @@ from hemorrhage_hf.calibration import (
     _collect,
     _vocab_size,
 )
-from hemorrhage_hf.calibration_network import BATCH_SIZE, OutputHead
-from hemorrhage_hf.calibration_ops import CorrectionParameters, fit_correction, kl_before_after
-from hemorrhage_hf.compare import CalibrationSettings
-from hemorrhage_hf.corpus import load_corpus, python_docs_text, tokenize_corpus
-from hemorrhage_hf.measure import measure
+from hemorrhage_hf.measurement.engine import measure
+from hemorrhage_hf.measurement.report import _mean_and_error
 from hemorrhage_hf.models import DTYPES, load_model
 from hemorrhage_hf.modify import apply_modification, parse_spec
-from hemorrhage_hf.report import _mean_and_error
+from hemorrhage_hf.modify.calibration import CalibrationSettings
 
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
 FAMILY_SETS = (
@@ -97,20 +97,25 @@ def _cut(ids: torch.Tensor, window: int):
 
 
 def quality(reference, modified, calibration: DecodingCalibration, held_out) -> dict:
-    report = measure(reference, modified, held_out, progress=False,
-                     modified_variants={"calibrated": calibration.calibrate_sequence})
+    report = measure(
+        reference, modified, held_out, progress=False, modified_variants={"calibrated": calibration.calibrate_sequence}
+    )
     plain, calibrated = report.figures, report.variants["calibrated"].figures
     # Both are measured on the same predictions, so the reduction's error is the paired difference's, far below
     # what the two means' own errors suggest.
     _, difference_error = _mean_and_error(report.variants["calibrated"].tokens.kl - report.tokens.kl)
     return {
         "held_out_tokens": plain["n_tokens"],
-        "kl_before": plain["kl_mean"], "kl_before_error": plain["kl_mean_error"],
-        "kl_after": calibrated["kl_mean"], "kl_after_error": calibrated["kl_mean_error"],
+        "kl_before": plain["kl_mean"],
+        "kl_before_error": plain["kl_mean_error"],
+        "kl_after": calibrated["kl_mean"],
+        "kl_after_error": calibrated["kl_mean_error"],
         "kl_reduction": 1 - calibrated["kl_mean"] / plain["kl_mean"],
         "kl_reduction_error": difference_error / plain["kl_mean"],
-        "ppl_ratio_before": plain["ppl_ratio"], "ppl_ratio_after": calibrated["ppl_ratio"],
-        "top1_before": plain["top1_agreement"], "top1_after": calibrated["top1_agreement"],
+        "ppl_ratio_before": plain["ppl_ratio"],
+        "ppl_ratio_after": calibrated["ppl_ratio"],
+        "top1_before": plain["top1_agreement"],
+        "top1_after": calibrated["top1_agreement"],
         "fit_validation": calibration.summary.to_dict(),
     }
 
@@ -129,15 +134,17 @@ def families_table(reference, modified, fit_windows, held_out) -> list[dict]:
         before, after = kl_before_after(held_out_data, parameters)
         fitted_before, fitted_after = kl_before_after(fit_data, parameters)
         difference = (after - before).double()
-        rows.append({
-            "families": "+".join(families),
-            "parameters": sum(t.numel() for t in parameters.trainable())
-            + ((2 * parameters.rank + 1) * modified.config.hidden_size if "state_bias" in families else 0),
-            "fit_seconds": fit_seconds,
-            "in_sample_reduction": 1 - fitted_after.mean().item() / fitted_before.mean().item(),
-            "held_out_reduction": 1 - after.mean().item() / before.mean().item(),
-            "held_out_reduction_error": (difference.std() / len(difference) ** 0.5).item() / before.mean().item(),
-        })
+        rows.append(
+            {
+                "families": "+".join(families),
+                "parameters": sum(t.numel() for t in parameters.trainable())
+                + ((2 * parameters.rank + 1) * modified.config.hidden_size if "state_bias" in families else 0),
+                "fit_seconds": fit_seconds,
+                "in_sample_reduction": 1 - fitted_after.mean().item() / fitted_before.mean().item(),
+                "held_out_reduction": 1 - after.mean().item() / before.mean().item(),
+                "held_out_reduction_error": (difference.std() / len(difference) ** 0.5).item() / before.mean().item(),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -160,20 +167,27 @@ def dtype_speed(reference, modified, windows, dtype: str, rounds: int) -> dict:
             torch.logsumexp(head.training_scores(states), -1).sum().backward()
         return (time.perf_counter() - started) / 8
 
-    sides = {"fp32": (reference, modified),
-             dtype: tuple(copy.deepcopy(model).to(DTYPES[dtype]) for model in (reference, modified))}
+    sides = {
+        "fp32": (reference, modified),
+        dtype: tuple(copy.deepcopy(model).to(DTYPES[dtype]) for model in (reference, modified)),
+    }
     heads = {name: OutputHead.of(models[1]) for name, models in sides.items()}  # outside the timed parts
     timings = {name: {"collect_window_s": [], "train_step_s": []} for name in sides}
     for _ in range(rounds):
         for name, models in sides.items():
             timings[name]["collect_window_s"].append(collect(models, heads[name]))
             timings[name]["train_step_s"].append(train_step(heads[name]))
-    medians = {name: {part: statistics.median(times) for part, times in parts.items()}
-               for name, parts in timings.items()}
+    medians = {
+        name: {part: statistics.median(times) for part, times in parts.items()} for name, parts in timings.items()
+    }
     fast = medians[dtype]
-    return {"windows": len(windows), "rounds": rounds, **medians,
-            "collect_ratio": medians["fp32"]["collect_window_s"] / fast["collect_window_s"],
-            "train_step_ratio": medians["fp32"]["train_step_s"] / fast["train_step_s"]}
+    return {
+        "windows": len(windows),
+        "rounds": rounds,
+        **medians,
+        "collect_ratio": medians["fp32"]["collect_window_s"] / fast["collect_window_s"],
+        "train_step_ratio": medians["fp32"]["train_step_s"] / fast["train_step_s"],
+    }
 
 
 @torch.inference_mode()
@@ -184,10 +198,17 @@ def overhead(modified, calibration: DecodingCalibration, prompt_ids: torch.Tenso
     the median of the pairs' ratios with its interquartile range. The medians of each side taken separately (five
     pairs) read +1.6 %, +11.5 % and +1.9 % in three runs on a quiet machine; a pair's ratio cancels the machine's
     slower drifts."""
+
     def decode(processors) -> float:
         started = time.perf_counter()
-        modified.generate(prompt_ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                          logits_processor=processors, pad_token_id=0)
+        modified.generate(
+            prompt_ids,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            logits_processor=processors,
+            pad_token_id=0,
+        )
         return (time.perf_counter() - started) / steps
 
     decode(LogitsProcessorList())  # warm-up
@@ -206,10 +227,12 @@ def overhead(modified, calibration: DecodingCalibration, prompt_ids: torch.Tenso
         call.append(time.perf_counter() - started)
     step = statistics.median(plain)
     return {
-        "step_s": step, "step_with_calibration_s": statistics.median(calibrated),
+        "step_s": step,
+        "step_with_calibration_s": statistics.median(calibrated),
         "generate_overhead": statistics.median(ratios),
         "generate_overhead_quartiles": [lower_quartile, upper_quartile],
-        "call_s": statistics.median(call), "call_overhead": statistics.median(call) / step,
+        "call_s": statistics.median(call),
+        "call_overhead": statistics.median(call) / step,
     }
 
 
@@ -222,55 +245,89 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(DEFAULT_FAMILIES))
     parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help="rank of the low-rank families")
     parser.add_argument("--network-rank", type=int, default=DEFAULT_NETWORK_RANK, help="the state_network's bottleneck")
-    parser.add_argument("--network-write-rank", type=int,
-                        help="cut the trained state_network's write to this many directions (default: no cut)")
+    parser.add_argument(
+        "--network-write-rank",
+        type=int,
+        help="cut the trained state_network's write to this many directions (default: no cut)",
+    )
     parser.add_argument("--max-iterations", type=int, default=40, help="L-BFGS iterations of each fit")
-    parser.add_argument("--fit-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                        help="tokens each fit uses, in windows drawn from all --fit-tokens (fit's max_tokens)")
-    parser.add_argument("--extra-fit-text", default="",
-                        help="comma-separated texts added to the in-domain fit: python-docs or UTF-8 file paths")
+    parser.add_argument(
+        "--fit-max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help="tokens each fit uses, in windows drawn from all --fit-tokens (fit's max_tokens)",
+    )
+    parser.add_argument(
+        "--extra-fit-text",
+        default="",
+        help="comma-separated texts added to the in-domain fit: python-docs or UTF-8 file paths",
+    )
     parser.add_argument("--extra-fit-tokens", type=int, default=65536, help="tokens taken from each extra text")
-    parser.add_argument("--sampled-tokens", type=int, default=0,
-                        help="tokens of the reference's own samples added to the state_network's fit")
-    parser.add_argument("--fit-dtype", choices=sorted(DTYPES), default="fp32",
-                        help="dtype both models run in during the fit (the held-out judgement stays fp32)")
-    parser.add_argument("--speed-only", choices=sorted(set(DTYPES) - {"fp32"}),
-                        help="only the fit's collection and training speed in fp32 and this dtype")
+    parser.add_argument(
+        "--sampled-tokens",
+        type=int,
+        default=0,
+        help="tokens of the reference's own samples added to the state_network's fit",
+    )
+    parser.add_argument(
+        "--fit-dtype",
+        choices=sorted(DTYPES),
+        default="fp32",
+        help="dtype both models run in during the fit (the held-out judgement stays fp32)",
+    )
+    parser.add_argument(
+        "--speed-only",
+        choices=sorted(set(DTYPES) - {"fp32"}),
+        help="only the fit's collection and training speed in fp32 and this dtype",
+    )
     parser.add_argument("--families-table", action="store_true")
     parser.add_argument("--no-cross-domain", action="store_true")
     parser.add_argument("--progress", action="store_true", help="progress bars of each fit, on stderr")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--pairs", type=int, default=16, help="decodings with and without the calibration")
-    parser.add_argument("--save", type=Path,
-                        help="keep each in-domain fit under SAVE/<modification> (save_pretrained), for later study")
-    parser.add_argument("--overhead-only", action="store_true",
-                        help="only the generation overhead, with the families at their identity values (a fit changes "
-                             "their values, not their cost)")
+    parser.add_argument(
+        "--save", type=Path, help="keep each in-domain fit under SAVE/<modification> (save_pretrained), for later study"
+    )
+    parser.add_argument(
+        "--overhead-only",
+        action="store_true",
+        help="only the generation overhead, with the families at their identity values (a fit changes "
+        "their values, not their cost)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     reference, tokenizer = load_model("default")
-    fit_windows, held_out = wiki_windows(tokenizer, window=args.window, fit_tokens=args.fit_tokens,
-                                         held_out_tokens=args.held_out_tokens)
+    fit_windows, held_out = wiki_windows(
+        tokenizer, window=args.window, fit_tokens=args.fit_tokens, held_out_tokens=args.held_out_tokens
+    )
     families = tuple(args.families.split(","))
     if args.overhead_only:
         for spec in args.modifications.split(","):
             modified = modified_model(reference, tokenizer, spec)
-            identity = DecodingCalibration(CorrectionParameters.identity(
-                families, vocab_size=_vocab_size(modified), network_shape=(args.network_rank, DEFAULT_NETWORK_WIDTH),
-                network_write_rank=args.network_write_rank,
-            ))
+            identity = DecodingCalibration(
+                CorrectionParameters.identity(
+                    families,
+                    vocab_size=_vocab_size(modified),
+                    network_shape=(args.network_rank, DEFAULT_NETWORK_WIDTH),
+                    network_write_rank=args.network_write_rank,
+                )
+            )
             prompt = held_out[0].input_ids[None, :256]
             print(spec, "overhead", json.dumps(overhead(modified, identity, prompt, args.steps, args.pairs)))
         return
     if args.speed_only:
         for spec in args.modifications.split(","):
-            speed = dtype_speed(reference, modified_model(reference, tokenizer, spec), fit_windows[:8],
-                                args.speed_only, rounds=3)
+            speed = dtype_speed(
+                reference, modified_model(reference, tokenizer, spec), fit_windows[:8], args.speed_only, rounds=3
+            )
             print(spec, "speed", json.dumps(speed))
         return
-    results = {"fit_tokens": args.fit_tokens, "fit_dtype": args.fit_dtype,
-               "held_out": f"last {args.held_out_tokens} tokens of WikiText-2 valid",
-               "extra_fit_text": {}}
+    results = {
+        "fit_tokens": args.fit_tokens,
+        "fit_dtype": args.fit_dtype,
+        "held_out": f"last {args.held_out_tokens} tokens of WikiText-2 valid",
+        "extra_fit_text": {},
+    }
     for source in filter(None, args.extra_fit_text.split(",")):
         extra = tokenize_corpus(tokenizer, load_corpus(source), window=args.window, max_tokens=args.extra_fit_tokens)
         results["extra_fit_text"][source] = sum(window.n_scored for window in extra)  # fewer if the text is shorter
@@ -278,12 +335,21 @@ def main() -> None:
     for spec in args.modifications.split(","):
         modified = modified_model(reference, tokenizer, spec)
         row = results[spec] = {}
-        fit_options = {"families": families, "rank": args.rank, "network_rank": args.network_rank,
-                       "network_write_rank": args.network_write_rank, "sampled_tokens": args.sampled_tokens,
-                       "window": args.window, "max_iterations": args.max_iterations, "max_tokens": args.fit_max_tokens,
-                       "progress": args.progress}
-        fit_models = [model if args.fit_dtype == "fp32" else copy.deepcopy(model).to(DTYPES[args.fit_dtype])
-                      for model in (reference, modified)]
+        fit_options = {
+            "families": families,
+            "rank": args.rank,
+            "network_rank": args.network_rank,
+            "network_write_rank": args.network_write_rank,
+            "sampled_tokens": args.sampled_tokens,
+            "window": args.window,
+            "max_iterations": args.max_iterations,
+            "max_tokens": args.fit_max_tokens,
+            "progress": args.progress,
+        }
+        fit_models = [
+            model if args.fit_dtype == "fp32" else copy.deepcopy(model).to(DTYPES[args.fit_dtype])
+            for model in (reference, modified)
+        ]
         started = time.perf_counter()
         in_domain = DecodingCalibration.fit(*fit_models, fit_windows, **fit_options)
         fit_seconds = time.perf_counter() - started

@@ -27,12 +27,14 @@ import time
 import torch
 
 from hemorrhage_hf.corpus import calibration_windows, python_docs_text, tokenize_corpus
-from hemorrhage_hf.measure import measure
+from hemorrhage_hf.measurement.engine import measure
 from hemorrhage_hf.models import load_model
 from hemorrhage_hf.modify import apply_modification
 
-WIKITEXT = os.environ.get("HEMORRHAGE_WIKITEXT", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                               "wikitext-2-raw", "wiki.valid.raw"))
+WIKITEXT = os.environ.get(
+    "HEMORRHAGE_WIKITEXT",
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2-raw", "wiki.valid.raw"),
+)
 PRUNING = {"50%": ("magnitude-50", "wanda-50", "gradient-50"), "2:4": ("2:4-magnitude", "2:4-wanda", "2:4-gradient")}
 SCALING = (("int4-g64", "awq-int4-g64"), ("int3-g128", "awq-int3-g128"), ("int8", "awq-int8"), ("w8a8", "smooth-w8a8"))
 #: Modifications that need no calibration, measured by their KL to the reference.
@@ -63,24 +65,43 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--group", default="pruning,scaling,expansion,kv")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--time-only", default=None, metavar="SPECS",
-                        help="only time applying these comma-separated specs on the calibration (no evaluation)")
+    parser.add_argument(
+        "--time-only",
+        default=None,
+        metavar="SPECS",
+        help="only time applying these comma-separated specs on the calibration (no evaluation)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     reference, tokenizer = load_model("default")
-    calibration = calibration_windows(tokenizer, python_docs_text(), n_sequences=args.calibration_sequences,
-                                      seq_len=args.calibration_length, seed=0)
+    calibration = calibration_windows(
+        tokenizer, python_docs_text(), n_sequences=args.calibration_sequences, seq_len=args.calibration_length, seed=0
+    )
     if args.time_only:
         for spec in args.time_only.split(","):
             _, seconds = timed(reference, spec, calibration)
-            print(json.dumps({"spec": spec, "calibration": list(calibration.shape), "seconds": round(seconds, 1),
-                              "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "spec": spec,
+                        "calibration": list(calibration.shape),
+                        "seconds": round(seconds, 1),
+                        "threads": torch.get_num_threads(),
+                        "load_average": os.getloadavg()[0],
+                    }
+                ),
+                flush=True,
+            )
         return
     with open(WIKITEXT, encoding="utf-8") as handle:
         windows = tokenize_corpus(tokenizer, handle.read(), window=512, max_tokens=args.eval_tokens)
-    results = {"calibration": list(calibration.shape), "eval_tokens": args.eval_tokens, "threads": torch.get_num_threads(),
-               "load_average_start": os.getloadavg()[0]}
+    results = {
+        "calibration": list(calibration.shape),
+        "eval_tokens": args.eval_tokens,
+        "threads": torch.get_num_threads(),
+        "load_average_start": os.getloadavg()[0],
+    }
     groups = args.group.split(",")
     if "pruning" in groups:
         results["dense_ppl"] = perplexity(reference, windows)
@@ -100,19 +121,34 @@ def main() -> None:
             for spec in (plain, scaled):
                 modified, seconds = timed(reference, spec, calibration)
                 figures = measure(reference, modified, windows, progress=False).figures
-                row[spec] = {"kl": figures["kl_mean"], "kl_error": figures["kl_mean_error"],
-                             "ppl": figures["ppl_modified"], "top1": figures["top1_agreement"], "seconds": seconds}
-                print(f"{spec:15s} KL {figures['kl_mean']:.4f} ± {figures['kl_mean_error']:.4f}  "
-                      f"PPL {figures['ppl_modified']:.2f}  {seconds:7.1f} s", flush=True)
+                row[spec] = {
+                    "kl": figures["kl_mean"],
+                    "kl_error": figures["kl_mean_error"],
+                    "ppl": figures["ppl_modified"],
+                    "top1": figures["top1_agreement"],
+                    "seconds": seconds,
+                }
+                print(
+                    f"{spec:15s} KL {figures['kl_mean']:.4f} ± {figures['kl_mean_error']:.4f}  "
+                    f"PPL {figures['ppl_modified']:.2f}  {seconds:7.1f} s",
+                    flush=True,
+                )
             row["ratio_kl_scaled_over_plain"] = row[scaled]["kl"] / row[plain]["kl"]
             results[f"scaling {plain}"] = row
     for spec in (spec for group in groups for spec in UNCALIBRATED.get(group, ())):
         modified, seconds = timed(reference, spec, None)
         figures = measure(reference, modified, windows, progress=False).figures
-        results[spec] = {"kl": figures["kl_mean"], "kl_max": figures["kl_max"], "ppl_ratio": figures["ppl_ratio"],
-                         "seconds": seconds}
-        print(f"{spec:18s} KL {figures['kl_mean']:.3g} (max {figures['kl_max']:.3g})  PPL ratio "
-              f"{figures['ppl_ratio']:.3f}", flush=True)
+        results[spec] = {
+            "kl": figures["kl_mean"],
+            "kl_max": figures["kl_max"],
+            "ppl_ratio": figures["ppl_ratio"],
+            "seconds": seconds,
+        }
+        print(
+            f"{spec:18s} KL {figures['kl_mean']:.3g} (max {figures['kl_max']:.3g})  PPL ratio "
+            f"{figures['ppl_ratio']:.3f}",
+            flush=True,
+        )
     results["load_average_end"] = os.getloadavg()[0]
     print(json.dumps(results, indent=2))
 

@@ -21,7 +21,7 @@ import time
 import torch
 
 from hemorrhage_hf.corpus import python_docs_text, tokenize_corpus
-from hemorrhage_hf.measure import batch_windows, measure
+from hemorrhage_hf.measurement.engine import batch_windows, measure
 from hemorrhage_hf.models import load_model, load_tokenizer
 from hemorrhage_hf.modify import apply_modification
 
@@ -40,7 +40,8 @@ def time_ratio(n_tokens: int, window: int, repeats: int) -> dict:
     modified = apply_modification(reference, "int4-g64")
     windows = tokenize_corpus(tokenizer, python_docs_text(), window=window, max_tokens=n_tokens)
     with torch.inference_mode():  # warm-up: first calls allocate and pick kernels
-        reference(windows[0].input_ids[None]); modified(windows[0].input_ids[None])
+        reference(windows[0].input_ids[None])
+        modified(windows[0].input_ids[None])
     bare, engine = [], []
     for _ in range(repeats):  # interleaved, so drifts in machine load hit both sides alike
         started = time.perf_counter()
@@ -52,14 +53,19 @@ def time_ratio(n_tokens: int, window: int, repeats: int) -> dict:
         started = time.perf_counter()
         measure(reference, modified, windows, progress=False)
         engine.append(time.perf_counter() - started)
-    return {"tokens": n_tokens, "window": window, "bare_forward_s": min(bare), "report_s": min(engine),
-            "time_ratio": min(engine) / min(bare)}
+    return {
+        "tokens": n_tokens,
+        "window": window,
+        "bare_forward_s": min(bare),
+        "report_s": min(engine),
+        "time_ratio": min(engine) / min(bare),
+    }
 
 
 def memory_child(n_tokens: int, window: int, sequential: bool) -> None:
     import numpy as np  # noqa: F401  (imported before the baseline so its pages count there)
 
-    from hemorrhage_hf.compare import compare
+    from hemorrhage_hf.comparison import compare
 
     load_tokenizer("default")  # not load_model: its weights would raise the peak before the baseline
     text = python_docs_text()
@@ -67,12 +73,28 @@ def memory_child(n_tokens: int, window: int, sequential: bool) -> None:
     baseline = _current_rss_bytes()  # not the peak so far: tokenizing the corpus peaks higher than it ends
     # In sequential mode the reference is loaded (and its cache built, or found from an earlier run) before the
     # modification is applied in place: the peak holds one model either way.
-    report = compare("default", modification="int4-g64", text=text, window=window, max_tokens=n_tokens,
-                     sequential=sequential, progress=False)
+    report = compare(
+        "default",
+        modification="int4-g64",
+        text=text,
+        window=window,
+        max_tokens=n_tokens,
+        sequential=sequential,
+        progress=False,
+    )
     growth = _peak_rss_bytes() - baseline
-    print(json.dumps({"mode": "sequential" if sequential else "both models", "tokens": report.figures["n_tokens"],
-                      "two_models_weights_bytes": weight_bytes, "peak_growth_bytes": growth,
-                      "memory_ratio": growth / weight_bytes, "kl_mean": report.figures["kl_mean"]}))
+    print(
+        json.dumps(
+            {
+                "mode": "sequential" if sequential else "both models",
+                "tokens": report.figures["n_tokens"],
+                "two_models_weights_bytes": weight_bytes,
+                "peak_growth_bytes": growth,
+                "memory_ratio": growth / weight_bytes,
+                "kl_mean": report.figures["kl_mean"],
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -90,8 +112,21 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}")
     print(json.dumps(time_ratio(args.tokens, args.window, args.repeats)))
     for mode in ([], ["--sequential"]):
-        child = subprocess.run([sys.executable, __file__, "--memory-child", "--memory-tokens", str(args.memory_tokens),
-                                "--window", str(args.window), *mode], capture_output=True, text=True, check=True)
+        child = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--memory-child",
+                "--memory-tokens",
+                str(args.memory_tokens),
+                "--window",
+                str(args.window),
+                *mode,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         print(child.stdout.strip().splitlines()[-1])
 
 

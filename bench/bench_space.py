@@ -14,7 +14,13 @@ import argparse
 import json
 import time
 
-from hemorrhage_hf.space.backend import DEFAULT_MODEL_LABEL, ModelCache, default_sweep_levels, run_comparison, run_threshold_sweep
+from hemorrhage_hf.space.backend import (
+    DEFAULT_MODEL_LABEL,
+    ModelCache,
+    default_sweep_levels,
+    run_comparison,
+    run_threshold_sweep,
+)
 from hemorrhage_hf.space.ui import sample_text
 
 
@@ -29,12 +35,24 @@ def compare_cold_warm(spec: str, new_tokens: int, calibrate: bool) -> dict:
     text = sample_text()
 
     def request():
-        run_comparison(cache, DEFAULT_MODEL_LABEL, spec, text, prompt="What does the Python `len` function do?",
-                       max_new_tokens=new_tokens, calibrate=calibrate)
+        run_comparison(
+            cache,
+            DEFAULT_MODEL_LABEL,
+            spec,
+            text,
+            prompt="What does the Python `len` function do?",
+            max_new_tokens=new_tokens,
+            calibrate=calibrate,
+        )
 
     cold, warm = _timed(request), _timed(request)
-    return {"spec": spec, "calibrate": calibrate, "cold_s": round(cold, 2), "warm_s": round(warm, 2),
-            "cold_over_warm": round(cold / warm, 2)}
+    return {
+        "spec": spec,
+        "calibrate": calibrate,
+        "cold_s": round(cold, 2),
+        "warm_s": round(warm, 2),
+        "cold_over_warm": round(cold / warm, 2),
+    }
 
 
 def main() -> None:

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from hemorrhage_hf.compare import CalibrationSettings
 from hemorrhage_hf.corpus import load_corpus, python_docs_text, tokenize_corpus
-from hemorrhage_hf.measure import batch_windows, model_outputs
+from hemorrhage_hf.measurement.engine import batch_windows, model_outputs
 from hemorrhage_hf.models import load_model
 from hemorrhage_hf.modify import apply_modification, parse_spec
-from hemorrhage_hf.sweep import resolve_family, run_sweep
+from hemorrhage_hf.modify.calibration import CalibrationSettings
+from hemorrhage_hf.sweep.runner import resolve_family, run_sweep
 
 
 @torch.inference_mode()
@@ -64,8 +64,18 @@ def main() -> None:
         bare.append(bare_passes(model, windows, len(levels) + 1))
         with tempfile.TemporaryDirectory() as folder:
             started = time.perf_counter()
-            result = run_sweep(model, tokenizer, windows, family, levels, k=args.k, cache_root=Path(folder) / "cache",
-                               output_dir=Path(folder) / "out", plots=False, progress=False)
+            result = run_sweep(
+                model,
+                tokenizer,
+                windows,
+                family,
+                levels,
+                k=args.k,
+                cache_root=Path(folder) / "cache",
+                output_dir=Path(folder) / "out",
+                plots=False,
+                progress=False,
+            )
             sweeps.append(time.perf_counter() - started)
     spec = next(spec for spec in map(family.spec, levels) if spec is not None)
     # The sweep's own default calibration (16 × 512 tokens of Python's docs) for specs that need it, e.g. wanda.
@@ -76,20 +86,39 @@ def main() -> None:
 
     n_modified = sum(family.spec(level) is not None for level in levels)
     cache = result.metadata["reference_cache"]
-    print(json.dumps({
-        "family": family.name, "levels": levels, "k": args.k, "tokens_scored": result.levels[0]["figures"]["n_tokens"],
-        "window": args.window, "threads": torch.get_num_threads(), "bare_forward_passes": len(levels) + 1,
-        "bare_s": [round(t, 2) for t in bare], "sweep_s": [round(t, 2) for t in sweeps],
-        "last_sweep": {"reference_cache_s": round(result.metadata["reference_cache_seconds"], 2),
-                       "level_s": [round(entry["seconds"], 2) for entry in result.levels]},
-        f"apply_{spec}_s": round(modification_s, 2),
-        "time_ratio": round(min(sweeps) / min(bare), 3),
-        "time_ratio_with_modifications": round(min(sweeps) / (min(bare) + n_modified * modification_s), 3),
-        "cache_bytes_per_token": round(cache["bytes_per_token"], 1), "tail_mass_mean": round(cache["tail_mass_mean"], 4),
-        "threshold": {key: result.threshold().get(key) for key in ("figure", "rule", "level", "interval")},
-        "curve": {entry["level"]: {key: entry["figures"].get(key) for key in ("ppl_ratio", "kl_mean", "top1_agreement")}
-                  for entry in result.levels},
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "family": family.name,
+                "levels": levels,
+                "k": args.k,
+                "tokens_scored": result.levels[0]["figures"]["n_tokens"],
+                "window": args.window,
+                "threads": torch.get_num_threads(),
+                "bare_forward_passes": len(levels) + 1,
+                "bare_s": [round(t, 2) for t in bare],
+                "sweep_s": [round(t, 2) for t in sweeps],
+                "last_sweep": {
+                    "reference_cache_s": round(result.metadata["reference_cache_seconds"], 2),
+                    "level_s": [round(entry["seconds"], 2) for entry in result.levels],
+                },
+                f"apply_{spec}_s": round(modification_s, 2),
+                "time_ratio": round(min(sweeps) / min(bare), 3),
+                "time_ratio_with_modifications": round(min(sweeps) / (min(bare) + n_modified * modification_s), 3),
+                "cache_bytes_per_token": round(cache["bytes_per_token"], 1),
+                "tail_mass_mean": round(cache["tail_mass_mean"], 4),
+                "threshold": {key: result.threshold().get(key) for key in ("figure", "rule", "level", "interval")},
+                "curve": {
+                    entry["level"]: {
+                        key: entry["figures"].get(key) for key in ("ppl_ratio", "kl_mean", "top1_agreement")
+                    }
+                    for entry in result.levels
+                },
+            },
+            indent=2,
+        )
+    )
+
 
 if __name__ == "__main__":
     main()

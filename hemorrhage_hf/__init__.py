@@ -9,45 +9,69 @@ Example:
     severe
 """
 
-from .corpus import load_corpus, make_windows, python_docs_text, tokenize_corpus, tokenize_documents
-from .errors import (
-    CorpusError,
-    HemorrhageError,
-    ModelLoadError,
-    ModificationError,
-    SpecError,
-    TokenizerMismatchError,
-)
-from .integrations import HemorrhageQuantConfig  # registers the transformers quantizer
-from .measure import measure
-from .models import assert_same_tokenizer, load_model
-from .modify import apply_modification, parse_spec
-from .refcache import ReferenceCache
-from .report import HemorrhageReport, severity_grade
-from .sweep import run_sweep
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CorpusError",
-    "HemorrhageError",
-    "HemorrhageQuantConfig",
-    "HemorrhageReport",
-    "ModelLoadError",
-    "ModificationError",
-    "ReferenceCache",
-    "SpecError",
-    "TokenizerMismatchError",
-    "apply_modification",
-    "assert_same_tokenizer",
-    "load_corpus",
-    "load_model",
-    "make_windows",
-    "measure",
-    "parse_spec",
-    "python_docs_text",
-    "run_sweep",
-    "severity_grade",
-    "tokenize_corpus",
-    "tokenize_documents",
-]
+# Heavy dependencies (torch, transformers) load on first use, so `hemorrhage-hf --help` answers at once.
+_EXPORTS = {
+    "CorpusError": ".errors",
+    "HemorrhageError": ".errors",
+    "ModelLoadError": ".errors",
+    "ModificationError": ".errors",
+    "SpecError": ".errors",
+    "TokenizerMismatchError": ".errors",
+    "HemorrhageQuantConfig": ".integrations",
+    "HemorrhageReport": ".measurement.report",
+    "severity_grade": ".measurement.report",
+    "ReferenceCache": ".measurement.refcache",
+    "measure": ".measurement.engine",
+    "compare": ".comparison",
+    "assert_same_tokenizer": ".models",
+    "load_model": ".models",
+    "apply_modification": ".modify",
+    "parse_spec": ".modify",
+    "run_sweep": ".sweep.runner",
+    "load_corpus": ".corpus",
+    "make_windows": ".corpus",
+    "python_docs_text": ".corpus",
+    "tokenize_corpus": ".corpus",
+    "tokenize_documents": ".corpus",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:
+    from .comparison import compare
+    from .corpus import load_corpus, make_windows, python_docs_text, tokenize_corpus, tokenize_documents
+    from .errors import (
+        CorpusError,
+        HemorrhageError,
+        ModelLoadError,
+        ModificationError,
+        SpecError,
+        TokenizerMismatchError,
+    )
+    from .integrations import HemorrhageQuantConfig
+    from .measurement.engine import measure
+    from .measurement.refcache import ReferenceCache
+    from .measurement.report import HemorrhageReport, severity_grade
+    from .models import assert_same_tokenizer, load_model
+    from .modify import apply_modification, parse_spec
+    from .sweep.runner import run_sweep

@@ -10,7 +10,7 @@ block is rewritten, and only when its results change. Every other byte of the ca
 
 Example:
     >>> from hemorrhage_hf.cards import CardOptions, update_card_text
-    >>> from hemorrhage_hf.report import HemorrhageReport
+    >>> from hemorrhage_hf.measurement.report import HemorrhageReport
     >>> report = HemorrhageReport(
     ...     figures={"ppl_reference": 10.0, "ppl_modified": 11.0, "ppl_ratio": 1.1, "kl_mean": 0.05,
     ...              "top1_agreement": 0.9, "n_tokens": 1000, "severity": "mild"},
@@ -40,16 +40,17 @@ from huggingface_hub.utils import yaml_dump
 from .atomic import atomic_path
 from .corpus import PYTHON_DOCS
 from .errors import HemorrhageError
+from .measurement.report import COLLAPSE_PPL_RATIO, COLLAPSE_TOP1_AGREEMENT, SEVERITY_KL_BANDS, HemorrhageReport
 from .models import DEFAULT_MODEL_LABEL
 from .render import SUMMARY_ROWS, delta_p_reading, summary_rows
-from .report import COLLAPSE_PPL_RATIO, COLLAPSE_TOP1_AGREEMENT, SEVERITY_KL_BANDS, HemorrhageReport
 
-# The templates live in the repository's model_cards/; a wheel packages that folder as hemorrhage_hf/model_cards.
-_PACKAGED_TEMPLATES = Path(__file__).resolve().parent / "model_cards"
-TEMPLATE_DIR = _PACKAGED_TEMPLATES if _PACKAGED_TEMPLATES.is_dir() else Path(__file__).resolve().parent.parent / "model_cards"
+# The templates live in the repository's model_cards/; hemorrhage_hf/model_cards links there, and a wheel holds a copy.
+TEMPLATE_DIR = Path(__file__).resolve().parent / "model_cards"
 SECTION_TEMPLATE = "hemorrhage_section.md"
 CARD_TEMPLATE = "modelcard.md"
-SECTION_START = "<!-- hemorrhage-hf:start (written by `hemorrhage-hf card`; edits between these markers are replaced) -->"
+SECTION_START = (
+    "<!-- hemorrhage-hf:start (written by `hemorrhage-hf card`; edits between these markers are replaced) -->"
+)
 SECTION_END = "<!-- hemorrhage-hf:end -->"
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TASK_TYPE = "text-generation"
@@ -57,7 +58,14 @@ TASK_NAME = "Hemorrhage versus the base model"
 
 #: Figures of the card's table, in order; perplexity is shown for both models on one row.
 CARD_TABLE_KEYS = (
-    "ppl_ratio", "kl_mean", "kl_median", "kl_p99", "top1_agreement", "delta_p_mean", "delta_p_rms", "nll_correlation",
+    "ppl_ratio",
+    "kl_mean",
+    "kl_median",
+    "kl_p99",
+    "top1_agreement",
+    "delta_p_mean",
+    "delta_p_rms",
+    "nll_correlation",
 )
 #: (figure key, model-index metric type, metric name) of the eval results a report contributes.
 EVAL_METRICS = (
@@ -77,7 +85,7 @@ class CardOptions:
 
     ``dataset_type``/``dataset_name`` default to what :func:`dataset_identity` derives from the report's corpus.
     ``threshold`` is ``{"text": sentence, "value": number, "name": what it is}``; ``tasks`` are
-    :func:`hemorrhage_hf.flips.compare_answers` results each with a ``"task"`` name; ``plots`` maps an image
+    :func:`hemorrhage_hf.tasks.flips.compare_answers` results each with a ``"task"`` name; ``plots`` maps an image
     title to its path relative to the card.
     """
 
@@ -127,7 +135,7 @@ def comparison_rows(report: HemorrhageReport, keys: Sequence[str] | None = None)
 
 
 def severity_legend() -> str:
-    """The grading rule of :mod:`hemorrhage_hf.report`, in one line."""
+    """The grading rule of :mod:`hemorrhage_hf.measurement.report`, in one line."""
     bands, lower = [], None
     for grade, upper in SEVERITY_KL_BANDS:
         bands.append(f"{grade} < {upper:g}" if lower is None else f"{lower:g} ≤ {grade} < {upper:g}")
@@ -141,7 +149,7 @@ def severity_legend() -> str:
 
 
 def threshold_from_sweep(sweep: dict) -> dict:
-    """The headline threshold of a ``sweep.json`` (:meth:`hemorrhage_hf.sweep.SweepResult.to_dict`), as
+    """The headline threshold of a ``sweep.json`` (:meth:`hemorrhage_hf.sweep.runner.SweepResult.to_dict`), as
     :attr:`CardOptions.threshold`: a sentence, the level (None when no threshold was found) and its name."""
     try:
         family, headline, curves = sweep["family"]["name"], sweep["threshold"], sweep["thresholds"]
@@ -161,13 +169,17 @@ def threshold_from_sweep(sweep: dict) -> dict:
     level, rule = headline.get("level"), headline.get("rule")
     if rule == "breakpoint":
         low, high = headline["interval"]
-        text = (f"{swept}: the {label} curve bends into collapse at level **{level:.3g}** (95 % interval "
-                f"{low:.3g}–{high:.3g}, breakpoint fit), between {at(headline['level_before'])} and "
-                f"{at(headline['level_after'])}.")
+        text = (
+            f"{swept}: the {label} curve bends into collapse at level **{level:.3g}** (95 % interval "
+            f"{low:.3g}–{high:.3g}, breakpoint fit), between {at(headline['level_before'])} and "
+            f"{at(headline['level_after'])}."
+        )
     elif rule == "tolerance" and level is not None:
-        text = (f"{swept}: no distinct breakpoint ({headline['breakpoint_reason']}); {label} crosses its tolerance "
-                f"({headline['tolerance']:g}) at level **{level:.3g}**, between {at(headline['level_before'])} and "
-                f"{at(headline['level_after'])}.")
+        text = (
+            f"{swept}: no distinct breakpoint ({headline['breakpoint_reason']}); {label} crosses its tolerance "
+            f"({headline['tolerance']:g}) at level **{level:.3g}**, between {at(headline['level_before'])} and "
+            f"{at(headline['level_after'])}."
+        )
     else:
         reason = headline.get("reason") or headline.get("breakpoint_reason") or "nothing measured"
         text, level = f"{swept}: no threshold within the levels measured ({reason}).", None
@@ -178,17 +190,21 @@ def _task_rows(tasks: Sequence[dict]) -> list[dict]:
     rows = []
     for task in tasks:
         if "task" not in task or "accuracy_modified" not in task:
-            raise HemorrhageError(f"a task result needs 'task' and the compare_answers figures; got keys {sorted(task)}")
-        rows.append({
-            "name": task["task"],
-            "n_items": task["n_items"],
-            "accuracy_reference": f"{task['accuracy_reference']:.2%}",
-            "accuracy_modified": f"{task['accuracy_modified']:.2%}",
-            "accuracy_drop": f"{task['accuracy_drop']:+.2%}",
-            "correct_to_incorrect": task["correct_to_incorrect"],
-            "incorrect_to_correct": task["incorrect_to_correct"],
-            "flip_rate": f"{task['flip_rate']:.2%}",
-        })
+            raise HemorrhageError(
+                f"a task result needs 'task' and the compare_answers figures; got keys {sorted(task)}"
+            )
+        rows.append(
+            {
+                "name": task["task"],
+                "n_items": task["n_items"],
+                "accuracy_reference": f"{task['accuracy_reference']:.2%}",
+                "accuracy_modified": f"{task['accuracy_modified']:.2%}",
+                "accuracy_drop": f"{task['accuracy_drop']:+.2%}",
+                "correct_to_incorrect": task["correct_to_incorrect"],
+                "incorrect_to_correct": task["incorrect_to_correct"],
+                "flip_rate": f"{task['flip_rate']:.2%}",
+            }
+        )
     return rows
 
 
@@ -213,23 +229,27 @@ def render_section(report: HemorrhageReport, options: CardOptions | None = None)
     if report.layers is not None:
         ranked = sorted(range(len(report.layers.cosine_distance)), key=lambda i: -report.layers.cosine_distance[i])
         layers = [(i, f"{report.layers.cosine_distance[i]:.4f}") for i in ranked[:3]]
-    text = _environment().get_template(SECTION_TEMPLATE).render(
-        reference=meta.get("reference", "?"),
-        modified=meta.get("modified", "?"),
-        modification=meta.get("modification"),
-        corpus=options.dataset_name or dataset_identity(meta.get("corpus", "?"))[1],
-        n_tokens=figures.get("n_tokens"),
-        window=meta.get("window", "?"),
-        stride=meta.get("stride", "?"),
-        severity=report.severity,
-        rows=comparison_rows(report, CARD_TABLE_KEYS)[:-1],
-        delta_p_reading=delta_p_reading(figures),
-        non_finite_tokens=figures.get("non_finite_tokens"),
-        threshold=options.threshold,
-        tasks=_task_rows(options.tasks),
-        layers=layers,
-        plots=sorted(options.plots.items()),
-        severity_legend=severity_legend(),
+    text = (
+        _environment()
+        .get_template(SECTION_TEMPLATE)
+        .render(
+            reference=meta.get("reference", "?"),
+            modified=meta.get("modified", "?"),
+            modification=meta.get("modification"),
+            corpus=options.dataset_name or dataset_identity(meta.get("corpus", "?"))[1],
+            n_tokens=figures.get("n_tokens"),
+            window=meta.get("window", "?"),
+            stride=meta.get("stride", "?"),
+            severity=report.severity,
+            rows=comparison_rows(report, CARD_TABLE_KEYS)[:-1],
+            delta_p_reading=delta_p_reading(figures),
+            non_finite_tokens=figures.get("non_finite_tokens"),
+            threshold=options.threshold,
+            tasks=_task_rows(options.tasks),
+            layers=layers,
+            plots=sorted(options.plots.items()),
+            severity_legend=severity_legend(),
+        )
     )
     return text.strip() + "\n"
 
@@ -240,27 +260,56 @@ def eval_results(report: HemorrhageReport, options: CardOptions | None = None) -
     dataset_type, dataset_name = dataset_identity(report.metadata.get("corpus", "?"))
     dataset_type, dataset_name = options.dataset_type or dataset_type, options.dataset_name or dataset_name
     base = options.base_model or base_model_id(report) or report.metadata.get("reference")
-    versus = {key: value for key, value in (("base_model", base), ("modification", report.metadata.get("modification"))) if value}
+    versus = {
+        key: value
+        for key, value in (("base_model", base), ("modification", report.metadata.get("modification")))
+        if value
+    }
     common = dict(task_type=TASK_TYPE, task_name=TASK_NAME, dataset_type=dataset_type, dataset_name=dataset_name)
     results = [
         # Comparative figures say versus what; the model's own perplexity needs no such note.
-        EvalResult(**common, metric_type=metric_type, metric_name=name, metric_value=report.figures[key],
-                   metric_args=(versus or None) if key != "ppl_modified" else None)
+        EvalResult(
+            **common,
+            metric_type=metric_type,
+            metric_name=name,
+            metric_value=report.figures[key],
+            metric_args=(versus or None) if key != "ppl_modified" else None,
+        )
         for key, metric_type, name in EVAL_METRICS
         if report.figures.get(key) is not None
     ]
     if options.threshold and options.threshold.get("value") is not None:
-        results.append(EvalResult(**common, metric_type="hemorrhage_threshold", metric_value=options.threshold["value"],
-                                  metric_name=options.threshold.get("name", "Robustness threshold")))
+        results.append(
+            EvalResult(
+                **common,
+                metric_type="hemorrhage_threshold",
+                metric_value=options.threshold["value"],
+                metric_name=options.threshold.get("name", "Robustness threshold"),
+            )
+        )
     for task in options.tasks:
-        results.append(EvalResult(
-            task_type=TASK_TYPE, task_name=TASK_NAME, dataset_type=task["task"], dataset_name=task["task"],
-            metric_type="accuracy", metric_value=task["accuracy_modified"], metric_name="Accuracy",
-        ))
-        results.append(EvalResult(
-            task_type=TASK_TYPE, task_name=TASK_NAME, dataset_type=task["task"], dataset_name=task["task"],
-            metric_type="flip_rate", metric_value=task["flip_rate"], metric_name="Answer flips versus the base model",
-        ))
+        results.append(
+            EvalResult(
+                task_type=TASK_TYPE,
+                task_name=TASK_NAME,
+                dataset_type=task["task"],
+                dataset_name=task["task"],
+                metric_type="accuracy",
+                metric_value=task["accuracy_modified"],
+                metric_name="Accuracy",
+            )
+        )
+        results.append(
+            EvalResult(
+                task_type=TASK_TYPE,
+                task_name=TASK_NAME,
+                dataset_type=task["task"],
+                dataset_name=task["task"],
+                metric_type="flip_rate",
+                metric_value=task["flip_rate"],
+                metric_name="Answer flips versus the base model",
+            )
+        )
     return results
 
 
@@ -279,7 +328,7 @@ def _splice_section(body: str, section: str, line_break: str) -> str:
     block = f"{SECTION_START}\n{section}{SECTION_END}".replace("\n", line_break)
     start, end = body.find(SECTION_START), body.find(SECTION_END)
     if start >= 0 and end > start:
-        return body[:start] + block + body[end + len(SECTION_END):]
+        return body[:start] + block + body[end + len(SECTION_END) :]
     if start >= 0 or end >= 0:
         raise HemorrhageError("the card has only one of the hemorrhage-hf section markers; fix or remove it by hand")
     if not body or body.endswith(line_break * 2):
@@ -295,7 +344,9 @@ def _model_index_span(yaml_lines: list[str]) -> tuple[int, int] | None:
         match = _TOP_LEVEL_KEY.match(line)
         if match and match["key"].strip().strip("'\"") == "model-index":
             end = first + 1
-            while end < len(yaml_lines) and (not _TOP_LEVEL_KEY.match(yaml_lines[end]) and not yaml_lines[end].startswith("#")):
+            while end < len(yaml_lines) and (
+                not _TOP_LEVEL_KEY.match(yaml_lines[end]) and not yaml_lines[end].startswith("#")
+            ):
                 end += 1
             while end > first + 1 and not yaml_lines[end - 1].strip():
                 end -= 1  # blank lines after the block belong to the rest of the header
@@ -325,8 +376,8 @@ def _update_header(text: str, results: list[EvalResult], model_name: str | None,
         return f"---{line_break}{block}{line_break}---{line_break}{text}"
     lines = header_yaml.split(line_break) if header_yaml else []
     span = _model_index_span(lines)
-    lines = lines[: span[0]] + [block] + lines[span[1]:] if span else lines + [block]
-    return text[: match.start(2)] + line_break.join(lines) + text[match.end(2):]
+    lines = lines[: span[0]] + [block] + lines[span[1] :] if span else lines + [block]
+    return text[: match.start(2)] + line_break.join(lines) + text[match.end(2) :]
 
 
 def update_card_text(card_text: str, report: HemorrhageReport, options: CardOptions | None = None) -> str:
@@ -345,11 +396,16 @@ def new_card_text(report: HemorrhageReport, options: CardOptions) -> str:
         raise HemorrhageError("a new model card needs a model name (--model-name)")
     base_model = options.base_model or base_model_id(report)
     card_data = ModelCardData(
-        model_name=options.model_name, base_model=base_model, tags=["hemorrhage-hf"], eval_results=eval_results(report, options)
+        model_name=options.model_name,
+        base_model=base_model,
+        tags=["hemorrhage-hf"],
+        eval_results=eval_results(report, options),
     )
     section = f"{SECTION_START}\n{render_section(report, options)}{SECTION_END}"
     card = ModelCard.from_template(
-        card_data, template_path=str(TEMPLATE_DIR / CARD_TEMPLATE), hemorrhage_section=section,
+        card_data,
+        template_path=str(TEMPLATE_DIR / CARD_TEMPLATE),
+        hemorrhage_section=section,
         model_name=options.model_name,
     )
     return str(card).rstrip("\n") + "\n"

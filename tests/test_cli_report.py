@@ -8,16 +8,44 @@ import pytest
 
 from hemorrhage_hf.cli import build_parser, main
 
-REQUIRED_KEYS = {"ppl_reference", "ppl_modified", "ppl_ratio", "kl_mean", "kl_median", "kl_p99", "kl_max",
-                 "top1_agreement", "severity", "layer_cosine_distance", "layer_relative_l2"}
+REQUIRED_KEYS = {
+    "ppl_reference",
+    "ppl_modified",
+    "ppl_ratio",
+    "kl_mean",
+    "kl_median",
+    "kl_p99",
+    "kl_max",
+    "top1_agreement",
+    "severity",
+    "layer_cosine_distance",
+    "layer_relative_l2",
+}
 
 
 def test_report_writes_json_markdown_and_plots(tmp_path, smollm2, wikitext_text, capsys):
     text_file = tmp_path / "wiki.txt"
     text_file.write_text(wikitext_text[:20_000], encoding="utf-8")
     output = tmp_path / "out"
-    code = main(["report", "--reference", "default", "--modification", "int4-g64", "--text-file", str(text_file),
-                 "--max-tokens", "512", "--window", "256", "--layers", "--quiet", "--output", str(output)])
+    code = main(
+        [
+            "report",
+            "--reference",
+            "default",
+            "--modification",
+            "int4-g64",
+            "--text-file",
+            str(text_file),
+            "--max-tokens",
+            "512",
+            "--window",
+            "256",
+            "--layers",
+            "--quiet",
+            "--output",
+            str(output),
+        ]
+    )
     assert code == 0
     report = json.loads((output / "report.json").read_text())
     assert REQUIRED_KEYS <= report.keys()
@@ -38,16 +66,30 @@ def test_help_explains_every_report_option():
         assert action.help, f"option {action.option_strings} has no help"
 
 
-@pytest.mark.parametrize(("arguments", "message"), [
-    (["--modification", "int99"], "bits must be between 2 and 8"),
-    (["--modification", "int4", "--text-file", "/no/such/file.txt"], "text file not found"),
-    (["--modified", "/no/such/model"], "model path not found"),
-])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--modification", "int99"], "bits must be between 2 and 8"),
+        (["--modification", "int4", "--text-file", "/no/such/file.txt"], "text file not found"),
+        (["--modified", "/no/such/model"], "model path not found"),
+    ],
+)
 def test_bad_input_exits_2_with_a_message(tmp_path, arguments, message):
     result = subprocess.run(
-        [sys.executable, "-m", "hemorrhage_hf.cli", "report", "--reference", "default", *arguments,
-         "--output", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "hemorrhage_hf.cli",
+            "report",
+            "--reference",
+            "default",
+            *arguments,
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2
     assert message in result.stderr

@@ -2,10 +2,10 @@
 CLI's. Every input either works or ends in a documented error (HemorrhageError, or argparse's usage exit 2)."""
 
 import pytest
+from conftest import tiny_llama
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import tiny_llama
 from hemorrhage_hf.cli import main
 from hemorrhage_hf.errors import HemorrhageError
 from hemorrhage_hf.metric import Hemorrhage
@@ -32,12 +32,21 @@ texts = st.lists(st.text(max_size=80), min_size=0, max_size=4)
 
 
 @FUZZ
-@given(texts, st.integers(-3, 300), st.one_of(st.none(), st.integers(-3, 300)),
-       st.sampled_from(["int8", "int4-g8", "int3-asym", "int12", "nonsense", "int4-g4096"]))
+@given(
+    texts,
+    st.integers(-3, 300),
+    st.one_of(st.none(), st.integers(-3, 300)),
+    st.sampled_from(["int8", "int4-g8", "int3-asym", "int12", "nonsense", "int4-g4096"]),
+)
 def test_metric_inputs(metric, tiny_checkpoint, predictions, window, stride, modification):
     try:
-        result = metric.compute(predictions=predictions, reference_model=str(tiny_checkpoint),
-                                modification=modification, window=window, stride=stride)
+        result = metric.compute(
+            predictions=predictions,
+            reference_model=str(tiny_checkpoint),
+            modification=modification,
+            window=window,
+            stride=stride,
+        )
     except HemorrhageError as error:
         assert str(error)
     else:
@@ -48,14 +57,31 @@ option_values = st.one_of(st.integers(-5, 5000).map(str), st.sampled_from(["", "
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(["--window", "--stride", "--max-tokens", "--batch-size", "--modification",
-                                        "--dtype", "--layer-map"]), option_values, max_size=4),
-       st.booleans(), st.booleans())
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["--window", "--stride", "--max-tokens", "--batch-size", "--modification", "--dtype", "--layer-map"]
+        ),
+        option_values,
+        max_size=4,
+    ),
+    st.booleans(),
+    st.booleans(),
+)
 def test_cli_report_arguments(tmp_path_factory, tiny_checkpoint, options, layers, attention):
     text_file = tmp_path_factory.mktemp("text") / "t.txt"
     text_file.write_text("The report command is fuzzed with odd values of its options. " * 40, encoding="utf-8")
-    argv = ["report", "--reference", str(tiny_checkpoint), "--text-file", str(text_file), "--quiet", "--no-plots",
-            "--output", str(text_file.parent / "out")]
+    argv = [
+        "report",
+        "--reference",
+        str(tiny_checkpoint),
+        "--text-file",
+        str(text_file),
+        "--quiet",
+        "--no-plots",
+        "--output",
+        str(text_file.parent / "out"),
+    ]
     options.setdefault("--modification", "int8")
     for flag, value in options.items():
         argv += [flag, value]

@@ -5,13 +5,12 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_llama
 from optimum.quantization_base import OptimumQuantizer
 from transformers import AutoModelForCausalLM
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 
-from conftest import tiny_llama
 from hemorrhage_hf.cli import main
-from hemorrhage_hf.compare import CalibrationSettings
 from hemorrhage_hf.errors import HemorrhageError, SpecError
 from hemorrhage_hf.integrations import (
     HemorrhageExpander,
@@ -22,9 +21,10 @@ from hemorrhage_hf.integrations import (
     register_with_transformers,
 )
 from hemorrhage_hf.integrations.transformers import QUANT_METHOD
+from hemorrhage_hf.models import load_tokenizer
 from hemorrhage_hf.modify import apply_modification
 from hemorrhage_hf.modify.act_quant import DynamicTokenQuantizer
-from hemorrhage_hf.models import load_tokenizer
+from hemorrhage_hf.modify.calibration import CalibrationSettings
 
 VOCAB = 49152
 SMALL_CALIBRATION = CalibrationSettings(n_sequences=4, seq_len=128)
@@ -119,7 +119,9 @@ def test_optimum_style_classes_save_checkpoints_plain_transformers_loads(checkpo
     assert not (tmp_path / "q").exists()
 
 
-@pytest.mark.parametrize(("command", "spec"), [("quantize", "smooth-w8a8"), ("prune", "heads-50"), ("expand", "expand-dup-1")])
+@pytest.mark.parametrize(
+    ("command", "spec"), [("quantize", "smooth-w8a8"), ("prune", "heads-50"), ("expand", "expand-dup-1")]
+)
 def test_cli_writes_a_loadable_checkpoint(checkpoint, tmp_path, capsys, command, spec):
     calibration = [] if command == "expand" else ["--calibration-sequences", "4", "--calibration-length", "128"]
     code = main([command, str(checkpoint), spec, "--output", str(tmp_path / "out"), "--quiet", *calibration])
@@ -128,11 +130,14 @@ def test_cli_writes_a_loadable_checkpoint(checkpoint, tmp_path, capsys, command,
     assert model.config.hemorrhage_modification == spec
 
 
-@pytest.mark.parametrize(("arguments", "message"), [
-    (["quantize", "default", "wanda-50"], "is a pruning spec, not a quantization one"),
-    (["prune", "default", "wanda-120"], "sparsity must lie in [0, 1)"),
-    (["expand", "default", "expand-twice-2"], "unknown modification spec"),
-])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["quantize", "default", "wanda-50"], "is a pruning spec, not a quantization one"),
+        (["prune", "default", "wanda-120"], "sparsity must lie in [0, 1)"),
+        (["expand", "default", "expand-twice-2"], "unknown modification spec"),
+    ],
+)
 def test_cli_refuses_bad_specs_before_loading_the_model(tmp_path, capsys, arguments, message):
     assert main([*arguments, "--output", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err

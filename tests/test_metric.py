@@ -25,8 +25,9 @@ def test_repo_script_is_the_installed_script():
 def test_metric_from_repo_path_with_model_objects(smollm2):
     model, tokenizer = smollm2
     metric = evaluate.load(str(REPO / "metrics" / "hemorrhage"))
-    result = metric.compute(predictions=TEXTS, reference_model=model, tokenizer=tokenizer, modification="int4-g64",
-                            layers=True)
+    result = metric.compute(
+        predictions=TEXTS, reference_model=model, tokenizer=tokenizer, modification="int4-g64", layers=True
+    )
     assert result["kl_mean"] > 0.01 and 0 < result["top1_agreement"] < 1
     assert result["ppl_modified"] > result["ppl_reference"] > 1
     assert len(result["layer_cosine_distance"]) == 30 and result["severity"] in {"moderate", "severe"}
@@ -52,8 +53,9 @@ def test_bare_name_offline_in_a_fresh_interpreter(tmp_path):
         "f = evaluate.load('hemorrhage', 'answers').compute(predictions=[1, 0], references=[1, 1])\n"
         "print(json.dumps({'kl_mean': r['kl_mean'], 'severity': r['severity'], 'flip_rate': f['flip_rate']}))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert 0 < figures["kl_mean"] < 0.01 and figures["severity"] == "none" and figures["flip_rate"] == 0.5

@@ -9,8 +9,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_ships_every_subpackage_and_the_card_templates(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-                    str(ROOT)], check=True, capture_output=True, timeout=300, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     (wheel,) = tmp_path.glob("hemorrhage_hf-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     source_modules = {str(path.relative_to(ROOT)) for path in (ROOT / "hemorrhage_hf").rglob("*.py")}

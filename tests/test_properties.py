@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from hemorrhage_hf.corpus import make_windows
-from hemorrhage_hf.divergence import js_divergence, kl_divergence, log_probs
 from hemorrhage_hf.errors import CorpusError, HemorrhageError, SpecError
-from hemorrhage_hf.flips import compare_answers
+from hemorrhage_hf.measurement.divergence import js_divergence, kl_divergence, log_probs
 from hemorrhage_hf.modify import Modification, parse_spec
+from hemorrhage_hf.tasks.flips import compare_answers
 
 finite_floats = st.floats(min_value=-50, max_value=50, allow_nan=False, width=32)
 logit_rows = st.integers(2, 40).flatmap(
@@ -59,8 +59,11 @@ def test_js_bounded_by_ln2_and_symmetric(pair):
 @given(st.integers(2, 400), st.integers(2, 64), st.data())
 def test_windows_never_score_a_token_twice(n_tokens, window, data):
     stride = data.draw(st.integers(1, window))
-    scored = [t for w in make_windows(torch.arange(n_tokens), window=window, stride=stride)
-              for t in w.input_ids[w.first_scored:].tolist()]
+    scored = [
+        t
+        for w in make_windows(torch.arange(n_tokens), window=window, stride=stride)
+        for t in w.input_ids[w.first_scored :].tolist()
+    ]
     assert len(scored) == len(set(scored)) and 0 not in scored
     if stride < window:
         assert scored == list(range(1, n_tokens))
@@ -79,7 +82,9 @@ def test_flip_bookkeeping(items):
     n = len(items)
     flips = result["correct_to_incorrect"] + result["incorrect_to_correct"]
     assert result["flip_rate"] == pytest.approx(flips / n)
-    assert result["accuracy_drop"] == pytest.approx((result["correct_to_incorrect"] - result["incorrect_to_correct"]) / n)
+    assert result["accuracy_drop"] == pytest.approx(
+        (result["correct_to_incorrect"] - result["incorrect_to_correct"]) / n
+    )
     assert result["flip_rate"] <= result["answer_change_rate"] + 1e-12
 
 
@@ -103,8 +108,26 @@ def test_any_spec_string_parses_or_is_rejected_with_a_message(spec):
         assert isinstance(modification, Modification)
 
 
-@pytest.mark.parametrize("spec", ["int1", "int9", "int4-g0", "int4-g-1", "int4g64", "int", "4bit", "int4-g64-foo",
-                                  " ", "int4--g64", "wanda-100", "wanda-150", "wanda--5", "2:1-wanda", "0:4-wanda"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "int1",
+        "int9",
+        "int4-g0",
+        "int4-g-1",
+        "int4g64",
+        "int",
+        "4bit",
+        "int4-g64-foo",
+        " ",
+        "int4--g64",
+        "wanda-100",
+        "wanda-150",
+        "wanda--5",
+        "2:1-wanda",
+        "0:4-wanda",
+    ],
+)
 def test_malformed_specs_rejected(spec):
     with pytest.raises(SpecError):
         parse_spec(spec)

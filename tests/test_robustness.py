@@ -12,17 +12,37 @@ from hemorrhage_hf.atomic import atomic_path, atomic_write_text
 
 
 def _report_command(text_file, output, *extra):
-    return [sys.executable, "-m", "hemorrhage_hf.cli", "report", "--reference", "default", "--modification",
-            "int4-g64", "--text-file", str(text_file), "--window", "128", "--quiet", "--no-plots", "--output",
-            str(output), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "hemorrhage_hf.cli",
+        "report",
+        "--reference",
+        "default",
+        "--modification",
+        "int4-g64",
+        "--text-file",
+        str(text_file),
+        "--window",
+        "128",
+        "--quiet",
+        "--no-plots",
+        "--output",
+        str(output),
+        *extra,
+    ]
 
 
 def test_same_command_twice_gives_byte_identical_report(tmp_path, wikitext_text):
     text_file = tmp_path / "t.txt"
     text_file.write_text(wikitext_text[:6000], encoding="utf-8")
     for name in ("a", "b"):
-        subprocess.run(_report_command(text_file, tmp_path / name, "--max-tokens", "384", "--layers"), check=True,
-                       capture_output=True, timeout=600)
+        subprocess.run(
+            _report_command(text_file, tmp_path / name, "--max-tokens", "384", "--layers"),
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
     first, second = ((tmp_path / name / "report.json").read_bytes() for name in ("a", "b"))
     assert first == second
     assert json.loads(first)["kl_mean"] > 0
@@ -33,8 +53,9 @@ def test_sigint_mid_run_leaves_no_output_file(tmp_path, wikitext_text):
     text_file.write_text(wikitext_text[:200_000], encoding="utf-8")
     output = tmp_path / "out"
     command = [argument for argument in _report_command(text_file, output) if argument != "--quiet"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     # Interrupt once the progress bar shows it is measuring: a fixed sleep was not enough on a busy machine.
     seen = ""
     while "measuring" not in seen:

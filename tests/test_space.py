@@ -25,8 +25,16 @@ from hemorrhage_hf.space.backend import (
 TEXT = "Any object can be tested for truth value, for use in an if or while condition."
 #: Screenshots of the browser test are kept here (ignored by git, like every PNG outside model_cards/).
 ARTIFACTS = Path(os.environ.get("HEMORRHAGE_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.mark.parametrize("typed", ["/etc/passwd", "default", "HuggingFaceTB/SmolLM2-135M-Instruct", "../model"])
@@ -91,9 +99,18 @@ def test_api_compare_then_card_section(space_url, tmp_path):
 
     assert space_url.startswith("http://127.0.0.1:")
     client = Client(space_url, download_files=str(tmp_path), verbose=False)
-    severity, table, layer_plot, kl_plot, tokens_html, reference_text, modified_text, calibrated_text, verdict, report = (
-        client.predict(DEFAULT_MODEL_LABEL, "int4-g64", TEXT, "Name a colour.", 4, True, api_name="/compare")
-    )
+    (
+        severity,
+        table,
+        layer_plot,
+        kl_plot,
+        tokens_html,
+        reference_text,
+        modified_text,
+        calibrated_text,
+        verdict,
+        report,
+    ) = client.predict(DEFAULT_MODEL_LABEL, "int4-g64", TEXT, "Name a colour.", 4, True, api_name="/compare")
     assert report["metadata"]["modification"] == "int4-g64" and report["n_tokens"] == 17
     assert report["kl_mean"] > 0.05 and report["ppl_ratio"] > 1  # int4 on SmolLM2 bleeds visibly
     assert len(report["layer_attention_js"]) == 30 and max(report["layer_cosine_distance"]) > 0
@@ -118,7 +135,11 @@ def test_api_threshold_sweep_feeds_the_card(space_url, tmp_path):
 
     client = Client(space_url, download_files=str(tmp_path), verbose=False)
     client.predict(DEFAULT_MODEL_LABEL, "int4-g64", TEXT, "", 0, False, api_name="/compare")
-    threshold, plot, table, = client.predict(DEFAULT_MODEL_LABEL, "bits", "32,8,4,2", TEXT, api_name="/sweep")
+    (
+        threshold,
+        plot,
+        table,
+    ) = client.predict(DEFAULT_MODEL_LABEL, "bits", "32,8,4,2", TEXT, api_name="/sweep")
     assert threshold.startswith("Swept over bits levels 32, 8, 4, 2")
     assert Path(plot).read_bytes()[:4] == b"\x89PNG"
     assert table["headers"][:4] == ["level", "spec", "PPL ratio", "KL mean (nats)"]
@@ -131,10 +152,13 @@ def test_api_threshold_sweep_feeds_the_card(space_url, tmp_path):
     assert "### Robustness threshold" in section and threshold in section
 
 
-@pytest.mark.parametrize(("model", "spec", "message"), [
-    (DEFAULT_MODEL_LABEL, "int99", "bits must be between 2 and 8"),
-    ("/etc/passwd", "int8", "not in the list of choices"),
-])
+@pytest.mark.parametrize(
+    ("model", "spec", "message"),
+    [
+        (DEFAULT_MODEL_LABEL, "int99", "bits must be between 2 and 8"),
+        ("/etc/passwd", "int8", "not in the list of choices"),
+    ],
+)
 def test_api_reports_bad_input(space_url, model, spec, message):
     from gradio_client import Client
 

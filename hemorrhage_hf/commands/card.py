@@ -25,18 +25,22 @@ def add_parser(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("report", metavar="REPORT", help="report.json written by `hemorrhage-hf report` (or its folder)")
+    parser.add_argument(
+        "report", metavar="REPORT", help="report.json written by `hemorrhage-hf report` (or its folder)"
+    )
     parser.add_argument("--readme", metavar="PATH", help="the model card to update (default: print the section)")
     parser.add_argument("--model-name", help="model-index name (needed when the card has no model-index yet)")
     parser.add_argument("--base-model", metavar="HUB_ID", help="the base model's Hub id (default: from the report)")
     parser.add_argument("--dataset-name", help="how to name the measured text in the card (default: from the report)")
     parser.add_argument("--dataset-type", help="model-index dataset type, ideally a Hub dataset id")
     parser.add_argument(
-        "--threshold", metavar="SWEEP_JSON",
+        "--threshold",
+        metavar="SWEEP_JSON",
         help="sweep.json written by `hemorrhage-hf sweep`: its robustness threshold goes into the card",
     )
     parser.add_argument(
-        "--tasks", metavar="JSON",
+        "--tasks",
+        metavar="JSON",
         help="task results: a JSON list of compare_answers() results, each with a 'task' name",
     )
     parser.add_argument("--no-plots", action="store_true", help="do not copy the report's PNG plots next to the card")
@@ -55,7 +59,7 @@ def _read_json(path: str, what: str):
 
 def run(args: argparse.Namespace) -> int:
     from ..cards import CardOptions, copy_plots, render_section, threshold_from_sweep, write_card
-    from ..report import HemorrhageReport
+    from ..measurement.report import HemorrhageReport
 
     report_path = Path(args.report)
     if report_path.is_dir():

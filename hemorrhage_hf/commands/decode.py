@@ -29,17 +29,31 @@ def add_parser(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--reference", required=True, metavar="REF",
-                        help="'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf or a Hub id")
+    parser.add_argument(
+        "--reference",
+        required=True,
+        metavar="REF",
+        help="'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf or a Hub id",
+    )
     modified = parser.add_mutually_exclusive_group()
     modified.add_argument("--modified", metavar="MOD", help="a modified model to decode with (default: the reference)")
     modified.add_argument("--modification", metavar="SPEC", help="apply this spec to a copy of the reference")
-    parser.add_argument("--decoding", action="append", required=True, metavar="SPEC", help="a decoding to compare (repeatable)")
-    parser.add_argument("--reference-decoding", default="none", metavar="SPEC", help="what the others are compared with (default: none)")
-    parser.add_argument("--prompts", type=int, default=8, metavar="N", help="prompts for generation, taken from the text (default: 8)")
+    parser.add_argument(
+        "--decoding", action="append", required=True, metavar="SPEC", help="a decoding to compare (repeatable)"
+    )
+    parser.add_argument(
+        "--reference-decoding", default="none", metavar="SPEC", help="what the others are compared with (default: none)"
+    )
+    parser.add_argument(
+        "--prompts", type=int, default=8, metavar="N", help="prompts for generation, taken from the text (default: 8)"
+    )
     parser.add_argument("--prompt-tokens", type=int, default=32, metavar="T", help="tokens per prompt (default: 32)")
-    parser.add_argument("--new-tokens", type=int, default=32, metavar="T", help="tokens generated per prompt (default: 32)")
-    parser.add_argument("--greedy", action="store_true", help="generate greedily instead of sampling (seeded per prompt)")
+    parser.add_argument(
+        "--new-tokens", type=int, default=32, metavar="T", help="tokens generated per prompt (default: 32)"
+    )
+    parser.add_argument(
+        "--greedy", action="store_true", help="generate greedily instead of sampling (seeded per prompt)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of prompt 0's sampling (prompt i uses seed + i)")
     add_text_arguments(parser)
     parser.set_defaults(max_tokens=2048, window=256)
@@ -51,40 +65,73 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_write_text
-    from ..compare import resolve_pair
+    from ..comparison import resolve_pair
     from ..corpus import tokenize_corpus
-    from ..decoding import Decoding, corpus_prompts, decoding_divergence, generation_divergence
+    from ..measurement.decoding import Decoding, corpus_prompts, decoding_divergence, generation_divergence
+    from ..measurement.report import _json_safe
     from ..models import load_model
-    from ..report import _json_safe
 
     decodings = [Decoding.parse(spec) for spec in args.decoding]
     reference_decoding = Decoding.parse(args.reference_decoding)
     text, corpus_label = text_from_arguments(args)
     if args.modified or args.modification:
-        reference, modified, tokenizer = resolve_pair(args.reference, args.modified, modification=args.modification,
-                                                      dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        reference, modified, tokenizer = resolve_pair(
+            args.reference,
+            args.modified,
+            modification=args.modification,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
+        )
     else:
-        (reference, tokenizer), modified = load_model(args.reference, dtype=args.dtype, trust_remote_code=args.trust_remote_code), None
+        (reference, tokenizer), modified = (
+            load_model(args.reference, dtype=args.dtype, trust_remote_code=args.trust_remote_code),
+            None,
+        )
     windows = tokenize_corpus(tokenizer, text, window=args.window, stride=args.stride, max_tokens=args.max_tokens)
-    distributions = decoding_divergence(reference, windows, decodings, reference_decoding=reference_decoding,
-                                        modified=modified, batch_size=args.batch_size, progress=not args.quiet)
+    distributions = decoding_divergence(
+        reference,
+        windows,
+        decodings,
+        reference_decoding=reference_decoding,
+        modified=modified,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
     prompts = corpus_prompts(windows, n_prompts=args.prompts, prompt_tokens=args.prompt_tokens)
     generations = [
-        generation_divergence(reference, prompts, decoding, reference_decoding=reference_decoding, modified=modified,
-                              sample=not args.greedy, max_new_tokens=args.new_tokens, seed=args.seed,
-                              pad_token_id=tokenizer.pad_token_id, progress=not args.quiet)
+        generation_divergence(
+            reference,
+            prompts,
+            decoding,
+            reference_decoding=reference_decoding,
+            modified=modified,
+            sample=not args.greedy,
+            max_new_tokens=args.new_tokens,
+            seed=args.seed,
+            pad_token_id=tokenizer.pad_token_id,
+            progress=not args.quiet,
+        )
         for decoding in decodings
     ]
-    output = {"reference": args.reference, "modified": args.modified or args.modification or "(same model)",
-              "corpus": corpus_label, "distributions": distributions, "generations": generations}
+    output = {
+        "reference": args.reference,
+        "modified": args.modified or args.modification or "(same model)",
+        "corpus": corpus_label,
+        "distributions": distributions,
+        "generations": generations,
+    }
     path = Path(args.output) / "decoding.json"
     atomic_write_text(path, json.dumps(_json_safe(output), indent=2) + "\n")
-    print(f"{'decoding':<28} {'TV':>8} {'JS':>8} {'KL':>8} {'KL=inf':>7} {'top-1':>7} {'tokens same':>12} {'1st diff':>9}")
+    print(
+        f"{'decoding':<28} {'TV':>8} {'JS':>8} {'KL':>8} {'KL=inf':>7} {'top-1':>7} {'tokens same':>12} {'1st diff':>9}"
+    )
     for distribution, generation in zip(distributions, generations):
         first = generation["first_divergence_mean"]
-        print(f"{distribution['decoding']:<28} {distribution['tv_mean']:>8.4f} {distribution['js_mean']:>8.4f} "
-              f"{distribution['kl_mean']:>8.4f} {distribution['kl_infinite_fraction']:>7.1%} "
-              f"{distribution['top1_agreement']:>7.1%} {generation['token_agreement']:>12.1%} "
-              f"{'—' if first is None else f'{first:.1f}':>9}")
+        print(
+            f"{distribution['decoding']:<28} {distribution['tv_mean']:>8.4f} {distribution['js_mean']:>8.4f} "
+            f"{distribution['kl_mean']:>8.4f} {distribution['kl_infinite_fraction']:>7.1%} "
+            f"{distribution['top1_agreement']:>7.1%} {generation['token_agreement']:>12.1%} "
+            f"{'—' if first is None else f'{first:.1f}':>9}"
+        )
     print(f"\nwrote {path}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import distributed
+from ..measurement import distributed
 from .calibrate import CALIBRATED, load_calibration, save_calibrated_report, side_by_side_table
 from .common import add_device_map_argument, add_model_arguments, add_text_arguments, text_from_arguments
 
@@ -33,13 +33,16 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--reference", required=True, metavar="REF",
+        "--reference",
+        required=True,
+        metavar="REF",
         help="reference model: 'default' (embedded SmolLM2-135M-Instruct), a local folder, a .gguf file or a Hub id",
     )
     modified = parser.add_mutually_exclusive_group(required=True)
     modified.add_argument("--modified", metavar="MOD", help="the modified model (same forms as --reference)")
     modified.add_argument(
-        "--modification", metavar="SPEC",
+        "--modification",
+        metavar="SPEC",
         help="apply this modification to a copy of the reference, e.g. int8, int4-g64, int3-g128-asym",
     )
     add_text_arguments(parser)
@@ -47,22 +50,32 @@ def add_parser(subparsers) -> None:
     add_device_map_argument(parser)
     parser.add_argument("--layers", action="store_true", help="also measure per-layer hidden-state drift")
     parser.add_argument(
-        "--attention", action="store_true",
+        "--attention",
+        action="store_true",
         help="also measure per-layer attention divergence (Jensen–Shannon; runs eager attention, slower)",
     )
     parser.add_argument(
-        "--layer-map", metavar="I,J,...", type=layer_map_argument,
+        "--layer-map",
+        metavar="I,J,...",
+        type=layer_map_argument,
         help="comma-separated modified layer for each reference layer (models of different depth)",
     )
     parser.add_argument(
-        "--sequential", action="store_true",
+        "--sequential",
+        action="store_true",
         help="hold one model at a time: run the reference into a top-k cache, free it, then run the modified model "
         "(halves peak memory; KL becomes a lower bound over the top-k bins plus a tail bin; no --layers)",
     )
-    parser.add_argument("--top-k", type=int, default=64, metavar="K",
-                        help="reference tokens kept per position in --sequential mode (default: 64)")
     parser.add_argument(
-        "--calibration", metavar="DIR",
+        "--top-k",
+        type=int,
+        default=64,
+        metavar="K",
+        help="reference tokens kept per position in --sequential mode (default: 64)",
+    )
+    parser.add_argument(
+        "--calibration",
+        metavar="DIR",
         help="also measure the modified model corrected by this decoding calibration (from `hemorrhage-hf "
         "calibrate`), from the same forward passes: its report goes to OUTPUT/calibrated/, and a side-by-side table "
         "to the console and OUTPUT/calibration_comparison.md",
@@ -74,11 +87,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..compare import compare
+    from ..comparison import compare
     from ..render import console_table
 
     text, corpus_label = text_from_arguments(args)
-    calibration = load_calibration(args.calibration) if args.calibration else None  # bad folders fail before models load
+    calibration = (
+        load_calibration(args.calibration) if args.calibration else None
+    )  # bad folders fail before models load
     report = compare(
         args.reference,
         args.modified,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from .. import distributed
+from ..measurement import distributed
 from .common import add_model_arguments, add_text_arguments, text_from_arguments
 
 EPILOG = """examples:
@@ -32,23 +32,52 @@ def add_parser(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("reference", metavar="REF", help="'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf or a Hub id")
+    parser.add_argument(
+        "reference", metavar="REF", help="'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf or a Hub id"
+    )
     parser.add_argument("--family", required=True, metavar="F", help="what to sweep (see below)")
-    parser.add_argument("--levels", metavar="L1,L2,...", help="levels from the weakest to the strongest (default: the family's)")
-    parser.add_argument("--identity-level", action="append", default=[], metavar="L",
-                        help="for a custom template: a level that means 'unmodified' (repeatable)")
-    parser.add_argument("--k", type=int, default=64, help="top tokens the reference cache keeps per position (default: 64)")
-    parser.add_argument("--cache-dir", metavar="DIR", help="where reference caches live (default: ~/.cache/hemorrhage_hf/reference-cache)")
-    parser.add_argument("--task", action="append", default=[], metavar="NAME[=PATH]",
-                        help="also score a task at every level: lambada, arc-easy, arc-challenge, piqa, hellaswag, "
-                        "from a local file/folder or a `datasets` id (repeatable)")
+    parser.add_argument(
+        "--levels", metavar="L1,L2,...", help="levels from the weakest to the strongest (default: the family's)"
+    )
+    parser.add_argument(
+        "--identity-level",
+        action="append",
+        default=[],
+        metavar="L",
+        help="for a custom template: a level that means 'unmodified' (repeatable)",
+    )
+    parser.add_argument(
+        "--k", type=int, default=64, help="top tokens the reference cache keeps per position (default: 64)"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where reference caches live (default: ~/.cache/hemorrhage_hf/reference-cache)",
+    )
+    parser.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="NAME[=PATH]",
+        help="also score a task at every level: lambada, arc-easy, arc-challenge, piqa, hellaswag, "
+        "from a local file/folder or a `datasets` id (repeatable)",
+    )
     parser.add_argument("--task-limit", type=int, default=None, metavar="N", help="first N items of each task")
-    parser.add_argument("--tolerance", action="append", default=[], metavar="FIGURE=VALUE",
-                        help="damage tolerated before the tolerance rule fires, e.g. kl_mean=0.05, ppl_ratio=0.2 "
-                        "(ratio − 1), top1_agreement=0.05 (1 − agreement), TASK_accuracy_modified=0.02 (drop)")
+    parser.add_argument(
+        "--tolerance",
+        action="append",
+        default=[],
+        metavar="FIGURE=VALUE",
+        help="damage tolerated before the tolerance rule fires, e.g. kl_mean=0.05, ppl_ratio=0.2 "
+        "(ratio − 1), top1_agreement=0.05 (1 − agreement), TASK_accuracy_modified=0.02 (drop)",
+    )
     calibration = parser.add_argument_group("calibration (for levels whose spec looks at activations, e.g. wanda)")
-    calibration.add_argument("--calibration-text", default=None, metavar="F",
-                             help="UTF-8 text file to calibrate on (default: the prose of Python's own docs)")
+    calibration.add_argument(
+        "--calibration-text",
+        default=None,
+        metavar="F",
+        help="UTF-8 text file to calibrate on (default: the prose of Python's own docs)",
+    )
     calibration.add_argument("--calibration-sequences", type=int, default=16, metavar="N", help="default: 16")
     add_text_arguments(parser)
     parser.set_defaults(max_tokens=4096, window=256)
@@ -73,11 +102,11 @@ def parse_tolerances(arguments: list[str]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..compare import CalibrationSettings
     from ..corpus import PYTHON_DOCS, tokenize_corpus
     from ..models import load_model
-    from ..sweep import resolve_family, run_sweep
-    from ..tasks import parse_task_argument
+    from ..modify.calibration import CalibrationSettings
+    from ..sweep.runner import resolve_family, run_sweep
+    from ..tasks.scoring import parse_task_argument
 
     family = resolve_family(args.family, identity_levels=args.identity_level)
     levels = [level.strip() for level in args.levels.split(",")] if args.levels else None
@@ -87,13 +116,28 @@ def run(args: argparse.Namespace) -> int:
     reference, tokenizer = load_model(args.reference, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     windows = tokenize_corpus(tokenizer, text, window=args.window, stride=args.stride, max_tokens=args.max_tokens)
     result = run_sweep(
-        reference, tokenizer, windows, family, levels,
-        k=args.k, batch_size=args.batch_size, cache_root=args.cache_dir, tasks=tasks,
+        reference,
+        tokenizer,
+        windows,
+        family,
+        levels,
+        k=args.k,
+        batch_size=args.batch_size,
+        cache_root=args.cache_dir,
+        tasks=tasks,
         calibration=CalibrationSettings(args.calibration_text or PYTHON_DOCS, args.calibration_sequences),
-        tolerances=tolerances, output_dir=args.output, plots=not args.no_plots,
-        metadata={"reference": args.reference, "corpus": corpus_label, "window": args.window,
-                  "stride": args.stride or args.window, "max_tokens": args.max_tokens, "n_windows": len(windows),
-                  "dtype": args.dtype},
+        tolerances=tolerances,
+        output_dir=args.output,
+        plots=not args.no_plots,
+        metadata={
+            "reference": args.reference,
+            "corpus": corpus_label,
+            "window": args.window,
+            "stride": args.stride or args.window,
+            "max_tokens": args.max_tokens,
+            "n_windows": len(windows),
+            "dtype": args.dtype,
+        },
         progress=not args.quiet,
     )
     if not distributed.is_main_process():
@@ -109,14 +153,18 @@ def sweep_table(result) -> str:
     lines = ["  ".join(f"{name:>14}" for name in ["level", "spec", *keys])]
     for entry in result.levels:
         values = [entry["figures"].get(key) for key in keys]
-        cells = [f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value) for value in values]
+        cells = [
+            f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value) for value in values
+        ]
         lines.append("  ".join(f"{cell:>14}" for cell in [entry["level"], entry["spec"] or "(unmodified)", *cells]))
     lines.append("")
     for key, rules in result.thresholds().items():
         lines.append(f"{rules['label']}: " + describe_threshold(rules))
     headline = result.threshold()
-    lines.append(f"\nthreshold of the sweep ({headline.get('figure')}, {headline.get('rule')}): "
-                 + ("none" if headline.get("level") is None else f"{headline['level']:.3g}"))
+    lines.append(
+        f"\nthreshold of the sweep ({headline.get('figure')}, {headline.get('rule')}): "
+        + ("none" if headline.get("level") is None else f"{headline['level']:.3g}")
+    )
     return "\n".join(lines)
 
 
@@ -125,8 +173,10 @@ def describe_threshold(rules: dict) -> str:
     fitted, crossing = rules["breakpoint"], rules["tolerance"]
     if fitted["strength"] is not None:
         low, high = fitted["interval_levels"]
-        text = (f"breakpoint at level {fitted['level']:.3g} (95 % {low:.3g}–{high:.3g}, between "
-                f"{fitted['level_before']['level']} and {fitted['level_after']['level'] if fitted['level_after'] else '—'})")
+        text = (
+            f"breakpoint at level {fitted['level']:.3g} (95 % {low:.3g}–{high:.3g}, between "
+            f"{fitted['level_before']['level']} and {fitted['level_after']['level'] if fitted['level_after'] else '—'})"
+        )
     else:
         text = f"no breakpoint ({fitted['reason']})"
     if crossing.get("crossing_level") is not None:

@@ -27,15 +27,26 @@ def add_parser(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--reference", required=True, metavar="REF",
-                        help="'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf or a Hub id")
+    parser.add_argument(
+        "--reference",
+        required=True,
+        metavar="REF",
+        help="'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf or a Hub id",
+    )
     modified = parser.add_mutually_exclusive_group(required=True)
     modified.add_argument("--modified", metavar="MOD", help="the modified model (same forms as --reference)")
     modified.add_argument("--modification", metavar="SPEC", help="apply this spec to a copy of the reference")
-    parser.add_argument("--task", action="append", required=True, metavar="NAME[=PATH]",
-                        help="a task and its data file, folder or `datasets` id (repeatable)")
+    parser.add_argument(
+        "--task",
+        action="append",
+        required=True,
+        metavar="NAME[=PATH]",
+        help="a task and its data file, folder or `datasets` id (repeatable)",
+    )
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="B", help="sequences per forward pass (default: 16)")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, metavar="B", help="sequences per forward pass (default: 16)"
+    )
     add_model_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for tasks.json")
@@ -44,29 +55,41 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_write_text
-    from ..compare import resolve_pair
-    from ..report import _json_safe
-    from ..tasks import parse_task_argument, task_hemorrhage
+    from ..comparison import resolve_pair
+    from ..measurement.report import _json_safe
+    from ..tasks.scoring import parse_task_argument, task_hemorrhage
 
     tasks = [parse_task_argument(argument, limit=args.limit) for argument in args.task]
     reference, modified, tokenizer = resolve_pair(
-        args.reference, args.modified, modification=args.modification, dtype=args.dtype,
+        args.reference,
+        args.modified,
+        modification=args.modification,
+        dtype=args.dtype,
         trust_remote_code=args.trust_remote_code,
     )
     results = {}
     for task in tasks:
-        results[task.name] = {"source": task.source, **task_hemorrhage(
-            reference, modified, tokenizer, task, batch_size=args.batch_size, progress=not args.quiet)}
-    output = {"reference": args.reference, "modified": args.modified or f"{args.reference} + {args.modification}",
-              "tasks": results}
+        results[task.name] = {
+            "source": task.source,
+            **task_hemorrhage(
+                reference, modified, tokenizer, task, batch_size=args.batch_size, progress=not args.quiet
+            ),
+        }
+    output = {
+        "reference": args.reference,
+        "modified": args.modified or f"{args.reference} + {args.modification}",
+        "tasks": results,
+    }
     path = Path(args.output) / "tasks.json"
     atomic_write_text(path, json.dumps(_json_safe(output), indent=2) + "\n")
     print(f"{'task':<14} {'n':>5} {'metric':>8} {'reference':>16} {'modified':>16} {'drop':>8} {'flips':>7}  c→i  i→c")
     for name, figures in results.items():
-        print(f"{name:<14} {figures['n_items']:>5} {figures['metric']:>8} "
-              f"{figures['accuracy_reference']:>8.2%} ± {figures['accuracy_reference_error']:<5.1%} "
-              f"{figures['accuracy_modified']:>8.2%} ± {figures['accuracy_modified_error']:<5.1%} "
-              f"{figures['accuracy_drop']:>+8.2%} {figures['flip_rate']:>7.2%}  {figures['correct_to_incorrect']:>3}  "
-              f"{figures['incorrect_to_correct']:>3}")
+        print(
+            f"{name:<14} {figures['n_items']:>5} {figures['metric']:>8} "
+            f"{figures['accuracy_reference']:>8.2%} ± {figures['accuracy_reference_error']:<5.1%} "
+            f"{figures['accuracy_modified']:>8.2%} ± {figures['accuracy_modified_error']:<5.1%} "
+            f"{figures['accuracy_drop']:>+8.2%} {figures['flip_rate']:>7.2%}  {figures['correct_to_incorrect']:>3}  "
+            f"{figures['incorrect_to_correct']:>3}"
+        )
     print(f"\nwrote {path}")
     return 0

@@ -19,10 +19,10 @@ from pathlib import Path
 from optimum.quantization_base import OptimumQuantizer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..compare import CalibrationSettings
 from ..errors import HemorrhageError, SpecError
 from ..models import load_model, load_tokenizer
 from ..modify import Modification, apply_modification, parse_spec
+from ..modify.calibration import CalibrationSettings
 
 
 class _SpecApplier:
@@ -69,7 +69,9 @@ class _SpecApplier:
         if file_prefix is not None:
             raise HemorrhageError("file_prefix is not supported: checkpoints are saved under transformers' own names")
         modification = self.check_spec(spec)
-        calibration_ids = (calibration or CalibrationSettings()).windows(self.tokenizer) if modification.needs_calibration else None
+        calibration_ids = (
+            (calibration or CalibrationSettings()).windows(self.tokenizer) if modification.needs_calibration else None
+        )
         modified = apply_modification(self.model, modification, calibration=calibration_ids, progress=progress)
         save_dir = Path(save_dir)
         modified.save_pretrained(save_dir)
@@ -112,8 +114,14 @@ class HemorrhagePruner(_SpecApplier):
 class HemorrhageExpander(_SpecApplier):
     family = "expansion"
 
-    def expand(self, save_dir: str | Path, file_prefix: str | None = None, *, spec: str = "expand-identity-4",
-               progress: bool = True) -> Path:
+    def expand(
+        self,
+        save_dir: str | Path,
+        file_prefix: str | None = None,
+        *,
+        spec: str = "expand-identity-4",
+        progress: bool = True,
+    ) -> Path:
         """Expand a copy of the model with ``spec`` and save it in ``save_dir``; it loads with plain transformers."""
         return self.apply_and_save(save_dir, file_prefix, spec=spec, progress=progress)
 

@@ -22,11 +22,11 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..compare import CalibrationSettings
 from ..corpus import PYTHON_DOCS
 from ..errors import HemorrhageError, SpecError
 from ..models import load_tokenizer
 from ..modify import Modification, apply_modification, parse_spec
+from ..modify.calibration import CalibrationSettings
 
 QUANT_METHOD = "hemorrhage"
 

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from ..config_keys import MODIFICATION_ATTRIBUTE
 from ..errors import ModificationError, SpecError
-
-MODIFICATION_ATTRIBUTE = "hemorrhage_modification"
 
 #: Fewer calibration tokens than this give activation statistics too noisy to rank weights or search scales on.
 MIN_CALIBRATION_TOKENS = 256

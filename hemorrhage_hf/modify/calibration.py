@@ -19,12 +19,29 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..corpus import PYTHON_DOCS, calibration_windows, load_corpus
 from .architecture import decoder_layers
 
 #: Calibration sequences per forward pass: bounds the activations held at once.
 BATCH_SIZE = 4
+
+
+@dataclass
+class CalibrationSettings:
+    """Where calibration tokens come from for modifications that need them (Wanda, AWQ-style scaling...)."""
+
+    text_source: str = PYTHON_DOCS
+    n_sequences: int = 16
+    seq_len: int = 512
+    seed: int = 0
+
+    def windows(self, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+        """The ``[n_sequences, seq_len]`` calibration token ids these settings name."""
+        return calibration_windows(
+            tokenizer, load_corpus(self.text_source), n_sequences=self.n_sequences, seq_len=self.seq_len, seed=self.seed
+        )
 
 
 @dataclass
@@ -217,8 +234,11 @@ def gradient_norms(
 
         return hook
 
-    handles = [h for name, linear in linears.items()
-               for h in (linear.register_forward_hook(keep_input(name)), linear.register_full_backward_hook(accumulate(name)))]
+    handles = [
+        h
+        for name, linear in linears.items()
+        for h in (linear.register_forward_hook(keep_input(name)), linear.register_full_backward_hook(accumulate(name)))
+    ]
     flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
     try:
         for parameter in model.parameters():

@@ -22,12 +22,11 @@ import copy
 import torch
 from transformers import PreTrainedModel
 
+from ..config_keys import EXPANSION_ATTRIBUTE, LAYER_MAP_ATTRIBUTE
 from ..errors import ModificationError, SpecError
-from ..measure import LAYER_MAP_ATTRIBUTE
 from .architecture import decoder_blocks, decoder_layers, restack_layers
 from .base import Modification, register
 
-EXPANSION_ATTRIBUTE = "hemorrhage_expansion"
 KINDS = ("dup", "identity")
 
 
@@ -71,7 +70,11 @@ class LayerExpansion(Modification):
                 sources.append(index)
         restack_layers(model, expanded, sources)
         setattr(model.config, LAYER_MAP_ATTRIBUTE, layer_map)
-        setattr(model.config, EXPANSION_ATTRIBUTE, {"spec": self.spec, "inserted_layers": inserted, "copied_from": sorted(points)})
+        setattr(
+            model.config,
+            EXPANSION_ATTRIBUTE,
+            {"spec": self.spec, "inserted_layers": inserted, "copied_from": sorted(points)},
+        )
         return model
 
     def _new_layer(self, layer: torch.nn.Module, config) -> torch.nn.Module:

@@ -62,7 +62,9 @@ class KVCacheQuantization(Modification):
 
     def restore(self, model: PreTrainedModel) -> PreTrainedModel:
         """Install the quantizers on every layer's key and value projections (once: again changes nothing)."""
-        head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+        head_dim = (
+            getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+        )
         group_size = self.group_size or head_dim
         projections = [proj for block in decoder_blocks(model) for proj in (block.k_proj, block.v_proj)]
         too_narrow = [proj.out_features for proj in projections if proj.out_features < group_size]

@@ -94,5 +94,7 @@ def lowest_per_group(scores: torch.Tensor, n_groups: int, n_drop: int) -> list[i
         [1, 3]
     """
     grouped = scores.reshape(n_groups, -1)
-    dropped = torch.topk(grouped, n_drop, dim=1, largest=False).indices + torch.arange(n_groups)[:, None] * grouped.shape[1]
+    dropped = (
+        torch.topk(grouped, n_drop, dim=1, largest=False).indices + torch.arange(n_groups)[:, None] * grouped.shape[1]
+    )
     return sorted(dropped.flatten().tolist())

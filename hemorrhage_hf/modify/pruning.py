@@ -32,13 +32,13 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
+from ..config_keys import SPARSITY_ATTRIBUTE
 from ..errors import ModificationError, SpecError
 from .architecture import linears_by_layer
 from .base import Modification, register
 from .calibration import gradient_norms, layerwise
 from .prune_ops import gradient_scores, layer_mask, magnitude_scores, n_m_mask, row_mask, wanda_scores
 
-SPARSITY_ATTRIBUTE = "hemorrhage_sparsity"
 SCORES = ("magnitude", "wanda", "gradient")
 #: Weight of the normalised gradient term against the normalised activation term (see ``gradient_scores``): equal
 #: weights, not tuned; with it gradient-aware pruning beats Wanda on WikiText-2 (BENCHMARKS.md, "Modifications").
@@ -106,10 +106,16 @@ class WeightPruning(Modification):
     ) -> PreTrainedModel:
         layers = linears_by_layer(model)
         if self.n_m is not None:
-            narrow = [(name, linear.in_features) for linears in layers for name, linear in linears.items()
-                      if linear.in_features < self.n_m[1]]
+            narrow = [
+                (name, linear.in_features)
+                for linears in layers
+                for name, linear in linears.items()
+                if linear.in_features < self.n_m[1]
+            ]
             if narrow:
-                raise ModificationError(f"N:M group of {self.n_m[1]} is wider than layer {narrow[0][0]} ({narrow[0][1]} inputs)")
+                raise ModificationError(
+                    f"N:M group of {self.n_m[1]} is wider than layer {narrow[0][0]} ({narrow[0][1]} inputs)"
+                )
         pruned: dict[str, tuple[int, int]] = {}
         if self.score == "magnitude":
             for linears in layers:
@@ -117,13 +123,17 @@ class WeightPruning(Modification):
         else:
             gradients = (
                 gradient_norms(model, calibration, {n: l for ls in layers for n, l in ls.items()}, progress=progress)
-                if self.score == "gradient" else {}
+                if self.score == "gradient"
+                else {}
             )
-            for step, linears in zip(layerwise(model, calibration, progress=progress, description=f"pruning {self.spec}"), layers):
+            for step, linears in zip(
+                layerwise(model, calibration, progress=progress, description=f"pruning {self.spec}"), layers
+            ):
                 statistics = step.input_statistics(linears)
                 scores = {
                     name: gradient_scores(l.weight, statistics[name].input_norms(), gradients[name], self.alpha)
-                    if self.score == "gradient" else wanda_scores(l.weight, statistics[name].input_norms())
+                    if self.score == "gradient"
+                    else wanda_scores(l.weight, statistics[name].input_norms())
                     for name, l in linears.items()
                 }
                 self._prune(linears, scores, pruned)
@@ -151,7 +161,8 @@ def measured_sparsity(model: PreTrainedModel) -> dict:
     layers = linears_by_layer(model)
     counts = {
         name: (int((linear.weight == 0).sum()), linear.weight.numel())
-        for linears in layers for name, linear in linears.items()
+        for linears in layers
+        for name, linear in linears.items()
     }
     return sparsity_record(counts, layers, getattr(model.config, "hemorrhage_modification", None))
 

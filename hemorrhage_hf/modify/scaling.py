@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..config_keys import SCALING_ATTRIBUTE
 from ..errors import SpecError
 from .architecture import DecoderBlock, decoder_blocks
 from .base import Modification, parse_spec, register
@@ -55,7 +56,6 @@ from .scaling_ops import (
     smooth_scales,
 )
 
-SCALING_ATTRIBUTE = "hemorrhage_scaling"
 #: Calibration tokens per group the error search runs on when inputs are quantized too (w8a8); weight-only
 #: formats are searched on all tokens through the inputs' Gram matrix.
 SAMPLE_ROWS = 1024
@@ -122,7 +122,9 @@ class ActivationAwareScaling(Modification):
         if method not in FAMILIES:
             raise SpecError(f"unknown scaling method {method!r}; choose one of {', '.join(FAMILIES)}")
         if not isinstance(quantization, WeightQuantization):
-            raise SpecError(f"scaling needs a quantization spec to scale for (int4-g64, w8a8...), got {quantization.spec}")
+            raise SpecError(
+                f"scaling needs a quantization spec to scale for (int4-g64, w8a8...), got {quantization.spec}"
+            )
         self.family_rule, self.quantization, self.sample_rows = FAMILIES[method], quantization, sample_rows
 
     @property
@@ -143,8 +145,12 @@ class ActivationAwareScaling(Modification):
 
         output_previous = block.v_proj if block.v_proj.out_features == block.o_proj.in_features else None
         return [
-            Migration("q_proj+k_proj+v_proj", block.input_norm, named(block.q_proj, block.k_proj, block.v_proj),
-                      statistics["attention"]),
+            Migration(
+                "q_proj+k_proj+v_proj",
+                block.input_norm,
+                named(block.q_proj, block.k_proj, block.v_proj),
+                statistics["attention"],
+            ),
             Migration("o_proj", output_previous, named(block.o_proj), statistics["output"]),
             Migration("gate_proj+up_proj", block.post_norm, named(block.gate_proj, block.up_proj), statistics["mlp"]),
             Migration("down_proj", block.up_proj, named(block.down_proj), statistics["down"]),
@@ -155,12 +161,16 @@ class ActivationAwareScaling(Modification):
         formats use the Gram matrix of all calibration tokens; quantized inputs need the sampled rows."""
         quantization, statistics = self.quantization, migration.statistics
         if not quantization.runtime_state:
-            return lambda scales: quantized_weight_error(
-                weight, statistics.gram, scales, quantization.quantize_weight) / statistics.n_tokens
+            return lambda scales: (
+                quantized_weight_error(weight, statistics.gram, scales, quantization.quantize_weight)
+                / statistics.n_tokens
+            )
         rows = statistics.rows()
         exact = rows @ weight.T
-        return lambda scales: scaled_output_error(
-            weight, rows, exact, scales, quantization.quantize_weight, quantization.quantize_input) / len(rows)
+        return lambda scales: (
+            scaled_output_error(weight, rows, exact, scales, quantization.quantize_weight, quantization.quantize_input)
+            / len(rows)
+        )
 
     def _search_scales(self, migration: Migration) -> dict:
         """Error of every candidate; migrates the best one and returns the record."""
@@ -184,7 +194,9 @@ class ActivationAwareScaling(Modification):
             if name.endswith(("q_proj", "k_proj")):
                 continue
             weight = linear.weight.float()
-            ratios = search_clip_ratios(weight, gram, groups, quantization.symmetric, quantization.quantize_weight, CLIP_RATIOS)
+            ratios = search_clip_ratios(
+                weight, gram, groups, quantization.symmetric, quantization.quantize_weight, CLIP_RATIOS
+            )
             linear.weight.copy_(clip_weight(weight, ratios, groups, quantization.symmetric))
             chosen[name] = float(ratios.mean())
         return chosen
@@ -198,7 +210,9 @@ class ActivationAwareScaling(Modification):
         names = {module: name for name, module in model.named_modules()}
         groups, unscaled, clipping = {}, [], {}
         sample_rows = self.sample_rows if self.quantization.runtime_state else 0
-        steps = layerwise(model, calibration, sample_rows=sample_rows, progress=progress, description=f"searching {self.spec}")
+        steps = layerwise(
+            model, calibration, sample_rows=sample_rows, progress=progress, description=f"searching {self.spec}"
+        )
         for step, block in zip(steps, blocks):
             statistics = step.input_statistics(
                 {"attention": block.q_proj, "output": block.o_proj, "mlp": block.gate_proj, "down": block.down_proj},
@@ -217,8 +231,8 @@ class ActivationAwareScaling(Modification):
             "parameter": self.family_rule.parameter,
             "grid": list(self.family_rule.grid),
             "quantization": self.quantization.spec,
-            "error": "mean squared output error per calibration token" + (
-                f", on {sample_rows} sampled tokens" if sample_rows else ", on all of them (from XᵀX)"),
+            "error": "mean squared output error per calibration token"
+            + (f", on {sample_rows} sampled tokens" if sample_rows else ", on all of them (from XᵀX)"),
             "groups": groups,
             "unscaled": unscaled,
         }

@@ -21,15 +21,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..config_keys import LAYER_MAP_ATTRIBUTE, STRUCTURE_ATTRIBUTE
 from ..errors import ModificationError, SpecError
-from ..measure import LAYER_MAP_ATTRIBUTE
 from .architecture import decoder_blocks, decoder_layers, restack_layers
 from .base import Modification, register
 from .calibration import layerwise
 from .prune_ops import channel_energy, lowest_per_group
 from .pruning import check_sparsity
-
-STRUCTURE_ATTRIBUTE = "hemorrhage_structure"
 
 
 def _sliced_linear(linear: nn.Linear, *, rows: list[int] | None = None, columns: list[int] | None = None) -> nn.Linear:
@@ -41,7 +39,9 @@ def _sliced_linear(linear: nn.Linear, *, rows: list[int] | None = None, columns:
         bias = bias[rows] if bias is not None else None
     if columns is not None:
         weight = weight[:, columns]
-    sliced = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    sliced = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
     with torch.no_grad():
         sliced.weight.copy_(weight)
         if bias is not None:
@@ -87,7 +87,9 @@ class HeadPruning(_FractionPruning):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
         n_drop = self.heads_to_drop_per_group(n_heads, n_kv_heads)
         removed = {}
-        for step, block in zip(layerwise(model, calibration, progress=progress, description=f"pruning {self.spec}"), blocks):
+        for step, block in zip(
+            layerwise(model, calibration, progress=progress, description=f"pruning {self.spec}"), blocks
+        ):
             statistics = step.input_statistics({"o": block.o_proj})["o"]
             energy = channel_energy(block.o_proj.weight, statistics.mean_squares())
             dropped = lowest_per_group(energy.reshape(n_heads, head_dim).sum(1), n_kv_heads, n_drop)
@@ -100,11 +102,15 @@ class HeadPruning(_FractionPruning):
             removed[step.index] = dropped
         config.head_dim = head_dim
         config.num_attention_heads = n_heads - n_drop * n_kv_heads
-        setattr(model.config, STRUCTURE_ATTRIBUTE, {
-            "spec": self.spec,
-            "fraction_removed": n_drop * n_kv_heads / n_heads,
-            "heads_removed_per_layer": {str(layer): heads for layer, heads in removed.items()},
-        })
+        setattr(
+            model.config,
+            STRUCTURE_ATTRIBUTE,
+            {
+                "spec": self.spec,
+                "fraction_removed": n_drop * n_kv_heads / n_heads,
+                "heads_removed_per_layer": {str(layer): heads for layer, heads in removed.items()},
+            },
+        )
         return model
 
 
@@ -117,7 +123,9 @@ class ChannelPruning(_FractionPruning):
         blocks = decoder_blocks(model)
         width = blocks[0].down_proj.in_features
         n_keep = width - round(self.fraction * width)
-        for step, block in zip(layerwise(model, calibration, progress=progress, description=f"pruning {self.spec}"), blocks):
+        for step, block in zip(
+            layerwise(model, calibration, progress=progress, description=f"pruning {self.spec}"), blocks
+        ):
             statistics = step.input_statistics({"down": block.down_proj})["down"]
             energy = channel_energy(block.down_proj.weight, statistics.mean_squares())
             kept = sorted(torch.topk(energy, n_keep).indices.tolist())
@@ -166,11 +174,15 @@ class LayerRemoval(Modification):
         layer_map = [max(j for j, source in enumerate(kept) if source <= i) for i in range(len(layers))]
         restack_layers(model, [layers[index] for index in kept], kept)
         setattr(model.config, LAYER_MAP_ATTRIBUTE, layer_map)
-        setattr(model.config, STRUCTURE_ATTRIBUTE, {
-            "spec": self.spec,
-            "layers_removed": removed,
-            "block_influence": influence,
-        })
+        setattr(
+            model.config,
+            STRUCTURE_ATTRIBUTE,
+            {
+                "spec": self.spec,
+                "layers_removed": removed,
+                "block_influence": influence,
+            },
+        )
         return model
 
 

@@ -30,16 +30,17 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..compare import CalibrationSettings, resolve_pair
+from ..comparison import resolve_pair
 from ..corpus import PYTHON_DOCS, tokenize_corpus
 from ..errors import HemorrhageError
-from ..measure import measure
+from ..measurement.engine import measure
+from ..measurement.report import HemorrhageReport
 from ..modify import parse_spec
-from ..report import HemorrhageReport
+from ..modify.calibration import CalibrationSettings
 
 if TYPE_CHECKING:
-    from ..calibration import DecodingCalibration
-    from ..sweep import SweepResult
+    from ..correction.processor import DecodingCalibration
+    from ..sweep.runner import SweepResult
 
 DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct"
 #: label → model source. The operator may replace it with ``HEMORRHAGE_SPACE_MODELS="label=source,..."``.
@@ -139,8 +140,8 @@ class ModelCache:
         It is fitted on the corpus's first tokens (never on the visitor's text); its own held-out check is in
         ``summary``. Fitted calibrations are cached like modified models.
         """
-        from ..calibration import CalibrationWarning, DecodingCalibration
         from ..corpus import python_docs_text
+        from ..correction.processor import CalibrationWarning, DecodingCalibration
 
         spec = parse_spec(spec).spec
         reference, tokenizer = self.reference(label)
@@ -152,9 +153,14 @@ class ModelCache:
                     # A calibration that does not help is shown with its verdict, not raised as a warning.
                     warnings.simplefilter("ignore", CalibrationWarning)
                     self._calibrations[key] = DecodingCalibration.fit(
-                        reference, modified, python_docs_text(), tokenizer=tokenizer,
-                        window=self.limits.calibration_fit_window, max_tokens=self.limits.calibration_fit_tokens,
-                        max_iterations=self.limits.calibration_iterations, progress=False,
+                        reference,
+                        modified,
+                        python_docs_text(),
+                        tokenizer=tokenizer,
+                        window=self.limits.calibration_fit_window,
+                        max_tokens=self.limits.calibration_fit_tokens,
+                        max_iterations=self.limits.calibration_iterations,
+                        progress=False,
                         metadata={"reference": label, "modification": spec, "text": PYTHON_DOCS},
                     )
                 _evict_oldest(self._calibrations, self.limits.cached_modified_models)
@@ -214,7 +220,9 @@ def token_kl_html(first_piece: str, pieces: list[str], kl: np.ndarray, finite: n
 def chat_input_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch.Tensor:
     """The prompt as one user turn when the tokenizer has a chat template, else as plain text."""
     if tokenizer.chat_template:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
     return tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
 
 
@@ -228,13 +236,18 @@ def greedy_generation(
 ) -> str:
     """Greedy continuation, so that any difference between models comes from the models, not from sampling."""
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
     )
     output = model.generate(
-        prompt_ids, attention_mask=torch.ones_like(prompt_ids), generation_config=config, logits_processor=logits_processor
+        prompt_ids,
+        attention_mask=torch.ones_like(prompt_ids),
+        generation_config=config,
+        logits_processor=logits_processor,
     )
-    return tokenizer.decode(output[0, prompt_ids.shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(output[0, prompt_ids.shape[1] :], skip_special_tokens=True)
 
 
 @dataclass
@@ -300,8 +313,10 @@ def run_comparison(
 
     matplotlib.use("Agg")
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="hemorrhage-space-"))
-    plots = {"Per-layer drift and attention divergence": output_dir / "layer_drift.png",
-             "KL distribution": output_dir / "kl_distribution.png"}
+    plots = {
+        "Per-layer drift and attention divergence": output_dir / "layer_drift.png",
+        "KL distribution": output_dir / "kl_distribution.png",
+    }
     plot_layers(report, plots["Per-layer drift and attention divergence"])
     plot_kl_distribution(report, plots["KL distribution"])
 
@@ -318,13 +333,14 @@ def run_comparison(
             generations["calibrated"] = greedy_generation(
                 modified, tokenizer, prompt_ids, max_new_tokens, LogitsProcessorList([calibration])
             )
-    return Comparison(report=report, token_html=token_html, plots=plots, generations=generations,
-                      calibration_verdict=verdict)
+    return Comparison(
+        report=report, token_html=token_html, plots=plots, generations=generations, calibration_verdict=verdict
+    )
 
 
 def default_sweep_levels(family: str, limits: SpaceLimits) -> list[str]:
     """At most ``limits.sweep_levels`` of the family's default levels, spread from its weakest to its strongest."""
-    from ..sweep import resolve_family
+    from ..sweep.runner import resolve_family
 
     levels = resolve_family(family).default_levels
     picks = np.unique(np.linspace(0, len(levels) - 1, min(limits.sweep_levels, len(levels))).round().astype(int))
@@ -355,7 +371,7 @@ def run_threshold_sweep(
 
     Progress goes through the sweep's tqdm bars (the Space shows them with ``gr.Progress(track_tqdm=True)``).
     """
-    from ..sweep import resolve_family, run_sweep
+    from ..sweep.runner import resolve_family, run_sweep
 
     limits = limits or cache.limits
     resolve_family(family)
@@ -367,18 +383,29 @@ def run_threshold_sweep(
     windows = tokenize_corpus(tokenizer, text, window=window, max_tokens=window)
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="hemorrhage-space-sweep-"))
     result = run_sweep(
-        reference, tokenizer, windows, family, levels, cache_root=cache.reference_cache_root,
-        calibration=limits.calibration, output_dir=output_dir, progress=True,
+        reference,
+        tokenizer,
+        windows,
+        family,
+        levels,
+        cache_root=cache.reference_cache_root,
+        calibration=limits.calibration,
+        output_dir=output_dir,
+        progress=True,
         metadata={"reference": model_label, "corpus": TEXT_LABEL, "window": window},
     )
     curves = [curve for curve in result.curves if any(curve.key in entry["figures"] for entry in result.levels)]
     rows = [
-        [entry["level"], entry["spec"] or "(unmodified)",
-         *(_figure_text(entry["figures"].get(curve.key)) for curve in curves)]
+        [
+            entry["level"],
+            entry["spec"] or "(unmodified)",
+            *(_figure_text(entry["figures"].get(curve.key)) for curve in curves),
+        ]
         for entry in result.levels
     ]
-    return ThresholdSweep(result, output_dir / f"sweep_{curves[0].key}.png", rows,
-                          ["level", "spec", *(curve.label for curve in curves)])
+    return ThresholdSweep(
+        result, output_dir / f"sweep_{curves[0].key}.png", rows, ["level", "spec", *(curve.label for curve in curves)]
+    )
 
 
 def _figure_text(value) -> str:

@@ -19,9 +19,9 @@ import pandas
 
 from ..cards import CardOptions, comparison_rows, render_section, threshold_from_sweep, update_card_text
 from ..errors import HemorrhageError
+from ..measurement.report import HemorrhageReport
 from ..modify import known_specs, parse_spec
-from ..report import HemorrhageReport
-from ..sweep import FAMILIES
+from ..sweep.runner import FAMILIES
 from .backend import ModelCache, default_sweep_levels, run_comparison, run_threshold_sweep
 
 DEFAULT_HOST = "127.0.0.1"
@@ -29,8 +29,23 @@ DEFAULT_PORT = 7860
 #: Offered in the modification menu when the registry parses them (visitors may type any other spec): each
 #: modification next to its mitigated form, activation-aware scaling (awq-, smooth-) and gradient-aware pruning.
 SUGGESTED_SPECS = (
-    "int8", "int4-g128", "int4-g64", "awq-int4-g64", "int3-g64", "awq-int3-g64", "int2-g64", "w8a8", "smooth-w8a8",
-    "magnitude-50", "wanda-50", "gradient-50", "2:4-magnitude", "2:4-wanda", "expand-dup-4", "heads-25", "layers-4",
+    "int8",
+    "int4-g128",
+    "int4-g64",
+    "awq-int4-g64",
+    "int3-g64",
+    "awq-int3-g64",
+    "int2-g64",
+    "w8a8",
+    "smooth-w8a8",
+    "magnitude-50",
+    "wanda-50",
+    "gradient-50",
+    "2:4-magnitude",
+    "2:4-wanda",
+    "expand-dup-4",
+    "heads-25",
+    "layers-4",
 )
 MITIGATIONS = "awq-… and smooth-… (activation-aware scaling), gradient-… (gradient-aware pruning)"
 FIGURE_HEADERS = ["figure", "reference", "modified"]
@@ -85,8 +100,15 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
     @_gradio_errors
     def compare(model_label, spec, text, prompt, new_tokens, calibrate, progress=gr.Progress()):
         comparison = run_comparison(
-            cache, model_label, spec, text, prompt=prompt, max_new_tokens=int(new_tokens), limits=limits,
-            calibrate=calibrate, on_step=lambda fraction, description: progress(fraction, desc=description),
+            cache,
+            model_label,
+            spec,
+            text,
+            prompt=prompt,
+            max_new_tokens=int(new_tokens),
+            limits=limits,
+            calibrate=calibrate,
+            on_step=lambda fraction, description: progress(fraction, desc=description),
         )
         report = comparison.report
         report_data = report.to_dict()
@@ -117,8 +139,9 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
         if not report_data:
             raise HemorrhageError("run a comparison on the Compare tab first")
         report = HemorrhageReport.from_dict(report_data)
-        options = CardOptions(model_name=model_name.strip() or None,
-                              threshold=threshold_from_sweep(sweep_data) if sweep_data else None)
+        options = CardOptions(
+            model_name=model_name.strip() or None, threshold=threshold_from_sweep(sweep_data) if sweep_data else None
+        )
         return update_card_text("", report, options), render_section(report, options)
 
     with gr.Blocks(title="Model hemorrhage") as demo:
@@ -128,36 +151,66 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
         with gr.Row():
             model = gr.Dropdown(model_labels, value=model_labels[0], label="Model", elem_id="model")
             spec = gr.Dropdown(
-                spec_choices(), value="int4-g64", allow_custom_value=True, label="Modification", elem_id="spec",
+                spec_choices(),
+                value="int4-g64",
+                allow_custom_value=True,
+                label="Modification",
+                elem_id="spec",
                 info=f"Pick one or type a spec (forms: {', '.join(known_specs())}). Mitigations: {MITIGATIONS}.",
             )
         with gr.Tabs():
             with gr.Tab("Compare", id="compare"):
                 text = gr.Textbox(
-                    sample_text(), lines=8, max_lines=16, max_length=limits.text_tokens * 12, elem_id="text",
+                    sample_text(),
+                    lines=8,
+                    max_lines=16,
+                    max_length=limits.text_tokens * 12,
+                    elem_id="text",
                     label=f"Text to measure on (at most {limits.text_tokens} tokens)",
                 )
                 with gr.Row():
-                    prompt = gr.Textbox("What does the Python `len` function do?", label="Prompt for generations", scale=3)
-                    new_tokens = gr.Slider(0, limits.new_tokens, value=min(32, limits.new_tokens), step=1,
-                                           label="New tokens (greedy)", scale=1)
+                    prompt = gr.Textbox(
+                        "What does the Python `len` function do?", label="Prompt for generations", scale=3
+                    )
+                    new_tokens = gr.Slider(
+                        0,
+                        limits.new_tokens,
+                        value=min(32, limits.new_tokens),
+                        step=1,
+                        label="New tokens (greedy)",
+                        scale=1,
+                    )
                     calibrate = gr.Checkbox(
-                        False, label="Decoding calibration", scale=1, elem_id="calibrate",
+                        False,
+                        label="Decoding calibration",
+                        scale=1,
+                        elem_id="calibrate",
                         info="mitigation for the generations, fitted on the Python docs on first use (slow once)",
                     )
                 run = gr.Button("Compare", variant="primary", elem_id="compare-button")
                 severity = gr.Markdown(elem_id="severity")
                 with gr.Row():
-                    table = gr.Dataframe(headers=FIGURE_HEADERS, interactive=False, label="Figures", max_height=720,
-                                         elem_id="figures-table")
+                    table = gr.Dataframe(
+                        headers=FIGURE_HEADERS,
+                        interactive=False,
+                        label="Figures",
+                        max_height=720,
+                        elem_id="figures-table",
+                    )
                     kl_plot = gr.Image(type="filepath", label="KL distribution", elem_id="kl-plot", interactive=False)
-                layer_plot = gr.Image(type="filepath", label="Per-layer drift and attention divergence",
-                                      elem_id="layer-plot", interactive=False)
+                layer_plot = gr.Image(
+                    type="filepath",
+                    label="Per-layer drift and attention divergence",
+                    elem_id="layer-plot",
+                    interactive=False,
+                )
                 gr.Markdown("#### Where it bleeds, token by token")
                 tokens = gr.HTML(elem_id="token-kl")
                 with gr.Row():
                     generation_boxes = [
-                        gr.Textbox(label=f"Generation: {title}", lines=6, interactive=False, elem_id=f"generation-{key}")
+                        gr.Textbox(
+                            label=f"Generation: {title}", lines=6, interactive=False, elem_id=f"generation-{key}"
+                        )
                         for key, title in GENERATION_LABELS.items()
                     ]
                 calibration_verdict = gr.Markdown(elem_id="calibration-verdict")
@@ -170,14 +223,25 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
                     "into collapse (a breakpoint fit on the KL curve, else the level where it crosses a tolerance)."
                 )
                 with gr.Row():
-                    family = gr.Dropdown(list(FAMILIES), value="bits", label="Family", allow_custom_value=True,
-                                         info="or a spec template with {}, e.g. int{}-g128", elem_id="family")
-                    levels = gr.Textbox(",".join(default_sweep_levels("bits", limits)), elem_id="levels",
-                                        label=f"Levels, weakest first (at most {limits.sweep_levels})", scale=2)
+                    family = gr.Dropdown(
+                        list(FAMILIES),
+                        value="bits",
+                        label="Family",
+                        allow_custom_value=True,
+                        info="or a spec template with {}, e.g. int{}-g128",
+                        elem_id="family",
+                    )
+                    levels = gr.Textbox(
+                        ",".join(default_sweep_levels("bits", limits)),
+                        elem_id="levels",
+                        label=f"Levels, weakest first (at most {limits.sweep_levels})",
+                        scale=2,
+                    )
                 sweep_button = gr.Button("Sweep", variant="primary", elem_id="sweep-button")
                 threshold_text = gr.Markdown(elem_id="threshold-text")
-                sweep_plot = gr.Image(type="filepath", label="Sweep curve (threshold marked)", elem_id="sweep-plot",
-                                      interactive=False)
+                sweep_plot = gr.Image(
+                    type="filepath", label="Sweep curve (threshold marked)", elem_id="sweep-plot", interactive=False
+                )
                 sweep_table = gr.Dataframe(interactive=False, label="Levels", elem_id="sweep-table")
             with gr.Tab("Model card", id="card"):
                 gr.Markdown(
@@ -188,23 +252,48 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
                 with gr.Row():
                     card_model_name = gr.Textbox("my-model", label="Model name (model-index)", scale=3)
                     make_card = gr.Button("Write the card", elem_id="card-button", scale=1)
-                card_code = gr.Code(language="markdown", buttons=["copy", "download"], label="README.md",
-                                    elem_id="card-markdown")
+                card_code = gr.Code(
+                    language="markdown", buttons=["copy", "download"], label="README.md", elem_id="card-markdown"
+                )
                 card_preview = gr.Markdown()
 
         heavy = dict(concurrency_id="cpu", concurrency_limit=1)
         run.click(
-            compare, [model, spec, text, prompt, new_tokens, calibrate],
-            [severity, table, layer_plot, kl_plot, tokens, *generation_boxes, calibration_verdict, report_json,
-             report_state],
-            api_name="compare", **heavy,
+            compare,
+            [model, spec, text, prompt, new_tokens, calibrate],
+            [
+                severity,
+                table,
+                layer_plot,
+                kl_plot,
+                tokens,
+                *generation_boxes,
+                calibration_verdict,
+                report_json,
+                report_state,
+            ],
+            api_name="compare",
+            **heavy,
         )
-        family.change(lambda name: ",".join(default_sweep_levels(name, limits)) if name in FAMILIES else gr.skip(),
-                      family, levels, api_visibility="private")
-        sweep_button.click(sweep, [model, family, levels, text], [threshold_text, sweep_plot, sweep_table, sweep_state],
-                           api_name="sweep", **heavy)
-        make_card.click(card_section, [report_state, sweep_state, card_model_name], [card_code, card_preview],
-                        api_name="card_section")
+        family.change(
+            lambda name: ",".join(default_sweep_levels(name, limits)) if name in FAMILIES else gr.skip(),
+            family,
+            levels,
+            api_visibility="private",
+        )
+        sweep_button.click(
+            sweep,
+            [model, family, levels, text],
+            [threshold_text, sweep_plot, sweep_table, sweep_state],
+            api_name="sweep",
+            **heavy,
+        )
+        make_card.click(
+            card_section,
+            [report_state, sweep_state, card_model_name],
+            [card_code, card_preview],
+            api_name="card_section",
+        )
     demo.queue(max_size=16, default_concurrency_limit=1)
     return demo
 
@@ -214,4 +303,3 @@ def launch(demo: gr.Blocks, *, host: str | None = None, port: int | None = None,
     host = host or os.environ.get("GRADIO_SERVER_NAME", DEFAULT_HOST)
     port = port or int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT))
     return demo.launch(server_name=host, server_port=port, footer_links=["api"], **launch_arguments)
-

@@ -1,0 +1,1 @@
+"""Strength sweeps (:mod:`.runner`) and where a hemorrhage curve turns into collapse (:mod:`.threshold`)."""

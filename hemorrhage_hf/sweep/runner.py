@@ -1,0 +1,530 @@
+"""Strength sweeps: measure a modification at every level of its strength, find the robustness threshold, draw it.
+
+A *family* turns a level into a modification spec (``bits``: ``4`` → ``int4-g64``; ``sparsity:wanda``: ``50`` →
+``wanda-50``; any template with ``{}``, e.g. ``"int{}-g128"``). Identity levels (sparsity 0, 32 bits, temperature 1)
+are the unmodified model, so a sweep's first level shows zero hemorrhage exactly. Model families read the
+reference side from a :class:`~hemorrhage_hf.measurement.refcache.ReferenceCache` (one reference pass, then one pass per level);
+decoding families (``temperature``, ``top_p``, ``top_k``, ``typical_p``, ``repetition_penalty``) process the same
+logits for every level in one pass (:func:`hemorrhage_hf.measurement.decoding.decoding_divergence`).
+
+Per level the sweep keeps the report's figures (KL, PPL ratio, top-1 agreement, …) and, for tasks, accuracy of
+both models, drop and flips. Per curve it applies both rules of :mod:`hemorrhage_hf.sweep.threshold` to the curve's
+*damage* (PPL ratio − 1; KL; 1 − agreement; accuracy drop). The sweep's threshold is the fitted breakpoint of the
+first curve that has one, in that order (the paper reads its thresholds on perplexity; for decoding: total variation,
+JS, agreement), else the first curve's tolerance crossing.
+
+Each level records its figures and its wall time (``seconds``; a decoding sweep's one shared pass is split evenly
+over its levels). Levels are listed from the weakest to the strongest modification. Strength is the level's number, negated when
+the levels decrease (bits), on a log scale for ``top_k``; ``n:m`` levels count as the sparsity 100·(1 − n/m).
+
+Output (``save``): ``sweep.json`` (everything), ``sweep.csv`` (one row per level), ``sweep_<figure>.png`` (one
+curve per figure, threshold and tolerance marked). ``sweep.json`` is rewritten after every level, and a rerun into
+the same folder with the same model, windows and settings skips the levels already measured.
+
+Example:
+    >>> from hemorrhage_hf.sweep.runner import resolve_family
+    >>> family = resolve_family("bits")
+    >>> family.spec("4"), family.spec("32"), family.default_levels[:3]
+    ('int4-g64', None, ('32', '8', '6'))
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..atomic import atomic_path, atomic_write_text
+from ..corpus import Window
+from ..errors import HemorrhageError, SpecError
+from ..measurement import distributed
+from ..measurement.decoding import Decoding, decoding_divergence
+from ..measurement.engine import measure
+from ..measurement.refcache import DEFAULT_TOP_K, ReferenceCache, model_fingerprint, windows_fingerprint
+from ..measurement.report import _json_safe
+from ..modify import apply_modification, parse_spec
+from ..modify.calibration import CalibrationSettings
+from ..tasks.scoring import Task, TaskAnswers, answer_task, task_hemorrhage
+from .threshold import fit_breakpoint, tolerance_crossing
+
+SWEEP_FILE = "sweep.json"
+
+
+@dataclass(frozen=True)
+class SweepFamily:
+    """How a level becomes a modification spec (``template.format(level)``), and which levels change nothing."""
+
+    name: str
+    template: str
+    identity_levels: tuple[str, ...] = ()
+    default_levels: tuple[str, ...] = ()
+    kind: str = "model"  # "model": a modified model; "decoding": a Decoding spec on the reference's logits
+    log_strength: bool = False
+
+    def spec(self, level: str) -> str | None:
+        """The spec of ``level``; None for an identity level (the unmodified model)."""
+        return None if level in self.identity_levels else self.template.format(level)
+
+
+def _percent_family(name: str, template: str, levels: Sequence[int]) -> SweepFamily:
+    return SweepFamily(name, template, ("0",), tuple(str(level) for level in levels))
+
+
+_SPARSITY = range(0, 100, 10)
+FAMILIES: dict[str, SweepFamily] = {
+    family.name: family
+    for family in (
+        SweepFamily("bits", "int{}-g64", ("32", "16"), ("32", "8", "6", "5", "4", "3", "2")),
+        SweepFamily("kv", "kv{}", ("32", "16"), ("32", "8", "6", "5", "4", "3", "2")),
+        _percent_family("sparsity:wanda", "wanda-{}", _SPARSITY),
+        _percent_family("sparsity:magnitude", "magnitude-{}", _SPARSITY),
+        _percent_family("sparsity:gradient", "gradient-{}", _SPARSITY),
+        SweepFamily("nm:wanda", "{}-wanda", (), ("3:4", "2:4", "1:4")),
+        _percent_family("heads", "heads-{}", (0, 33, 67)),  # SmolLM2 drops 1 or 2 of 3 query heads per KV group
+        _percent_family("channels", "channels-{}", (0, 10, 25, 40, 50, 75)),
+        _percent_family("layers", "layers-{}", (0, 1, 2, 4, 6, 8, 12)),
+        _percent_family("expand:dup", "expand-dup-{}", (0, 1, 2, 4, 8)),
+        _percent_family("expand:identity", "expand-identity-{}", (0, 1, 2, 4, 8)),
+        SweepFamily("temperature", "temperature={}", ("1",), ("1", "1.2", "1.5", "2", "3"), "decoding"),
+        SweepFamily("top_p", "top_p={}", ("1",), ("1", "0.95", "0.9", "0.8", "0.6", "0.4"), "decoding"),
+        SweepFamily("top_k", "top_k={}", ("0",), ("0", "1000", "200", "50", "10", "2"), "decoding", log_strength=True),
+        SweepFamily("typical_p", "typical_p={}", ("1",), ("1", "0.95", "0.9", "0.8", "0.5", "0.2"), "decoding"),
+        SweepFamily("repetition_penalty", "repetition_penalty={}", ("1",), ("1", "1.1", "1.2", "1.5", "2"), "decoding"),
+    )
+}
+
+
+def resolve_family(name: str, *, identity_levels: Sequence[str] = ()) -> SweepFamily:
+    """A named family, or a custom template with ``{}`` (a ``name={}`` template is a decoding family)."""
+    if name in FAMILIES:
+        return FAMILIES[name]
+    if "{}" in name:
+        return SweepFamily(name, name, tuple(identity_levels), kind="decoding" if "={}" in name else "model")
+    raise SpecError(f"unknown sweep family {name!r}: use one of {', '.join(FAMILIES)} or a spec template with {{}}")
+
+
+def level_value(level: str) -> float:
+    """The number a level stands for (``"n:m"`` → the sparsity 100·(1 − n/m))."""
+    n, colon, m = level.partition(":")
+    try:
+        return 100 * (1 - int(n) / int(m)) if colon else float(level)
+    except (ValueError, ZeroDivisionError) as error:
+        raise SpecError(f"sweep level {level!r} is not a number or an n:m pattern") from error
+
+
+@dataclass(frozen=True)
+class StrengthScale:
+    """Maps levels to strengths that grow with the modification, and back."""
+
+    sign: float
+    log: bool
+
+    @classmethod
+    def infer(cls, family: SweepFamily, levels: Sequence[str]) -> StrengthScale:
+        values = [level_value(level) for level in levels if level not in family.identity_levels]
+        if len(values) > 1 and not (
+            all(a < b for a, b in zip(values, values[1:])) or all(a > b for a, b in zip(values, values[1:]))
+        ):
+            raise SpecError(f"levels must run monotonically from the weakest to the strongest, got {list(levels)}")
+        if family.log_strength and any(value <= 0 for value in values):
+            raise SpecError(f"{family.name} levels must be positive (besides the identity), got {list(levels)}")
+        return cls(-1.0 if len(values) > 1 and values[1] < values[0] else 1.0, family.log_strength)
+
+    def strength(self, level: str) -> float:
+        value = level_value(level)
+        return self.sign * (math.log(value) if self.log else value)
+
+    def level(self, strength: float) -> float:
+        value = strength / self.sign
+        return math.exp(value) if self.log else value
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One figure drawn against the level, and how to read damage (≥ 0, growing with hemorrhage) from it."""
+
+    key: str
+    label: str
+    damage: Callable[[dict], float]
+    tolerance: float
+    log_scale: bool
+    #: the figure value a damage of ``d`` corresponds to, for drawing the tolerance line
+    value_at_damage: Callable[[dict, float], float] = lambda figures, damage: damage
+
+
+MODEL_CURVES = (
+    Curve("ppl_ratio", "PPL ratio", lambda f: f["ppl_ratio"] - 1, 0.1, True, lambda f, d: 1 + d),
+    Curve("kl_mean", "KL mean (nats)", lambda f: f["kl_mean"], 0.1, True),
+    Curve("top1_agreement", "top-1 agreement", lambda f: 1 - f["top1_agreement"], 0.1, False, lambda f, d: 1 - d),
+)
+DECODING_CURVES = (
+    Curve("tv_mean", "total variation", lambda f: f["tv_mean"], 0.1, True),
+    Curve("js_mean", "Jensen–Shannon divergence (nats)", lambda f: f["js_mean"], 0.02, True),
+    Curve("top1_agreement", "top-1 agreement", lambda f: 1 - f["top1_agreement"], 0.1, False, lambda f, d: 1 - d),
+)
+
+
+def task_curve(task: str) -> Curve:
+    """Task accuracy of the modified model; damage is the drop from the reference's accuracy."""
+    return Curve(
+        f"{task}_accuracy_modified",
+        f"{task} accuracy",
+        lambda f: f[f"{task}_accuracy_drop"],
+        0.02,
+        False,
+        lambda f, d: f[f"{task}_accuracy_reference"] - d,
+    )
+
+
+def _flat_task_figures(figures: dict) -> dict:
+    """``{task}_{figure}`` scalars of one task comparison (answers stay out of the per-level figures)."""
+    return {f"{figures['task']}_{key}": value for key, value in figures.items() if key not in ("task", "answers")}
+
+
+@dataclass
+class SweepResult:
+    """Every level's figures, the thresholds, and what was swept; :meth:`save` writes JSON, CSV and PNGs."""
+
+    family: SweepFamily
+    levels: list[dict]
+    metadata: dict
+    curves: tuple[Curve, ...]
+    tolerances: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def scale(self) -> StrengthScale:
+        return StrengthScale.infer(self.family, [entry["level"] for entry in self.levels])
+
+    def thresholds(self) -> dict[str, dict]:
+        """Both rules of :mod:`hemorrhage_hf.sweep.threshold` per curve, in level units, with the figures either side."""
+        measured = [entry for entry in self.levels if entry["spec"] is not None]
+        strengths = [entry["strength"] for entry in measured]
+        results = {}
+        for curve in self.curves:
+            if not any(curve.key in entry["figures"] for entry in measured):
+                continue
+            damage = [_damage(curve, entry["figures"]) for entry in measured]
+            tolerance = self.tolerances.get(curve.key, curve.tolerance)
+            breakpoint_ = fit_breakpoint(strengths, damage).to_dict()
+            crossing = tolerance_crossing(strengths, damage, tolerance).to_dict()
+            if breakpoint_["strength"] is not None:
+                breakpoint_["level"] = self.scale.level(breakpoint_["strength"])
+                breakpoint_["interval_levels"] = sorted(self.scale.level(s) for s in breakpoint_["interval"])
+            for rule, below, above in (
+                (breakpoint_, "below_index", "above_index"),
+                (crossing, "last_within_index", "first_beyond_index"),
+            ):
+                rule["level_before"] = self._neighbour(measured, rule[below])
+                rule["level_after"] = self._neighbour(measured, rule[above])
+            if crossing["crossing_strength"] is not None:
+                crossing["crossing_level"] = self.scale.level(crossing["crossing_strength"])
+            results[curve.key] = {"label": curve.label, "breakpoint": breakpoint_, "tolerance": crossing}
+        return results
+
+    def _neighbour(self, measured: list[dict], index: int | None) -> dict | None:
+        if index is None:
+            return None
+        entry = measured[index]
+        return {
+            "level": entry["level"],
+            "spec": entry["spec"],
+            "figures": {curve.key: entry["figures"].get(curve.key) for curve in self.curves},
+        }
+
+    def threshold(self) -> dict:
+        """The sweep's headline: the breakpoint of the first curve that has one (curve order: PPL ratio, KL, top-1
+        agreement, tasks; for decoding TV, JS, top-1), else the first curve's tolerance crossing."""
+        thresholds = self.thresholds()
+        if not thresholds:
+            return {"rule": None, "reason": "no curve was measured"}
+        for key, rules in thresholds.items():
+            fitted = rules["breakpoint"]
+            if fitted["strength"] is not None:
+                return {
+                    "figure": key,
+                    "rule": "breakpoint",
+                    "level": fitted["level"],
+                    "interval": fitted["interval_levels"],
+                    "growth": fitted["growth"],
+                    "level_before": fitted["level_before"],
+                    "level_after": fitted["level_after"],
+                }
+        key, first = next(iter(thresholds.items()))
+        fitted, crossing = first["breakpoint"], first["tolerance"]
+        return {
+            "figure": key,
+            "rule": "tolerance",
+            "tolerance": crossing["tolerance"],
+            "level": crossing.get("crossing_level"),
+            "breakpoint_reason": fitted["reason"],
+            "level_before": crossing["level_before"],
+            "level_after": crossing["level_after"],
+            "reason": crossing["reason"],
+        }
+
+    def to_dict(self) -> dict:
+        return _json_safe(
+            {
+                "family": {
+                    "name": self.family.name,
+                    "template": self.family.template,
+                    "kind": self.family.kind,
+                    "identity_levels": list(self.family.identity_levels),
+                },
+                "metadata": self.metadata,
+                "levels": self.levels,
+                "threshold": self.threshold(),
+                "thresholds": self.thresholds(),
+                "tolerances": {curve.key: self.tolerances.get(curve.key, curve.tolerance) for curve in self.curves},
+            }
+        )
+
+    def to_csv(self) -> str:
+        keys: list[str] = []
+        for entry in self.levels:
+            keys += [
+                key
+                for key, value in entry["figures"].items()
+                if key not in keys and not isinstance(value, (list, dict))
+            ]
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["level", "spec", "strength", "seconds", *keys])
+        for entry in self.levels:
+            writer.writerow(
+                [
+                    entry["level"],
+                    entry["spec"] or "",
+                    entry["strength"],
+                    f"{entry['seconds']:.2f}",
+                    *(entry["figures"].get(key, "") for key in keys),
+                ]
+            )
+        return buffer.getvalue()
+
+    def save(self, output_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
+        """Write ``sweep.json``, ``sweep.csv`` and (unless ``plots`` is off) one PNG per curve, each atomically."""
+        output_dir = Path(output_dir)
+        written = {"json": output_dir / SWEEP_FILE, "csv": output_dir / "sweep.csv"}
+        atomic_write_text(written["json"], json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        atomic_write_text(written["csv"], self.to_csv())
+        if plots:
+            thresholds = self.thresholds()
+            for curve in self.curves:
+                if curve.key in thresholds:
+                    written[curve.key] = output_dir / f"sweep_{curve.key}.png"
+                    plot_curve(self, curve, thresholds[curve.key], written[curve.key])
+        return written
+
+
+def _damage(curve: Curve, figures: dict) -> float:
+    """A curve's damage at one level; a figure that is missing, null or NaN (a collapsed model) is unbounded."""
+    try:
+        value = curve.damage(figures)
+    except (KeyError, TypeError):  # summarize() leaves KL out when no token is finite; JSON stores inf as null
+        return math.inf
+    return value if value == value else math.inf
+
+
+def plot_curve(result: SweepResult, curve: Curve, threshold: dict, path: Path) -> None:
+    """The curve with error bars, the breakpoint (line + 95 % band) and the tolerance line and crossing.
+
+    Identity levels are left out: the unmodified model's point (32 bits, say) would stretch the axis, and its
+    damage is zero by construction.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [
+        (level_value(e["level"]), e["figures"].get(curve.key), e["figures"].get(f"{curve.key}_error"))
+        for e in result.levels
+        if e["spec"] is not None
+    ]
+    points = [
+        (x, y, err) for x, y, err in points if y is not None and math.isfinite(y) and (y > 0 or not curve.log_scale)
+    ]
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    if points:
+        xs, ys, errors = zip(*points)
+        errors = [err if err is not None and math.isfinite(err) else 0.0 for err in errors]
+        axis.errorbar(xs, ys, yerr=errors, marker="o", color="#b22222", capsize=3, label=curve.label)
+    if curve.log_scale:
+        axis.set_yscale("log")
+    if result.family.log_strength:
+        axis.set_xscale("log")
+    if result.scale.sign < 0:
+        axis.invert_xaxis()
+    fitted, crossing = threshold["breakpoint"], threshold["tolerance"]
+    if fitted["strength"] is not None:
+        low, high = fitted["interval_levels"]
+        axis.axvspan(low, high, color="black", alpha=0.08)
+        axis.axvline(
+            fitted["level"], color="black", label=f"threshold {fitted['level']:.3g} (95 %: {low:.3g}–{high:.3g})"
+        )
+    measured = [e["figures"] for e in result.levels if e["spec"] is not None and curve.key in e["figures"]]
+    if measured:
+        tolerance_value = curve.value_at_damage(measured[0], crossing["tolerance"])
+        axis.axhline(tolerance_value, color="#555555", linestyle="--", label=f"tolerance {tolerance_value:.3g}")
+    if crossing.get("crossing_level") is not None:
+        axis.axvline(
+            crossing["crossing_level"],
+            color="#555555",
+            linestyle=":",
+            label=f"crosses tolerance at {crossing['crossing_level']:.3g}",
+        )
+    axis.set_xlabel(f"{result.family.name} level")
+    axis.set_ylabel(curve.label)
+    axis.set_title(f"{curve.label} vs {result.family.name}")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
+    plt.close(figure)
+
+
+def _resume_key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps([str(part) for part in parts]).encode()).hexdigest()[:24]
+
+
+def _previous_run(output_dir: Path | None, resume_key: str) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Levels and reference task answers of an earlier run of the same sweep (none if the settings differ or the
+    file is unreadable)."""
+    if output_dir is None or not (output_dir / SWEEP_FILE).is_file():
+        return {}, {}
+    try:
+        previous = json.loads((output_dir / SWEEP_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}, {}
+    if previous.get("metadata", {}).get("resume_key") != resume_key:
+        return {}, {}
+    levels = {entry["level"]: entry for entry in previous.get("levels", [])}
+    return levels, previous["metadata"].get("reference_answers", {})
+
+
+def run_sweep(
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    windows: Sequence[Window],
+    family: SweepFamily | str,
+    levels: Sequence[str] | None = None,
+    *,
+    k: int = DEFAULT_TOP_K,
+    batch_size: int = 1,
+    cache_root: str | Path | None = None,
+    tasks: Sequence[Task] = (),
+    task_batch_size: int = 16,
+    calibration: CalibrationSettings | None = None,
+    tolerances: dict[str, float] | None = None,
+    output_dir: str | Path | None = None,
+    plots: bool = True,
+    metadata: dict | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Measure ``family`` at each of ``levels`` (default: the family's) against ``reference`` on ``windows``.
+
+    With ``output_dir`` the result is saved after every level and finished levels of an earlier identical run are
+    reused. ``tasks`` are scored for the reference once and for every level's model.
+
+    Example:
+        >>> from hemorrhage_hf import load_model, tokenize_corpus, python_docs_text
+        >>> reference, tokenizer = load_model("default")  # doctest: +SKIP
+        >>> windows = tokenize_corpus(tokenizer, python_docs_text(), window=256, max_tokens=2048)  # doctest: +SKIP
+        >>> result = run_sweep(reference, tokenizer, windows, "bits", ["32", "8", "4", "3", "2"])  # doctest: +SKIP
+        >>> result.threshold()["level"]  # doctest: +SKIP
+    """
+    family = resolve_family(family) if isinstance(family, str) else family
+    levels = [str(level).strip() for level in (levels or family.default_levels)]
+    if not levels:
+        raise SpecError(f"no levels to sweep for {family.name}; pass some (e.g. --levels 0,10,20)")
+    if len(set(levels)) != len(levels):
+        raise SpecError(f"sweep levels repeat: {levels}")
+    scale = StrengthScale.infer(family, levels)
+    specs = [family.spec(level) for level in levels]
+    check_spec = Decoding.parse if family.kind == "decoding" else parse_spec
+    for spec in filter(None, specs):
+        check_spec(spec)  # a bad level fails here, before any model runs
+    if family.kind == "decoding" and tasks:
+        raise HemorrhageError("tasks score a model's answers; decoding sweeps change sampling, not the model")
+    output_dir = Path(output_dir) if output_dir is not None else None
+    # Under `accelerate launch` every process resumes alike and holds the merged figures; the first writes them.
+    writes = output_dir is not None and distributed.is_main_process()
+    started = time.perf_counter()
+    curves = (MODEL_CURVES if family.kind == "model" else DECODING_CURVES) + tuple(task_curve(t.name) for t in tasks)
+    result = SweepResult(family, [], dict(metadata or {}), curves, dict(tolerances or {}))
+
+    def record(level: str, spec: str | None, figures: dict, seconds: float, **extra) -> None:
+        strength = None if spec is None else scale.strength(level)
+        result.levels.append(
+            {"level": level, "spec": spec, "strength": strength, "figures": figures, "seconds": seconds, **extra}
+        )
+        if writes:
+            result.metadata["total_seconds"] = time.perf_counter() - started
+            result.save(output_dir, plots=False)
+
+    if family.kind == "decoding":
+        fingerprint = model_fingerprint(reference)
+        result.metadata.update(
+            resume_key=_resume_key(fingerprint, windows_fingerprint(windows), batch_size, family, levels)
+        )
+        all_figures = decoding_divergence(
+            reference, windows, [Decoding.parse(spec or "") for spec in specs], batch_size=batch_size, progress=progress
+        )
+        seconds = (time.perf_counter() - started) / len(levels)
+        for level, spec, figures in zip(levels, specs, all_figures):
+            record(level, spec, figures, seconds)
+    else:
+        cache_started = time.perf_counter()
+        cache = ReferenceCache.build(
+            reference,
+            windows,
+            k=k,
+            batch_size=batch_size,
+            root=cache_root,
+            description={"model": result.metadata.get("reference")},
+            progress=progress,
+        )
+        task_signature = [(task.name, task.source, len(task)) for task in tasks]
+        result.metadata.update(
+            reference_cache=cache.metadata()["reference_cache"],
+            reference_cache_seconds=time.perf_counter() - cache_started,
+            resume_key=_resume_key(cache.header["key"], family, task_signature, calibration),
+        )
+        previous, previous_answers = _previous_run(output_dir, result.metadata["resume_key"])
+        reference_answers = [
+            TaskAnswers(**previous_answers[task.name])
+            if task.name in previous_answers
+            else answer_task(reference, tokenizer, task, batch_size=task_batch_size)
+            for task in tasks
+        ]
+        result.metadata["reference_answers"] = {answers.task: answers.to_dict() for answers in reference_answers}
+        calibration_ids = None
+        for level, spec in zip(levels, specs):
+            if level in previous and previous[level]["spec"] == spec:
+                result.levels.append(previous[level])
+                continue
+            level_started = time.perf_counter()
+            if spec is not None and calibration_ids is None and parse_spec(spec).needs_calibration:
+                calibration_ids = (calibration or CalibrationSettings()).windows(tokenizer)
+            modified = reference if spec is None else apply_modification(reference, spec, calibration=calibration_ids)
+            figures = dict(measure(cache, modified, windows, batch_size=batch_size, progress=progress).figures)
+            answers = {}
+            for task, task_reference in zip(tasks, reference_answers):
+                task_figures = task_hemorrhage(task_reference, modified, tokenizer, task, batch_size=task_batch_size)
+                answers[task.name] = task_figures["answers"]["modified"]
+                figures.update(_flat_task_figures(task_figures))
+            del modified
+            record(level, spec, figures, time.perf_counter() - level_started, task_answers=answers)
+    result.metadata["total_seconds"] = time.perf_counter() - started
+    if writes:
+        result.save(output_dir, plots=plots)
+    return result

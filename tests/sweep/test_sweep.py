@@ -1,0 +1,183 @@
+"""Strength sweeps: families, exact zero at the identity level, outputs, resume, and thresholds on SmolLM2."""
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import SCALE, shared_data_path, tiny_llama
+
+from hemorrhage_hf.cli import main
+from hemorrhage_hf.corpus import make_windows, tokenize_corpus
+from hemorrhage_hf.errors import SpecError
+from hemorrhage_hf.models import load_tokenizer
+from hemorrhage_hf.modify.calibration import CalibrationSettings
+from hemorrhage_hf.sweep.runner import FAMILIES, StrengthScale, level_value, resolve_family, run_sweep
+from hemorrhage_hf.tasks.scoring import load_task
+
+
+def tiny_windows():
+    return make_windows(torch.arange(400) * 7 % 64, window=40)
+
+
+def test_families_turn_levels_into_specs():
+    bits = resolve_family("bits")
+    assert [bits.spec(level) for level in ("32", "8", "3")] == [None, "int8-g64", "int3-g64"]
+    assert resolve_family("sparsity:wanda").spec("0") is None and resolve_family("nm:wanda").spec("2:4") == "2:4-wanda"
+    custom = resolve_family("int{}-g128-asym", identity_levels=["16"])
+    assert custom.spec("4") == "int4-g128-asym" and custom.spec("16") is None and custom.kind == "model"
+    assert resolve_family("top_p={}").kind == "decoding" and resolve_family("top_k").log_strength
+    assert level_value("2:4") == 50 and level_value("1:4") == 75
+    scale = StrengthScale.infer(bits, ["32", "8", "4", "2"])
+    assert scale.strength("4") == -4 and scale.level(-2.5) == 2.5
+    with pytest.raises(SpecError, match="unknown sweep family"):
+        resolve_family("bogus")
+    with pytest.raises(SpecError, match="monotonically"):
+        StrengthScale.infer(bits, ["32", "4", "8", "2"])
+
+
+def test_bad_levels_fail_before_any_model_runs():
+    for family, levels, message in (
+        ("bits", ["32", "9"], "between 2 and 8"),
+        ("bits", ["8", "8"], "repeat"),
+        ("top_p", ["1", "2"], r"\(0, 1\]"),
+        ("bits", ["x"], "not a number"),
+    ):
+        with pytest.raises(SpecError, match=message):
+            run_sweep(None, None, [], family, levels)
+
+
+def test_tiny_bits_sweep_writes_everything_and_resumes(tmp_path):
+    model, windows = tiny_llama(hidden=64), tiny_windows()  # groups of 64 need 64 input features
+    options = dict(k=8, cache_root=tmp_path / "cache", output_dir=tmp_path / "out", progress=False)
+    first = run_sweep(model, None, windows, "bits", ["32", "8", "4"], **options)
+    identity = first.levels[0]["figures"]
+    assert first.levels[0]["spec"] is None and first.levels[0]["strength"] is None
+    assert identity["kl_max"] == 0.0 and identity["ppl_ratio"] == 1.0 and identity["top1_agreement"] == 1.0
+    assert 0 < first.levels[1]["figures"]["kl_mean"] < first.levels[2]["figures"]["kl_mean"]
+    assert first.metadata["reference_cache"]["k"] == 8 and first.metadata["reference_cache"]["kl_is_lower_bound"]
+
+    resumed = run_sweep(model, None, windows, "bits", ["32", "8", "4", "2"], **options)
+    assert [entry["seconds"] for entry in resumed.levels[:3]] == [entry["seconds"] for entry in first.levels]
+    out = tmp_path / "out"
+    saved = json.loads((out / "sweep.json").read_text())
+    assert [entry["level"] for entry in saved["levels"]] == ["32", "8", "4", "2"]
+    assert set(saved["thresholds"]) == {"kl_mean", "ppl_ratio", "top1_agreement"}
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [row["spec"] for row in rows] == ["", "int8-g64", "int4-g64", "int2-g64"] and float(rows[0]["kl_mean"]) == 0
+    assert all((out / f"sweep_{key}.png").stat().st_size > 10_000 for key in saved["thresholds"])
+
+
+def test_every_model_family_sweeps_a_tiny_model(tmp_path):
+    """Each family's first two levels are valid specs of the registry: an identity level is exactly zero."""
+    tokenizer = load_tokenizer("default")  # calibration text is tokenized with it, so the vocabulary must match
+    model = tiny_llama(n_layers=4, vocab_size=len(tokenizer), hidden=96, heads=6, kv_heads=2)
+    windows = make_windows(torch.arange(100) * 7919 % len(tokenizer), window=50)
+    calibration_text = tmp_path / "calibration.txt"  # short, so tokenizing it per family stays cheap
+    calibration_text.write_text(shared_data_path("wikitext-2-raw/wiki.valid.raw").read_text()[:20_000])
+    for name, family in FAMILIES.items():
+        if family.kind != "model":
+            continue
+        levels = list(family.default_levels[:2])
+        result = run_sweep(
+            model,
+            tokenizer,
+            windows,
+            family,
+            levels,
+            k=8,
+            cache_root=tmp_path,
+            progress=False,
+            calibration=CalibrationSettings(str(calibration_text), n_sequences=4, seq_len=64),
+        )
+        assert [entry["spec"] for entry in result.levels] == [family.spec(level) for level in levels], name
+        first = result.levels[0]["figures"]
+        assert first["kl_max"] == 0.0 or family.identity_levels == (), name
+        assert all(entry["figures"]["n_tokens"] == first["n_tokens"] for entry in result.levels), name
+
+
+def test_tiny_temperature_sweep_runs_all_levels_in_one_pass(tmp_path):
+    result = run_sweep(tiny_llama(), None, tiny_windows(), "temperature", None, output_dir=tmp_path, progress=False)
+    tv = [entry["figures"]["tv_mean"] for entry in result.levels]
+    assert tv[0] == 0.0 and all(a < b for a, b in zip(tv, tv[1:]))
+    assert set(result.thresholds()) == {"tv_mean", "js_mean", "top1_agreement"}
+    assert (tmp_path / "sweep_tv_mean.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def wiki_windows(smollm2, wikitext_text):
+    _, tokenizer = smollm2
+    return tokenize_corpus(tokenizer, wikitext_text, window=256, max_tokens=768 * SCALE)
+
+
+@pytest.mark.heavy
+def test_smollm2_weight_bits_threshold(smollm2, wiki_windows, tmp_path):
+    model, tokenizer = smollm2
+    result = run_sweep(
+        model, tokenizer, wiki_windows, "bits", None, cache_root=tmp_path, output_dir=tmp_path, progress=False
+    )
+    kl = [entry["figures"]["kl_mean"] for entry in result.levels]
+    assert kl[0] == 0.0 and all(a < b for a, b in zip(kl, kl[1:]))
+    threshold = result.threshold()  # 3.24 bits (95 % 3.14–3.34) on 4096 tokens: the paper's "critical 3-bit threshold"
+    assert threshold["figure"] == "ppl_ratio" and threshold["rule"] == "breakpoint"
+    assert 2.5 <= threshold["level"] <= 4 and threshold["interval"][0] <= threshold["level"] <= threshold["interval"][1]
+    assert threshold["level_before"]["level"] == "4" and threshold["level_after"]["level"] == "3"
+    assert result.thresholds()["kl_mean"]["tolerance"]["level_before"]["level"] == "5"  # KL ≤ 0.1 down to 5 bits
+
+
+@pytest.mark.heavy
+def test_smollm2_wanda_sparsity_threshold_with_a_task(smollm2, wiki_windows, tmp_path):
+    model, tokenizer = smollm2
+    piqa = load_task("piqa", shared_data_path("piqa"), limit=12 * SCALE)
+    result = run_sweep(
+        model,
+        tokenizer,
+        wiki_windows,
+        "sparsity:wanda",
+        ["0", "20", "40", "50", "60", "70", "80"],
+        cache_root=tmp_path,
+        tasks=[piqa],
+        calibration=CalibrationSettings(n_sequences=4, seq_len=128),
+        output_dir=tmp_path,
+        progress=False,
+    )
+    figures = [entry["figures"] for entry in result.levels]
+    assert figures[0]["kl_max"] == 0.0 and figures[0]["piqa_flip_rate"] == 0.0
+    assert figures[-1]["kl_mean"] > 10 * figures[1]["kl_mean"]
+    # 12 two-choice items cannot show an accuracy drop above noise; answers changing can.
+    assert figures[-1]["piqa_flip_rate"] > figures[1]["piqa_flip_rate"]
+    threshold = result.threshold()  # 65 % (95 % 58–68) on 4096 tokens
+    assert threshold["figure"] == "ppl_ratio" and threshold["rule"] == "breakpoint" and 50 <= threshold["level"] <= 80
+    assert "piqa_accuracy_modified" in result.thresholds()
+    assert len(result.levels[-1]["task_answers"]["piqa"]) == len(piqa)
+
+
+@pytest.mark.heavy
+def test_sweep_command(tmp_path, capsys):
+    text = shared_data_path("wikitext-2-raw/wiki.valid.raw")
+    code = main(
+        [
+            "sweep",
+            "default",
+            "--family",
+            "bits",
+            "--levels",
+            "32,4,3",
+            "--text-file",
+            str(text),
+            "--max-tokens",
+            "512",
+            "--window",
+            "256",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--quiet",
+            "--no-plots",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "(unmodified)" in printed and "int3-g64" in printed and "tolerance" in printed
+    assert (tmp_path / "out" / "sweep.json").is_file() and not list((tmp_path / "out").glob("*.png"))
