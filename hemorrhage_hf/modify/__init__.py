@@ -4,6 +4,7 @@ from . import act_quant, expansion, kv_quant, pruning, quantization, scaling, st
 from .act_quant import ActivationQuantization
 from .base import Modification, apply_modification, known_specs, parse_spec, register, target_linears
 from .expansion import LayerExpansion
+from .footprint import WeightFootprint, linear_footprint
 from .kv_quant import KVCacheQuantization
 from .pruning import WeightPruning, measured_sparsity
 from .quantization import WeightQuantization
@@ -19,10 +20,12 @@ __all__ = [
     "LayerExpansion",
     "LayerRemoval",
     "Modification",
+    "WeightFootprint",
     "WeightPruning",
     "WeightQuantization",
     "apply_modification",
     "known_specs",
+    "linear_footprint",
     "measured_sparsity",
     "parse_spec",
     "register",

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 
 from ..config_keys import MODIFICATION_ATTRIBUTE
 from ..errors import ModificationError, SpecError
+from .footprint import WeightFootprint
 
 #: Fewer calibration tokens than this give activation statistics too noisy to rank weights or search scales on.
 MIN_CALIBRATION_TOKENS = 256
@@ -62,6 +63,11 @@ class Modification(ABC):
     def restore(self, model: PreTrainedModel) -> PreTrainedModel:
         """Re-install what the saved weights cannot carry, on a model reloaded from a checkpoint of this modification."""
         return model
+
+    def footprint(self, model: PreTrainedModel) -> WeightFootprint | None:
+        """The nominal storage of ``model``'s Linear weights in this modification's format, for formats that are
+        simulated (weights kept in float); None where what the model stores is the truth (measure it instead)."""
+        return None
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from ..errors import ModificationError, SpecError
 from .base import Modification, register, target_linears
+from .footprint import WeightFootprint, nominal_bits
 from .quant_ops import fake_quantize
 
 
@@ -57,6 +58,23 @@ class WeightQuantization(Modification):
                     f"group size {self.group_size} is larger than layer {name} ({width} input features)"
                 )
         return linears
+
+    def footprint(self, model: PreTrainedModel) -> WeightFootprint:
+        """``bits`` per weight plus an fp16 scale (and a ``bits``-wide zero point when asymmetric) per group.
+
+        Example:
+            >>> from transformers import LlamaConfig, LlamaForCausalLM
+            >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+            ...     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+            >>> WeightQuantization(4, 64, symmetric=False).footprint(model).bits_per_weight  # 4 + (16 + 4) / 64
+            4.3125
+        """
+        total = None
+        for linear in self.checked_linears(model).values():
+            bits = nominal_bits(self.bits, linear.in_features, self.group_size, self.symmetric)
+            part = WeightFootprint.from_bits(linear.in_features * linear.out_features, bits)
+            total = part if total is None else total + part
+        return total
 
     @torch.no_grad()
     def apply(

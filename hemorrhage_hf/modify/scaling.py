@@ -45,6 +45,7 @@ from ..errors import SpecError
 from .architecture import DecoderBlock, decoder_blocks
 from .base import Modification, parse_spec, register
 from .calibration import InputStatistics, layerwise
+from .footprint import WeightFootprint
 from .quantization import WeightQuantization
 from .scaling_ops import (
     awq_scales,
@@ -137,6 +138,10 @@ class ActivationAwareScaling(Modification):
 
     def restore(self, model: PreTrainedModel) -> PreTrainedModel:
         return self.quantization.restore(model)
+
+    def footprint(self, model: PreTrainedModel) -> WeightFootprint:
+        """The quantization's: the scales live in the previous ops, which store nothing extra."""
+        return self.quantization.footprint(model)
 
     @staticmethod
     def _migrations(block: DecoderBlock, statistics: dict[str, InputStatistics], names: dict) -> list[Migration]:
