@@ -65,7 +65,7 @@ def time_ratio(n_tokens: int, window: int, repeats: int) -> dict:
 def memory_child(n_tokens: int, window: int, sequential: bool) -> None:
     import numpy as np  # noqa: F401  (imported before the baseline so its pages count there)
 
-    from hemorrhage_hf.comparison import compare
+    from hemorrhage_hf.comparison import MeasureOptions, TextSource, compare
 
     load_tokenizer("default")  # not load_model: its weights would raise the peak before the baseline
     text = python_docs_text()
@@ -76,11 +76,8 @@ def memory_child(n_tokens: int, window: int, sequential: bool) -> None:
     report = compare(
         "default",
         modification="int4-g64",
-        text=text,
-        window=window,
-        max_tokens=n_tokens,
-        sequential=sequential,
-        progress=False,
+        source=TextSource(text=text, window=window, max_tokens=n_tokens),
+        options=MeasureOptions(sequential=sequential, progress=False),
     )
     growth = _peak_rss_bytes() - baseline
     print(

@@ -29,7 +29,7 @@ from hemorrhage_hf.measurement.engine import batch_windows, model_outputs
 from hemorrhage_hf.models import load_model
 from hemorrhage_hf.modify import apply_modification, parse_spec
 from hemorrhage_hf.modify.calibration import CalibrationSettings
-from hemorrhage_hf.sweep.runner import resolve_family, run_sweep
+from hemorrhage_hf.sweep.runner import SweepOptions, resolve_family, run_sweep
 
 
 @torch.inference_mode()
@@ -70,11 +70,8 @@ def main() -> None:
                 windows,
                 family,
                 levels,
-                k=args.k,
-                cache_root=Path(folder) / "cache",
+                options=SweepOptions(top_k=args.k, cache_root=Path(folder) / "cache", plots=False, progress=False),
                 output_dir=Path(folder) / "out",
-                plots=False,
-                progress=False,
             )
             sweeps.append(time.perf_counter() - started)
     spec = next(spec for spec in map(family.spec, levels) if spec is not None)

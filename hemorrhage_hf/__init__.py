@@ -44,10 +44,16 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
+# Modified models saved from here must reload with what their weights cannot carry: the transformers integration
+# hooks itself into modify (which never imports it) before modify's exports are used.
+_PLUGINS = {".modify": ".integrations.transformers"}
+
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _EXPORTS[name] in _PLUGINS:
+        importlib.import_module(_PLUGINS[_EXPORTS[name]], __name__)
     value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     globals()[name] = value
     return value

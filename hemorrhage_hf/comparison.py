@@ -2,8 +2,9 @@
 paths or objects), check they tokenize alike, cut the text into windows, and :func:`~hemorrhage_hf.measurement.engine.measure`.
 
 Example:
-    >>> from hemorrhage_hf.comparison import compare
-    >>> report = compare("default", modification="int8", max_tokens=1024, window=256)  # doctest: +SKIP
+    >>> from hemorrhage_hf.comparison import MeasureOptions, TextSource, compare
+    >>> source = TextSource(max_tokens=1024, window=256)
+    >>> report = compare("default", modification="int8", source=source, options=MeasureOptions(progress=False))  # doctest: +SKIP
     >>> report.severity  # doctest: +SKIP
     'none'
 """
@@ -11,7 +12,8 @@ Example:
 from __future__ import annotations
 
 import gc
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -34,13 +36,57 @@ def _label(model: ModelLike) -> str:
     return getattr(model, "name_or_path", None) or type(model).__name__
 
 
-class ModelLoader:
-    """Loads models by name with one set of options (dtype, device map, remote code), so both sides load alike."""
+@dataclass(frozen=True)
+class TextSource:
+    """What to measure on, and how to cut it into windows.
 
-    def __init__(
-        self, *, dtype: str | torch.dtype = "fp32", device_map: str | None = None, trust_remote_code: bool = False
-    ):
-        self.dtype, self.device_map, self.trust_remote_code = dtype, device_map, trust_remote_code
+    The text is ``texts`` (independent documents, each windowed alone), else ``text`` (named ``label`` in the
+    report), else the ``corpus`` (``"python-docs"`` or a file path), cut to ``max_tokens``.
+
+    Example:
+        >>> TextSource(text="One sentence. Another one.", window=8).describe()
+        'text argument'
+    """
+
+    text: str | None = None
+    texts: Sequence[str] | None = None
+    label: str | None = None
+    corpus: str = PYTHON_DOCS
+    window: int = 512
+    stride: int | None = None
+    max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise CorpusError(f"max_tokens must be at least 2, got {self.max_tokens}")
+
+    def describe(self) -> str:
+        """The label the report gives this text."""
+        if self.texts is not None:
+            return f"{len(self.texts)} texts"
+        return self.label or ("text argument" if self.text is not None else self.corpus)
+
+    def windows(self, tokenizer: PreTrainedTokenizerBase) -> list[Window]:
+        """The token windows to measure on."""
+        if self.texts is not None:
+            documents = tokenize_documents(tokenizer, list(self.texts), window=self.window, stride=self.stride)
+            return [w for document in documents for w in document]
+        text = self.text if self.text is not None else load_corpus(self.corpus)
+        return tokenize_corpus(tokenizer, text, window=self.window, stride=self.stride, max_tokens=self.max_tokens)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How models named by a string load (dtype, device map, remote code), so both sides load alike.
+
+    Example:
+        >>> LoadOptions(dtype="bf16").dtype
+        'bf16'
+    """
+
+    dtype: str | torch.dtype = "fp32"
+    device_map: str | None = None
+    trust_remote_code: bool = False
 
     def model(
         self, model: ModelLike, tokenizer: PreTrainedTokenizerBase | None = None
@@ -53,6 +99,52 @@ class ModelLoader:
         if tokenizer is None and model.name_or_path:
             tokenizer = load_tokenizer(model.name_or_path, trust_remote_code=self.trust_remote_code)
         return model, tokenizer
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    """What :func:`compare` measures and how.
+
+    With ``sequential`` only one model is in memory at a time: the reference runs first into a top-``top_k``
+    reference cache (:mod:`hemorrhage_hf.measurement.refcache`), is freed (or, for a modification of a reference
+    loaded here, modified in place), then the modified model runs against the cache. Peak memory halves; KL becomes
+    the cache's lower bound (stated in the report with k and the tail mass); layer statistics are not available.
+
+    ``modified_variants`` (name → logit transform, e.g. a decoding correction's ``calibrate_sequence``) are measured
+    from the same forward passes into ``report.variants``; see :func:`~hemorrhage_hf.measurement.engine.measure`.
+
+    Example:
+        >>> MeasureOptions(layers=True, sequential=True)
+        Traceback (most recent call last):
+        ...
+        hemorrhage_hf.errors.HemorrhageError: sequential mode keeps only a top-k cache of the reference: it cannot compare layers
+    """
+
+    batch_size: int = 1
+    layers: bool = False
+    attention: bool = False
+    layer_map: Sequence[int] | None = None
+    sequential: bool = False
+    top_k: int = DEFAULT_TOP_K
+    progress: bool = True
+    modified_variants: Mapping[str, Callable] | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise HemorrhageError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.sequential and (self.layers or self.attention):
+            raise HemorrhageError("sequential mode keeps only a top-k cache of the reference: it cannot compare layers")
+
+    def engine_options(self) -> dict:
+        """The keyword arguments :func:`~hemorrhage_hf.measurement.engine.measure` takes."""
+        return dict(
+            batch_size=self.batch_size,
+            layers=self.layers or self.attention,
+            attention=self.attention,
+            layer_map=self.layer_map,
+            progress=self.progress,
+            modified_variants=dict(self.modified_variants) if self.modified_variants else None,
+        )
 
 
 def _modify(
@@ -88,22 +180,20 @@ def resolve_pair(
     modification: str | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     modified_tokenizer: PreTrainedTokenizerBase | None = None,
-    dtype: str | torch.dtype = "fp32",
-    device_map: str | None = None,
-    trust_remote_code: bool = False,
+    load: LoadOptions | None = None,
     calibration: CalibrationSettings | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
     """Load or accept the two models; the modified one is ``modified`` or ``modification`` applied to a copy."""
     _check_sources(modified, modification)
-    loader = ModelLoader(dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
-    reference, tokenizer = loader.model(reference, tokenizer)
+    load = load or LoadOptions()
+    reference, tokenizer = load.model(reference, tokenizer)
     if tokenizer is None:
         raise HemorrhageError("the reference model object has no name to load its tokenizer from: pass tokenizer=")
     if modification is not None:
         return reference, _modify(reference, modification, tokenizer, calibration), tokenizer
     if not isinstance(modified, str) and modified_tokenizer is None and modified.name_or_path == reference.name_or_path:
         modified_tokenizer = tokenizer  # the same checkpoint's tokenizer: nothing to load or compare
-    modified, modified_tokenizer = loader.model(modified, modified_tokenizer)
+    modified, modified_tokenizer = load.model(modified, modified_tokenizer)
     _check_modified(reference, modified, tokenizer, modified_tokenizer)
     return reference, modified, tokenizer
 
@@ -125,124 +215,51 @@ def _check_vocabulary(role: str, model: PreTrainedModel, tokenizer: PreTrainedTo
         )
 
 
-def _windows(
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    texts: Sequence[str] | None,
-    text: str | None,
-    text_label: str | None,
-    corpus: str,
-    window: int,
-    stride: int | None,
-    max_tokens: int | None,
-) -> tuple[list[Window], str]:
-    """The token windows to measure on, and a label for the report."""
-    if texts is not None:
-        documents = tokenize_documents(tokenizer, list(texts), window=window, stride=stride)
-        return [w for document in documents for w in document], f"{len(texts)} texts"
-    label = text_label or ("text argument" if text is not None else corpus)
-    text = text if text is not None else load_corpus(corpus)
-    return tokenize_corpus(tokenizer, text, window=window, stride=stride, max_tokens=max_tokens), label
-
-
 def compare(
     reference: ModelLike,
     modified: ModelLike | None = None,
     *,
     modification: str | None = None,
-    text: str | None = None,
-    texts: Sequence[str] | None = None,
-    text_label: str | None = None,
-    corpus: str = PYTHON_DOCS,
-    window: int = 512,
-    stride: int | None = None,
-    max_tokens: int | None = None,
-    batch_size: int = 1,
-    layers: bool = False,
-    attention: bool = False,
-    layer_map: Sequence[int] | None = None,
+    source: TextSource | None = None,
+    load: LoadOptions | None = None,
+    options: MeasureOptions | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
-    dtype: str | torch.dtype = "fp32",
-    device_map: str | None = None,
-    trust_remote_code: bool = False,
     calibration: CalibrationSettings | None = None,
-    sequential: bool = False,
-    top_k: int = DEFAULT_TOP_K,
-    progress: bool = True,
-    modified_variants: dict | None = None,
 ) -> HemorrhageReport:
-    """Measure ``modified`` (or ``modification`` applied to ``reference``) against ``reference``.
+    """Measure ``modified`` (or ``modification`` applied to ``reference``) against ``reference`` on ``source``.
 
-    The text is ``texts`` (independent documents, each windowed alone), else ``text`` (named ``text_label`` in the
-    report), else the ``corpus`` (``"python-docs"`` or a file path) cut to ``max_tokens``.
+    ``source`` defaults to the prose of Python's docs in windows of 512 tokens, ``load`` to fp32 on the CPU,
+    ``options`` to logits-level figures of both models held together; ``calibration`` names the tokens a
+    modification that looks at activations (Wanda, AWQ) calibrates on.
 
-    With ``sequential`` only one model is in memory at a time: the reference runs first into a top-``top_k``
-    reference cache (:mod:`hemorrhage_hf.measurement.refcache`), is freed (or, for a modification of a reference loaded here,
-    modified in place), then the modified model runs against the cache. Peak memory halves; KL becomes the cache's
-    lower bound (stated in the report with k and the tail mass); layer statistics are not available.
-
-    ``modified_variants`` (name → logit transform, e.g. a decoding calibration's ``calibrate_sequence``) are measured
-    from the same forward passes into ``report.variants``; see :func:`~hemorrhage_hf.measurement.engine.measure`.
+    Example:
+        >>> from hemorrhage_hf import compare
+        >>> from hemorrhage_hf.comparison import TextSource
+        >>> report = compare("default", modification="int8", source=TextSource(max_tokens=1024))  # doctest: +SKIP
+        >>> report.severity  # doctest: +SKIP
+        'none'
     """
-    if batch_size < 1:
-        raise HemorrhageError(f"batch size must be at least 1, got {batch_size}")
-    if max_tokens is not None and max_tokens < 2:
-        raise CorpusError(f"max_tokens must be at least 2, got {max_tokens}")
-    if sequential and (layers or attention):
-        raise HemorrhageError("sequential mode keeps only a top-k cache of the reference: it cannot compare layers")
+    source, load, options = source or TextSource(), load or LoadOptions(), options or MeasureOptions()
     _check_sources(modified, modification)
-    text_options = dict(
-        texts=texts,
-        text=text,
-        text_label=text_label,
-        corpus=corpus,
-        window=window,
-        stride=stride,
-        max_tokens=max_tokens,
-    )
     metadata = {
         "reference": _label(reference),
         "modified": f"{_label(reference)} + {modification}" if modification else _label(modified),
         "modification": modification,
-        "window": window,
-        "stride": stride or window,
-        "max_tokens": max_tokens,
-        "dtype": str(dtype),
+        "window": source.window,
+        "stride": source.stride or source.window,
+        "max_tokens": source.max_tokens,
+        "dtype": str(load.dtype),
     }
-    measure_options = dict(
-        batch_size=batch_size,
-        layers=layers,
-        attention=attention,
-        layer_map=layer_map,
-        progress=progress,
-        modified_variants=modified_variants,
-    )
-    if sequential:
+    if options.sequential:
         return _compare_sequential(
-            reference,
-            modified,
-            modification,
-            tokenizer,
-            text_options,
-            metadata,
-            measure_options,
-            ModelLoader(dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code),
-            calibration,
-            top_k,
+            reference, modified, modification, tokenizer, source, metadata, options, load, calibration
         )
     reference_model, modified_model, tokenizer = resolve_pair(
-        reference,
-        modified,
-        modification=modification,
-        tokenizer=tokenizer,
-        dtype=dtype,
-        device_map=device_map,
-        trust_remote_code=trust_remote_code,
-        calibration=calibration,
+        reference, modified, modification=modification, tokenizer=tokenizer, load=load, calibration=calibration
     )
-    windows, metadata["corpus"] = _windows(tokenizer, **text_options)
-    metadata["n_windows"] = len(windows)
-    return measure(reference_model, modified_model, windows, metadata=metadata, **measure_options)
+    windows = source.windows(tokenizer)
+    metadata.update(corpus=source.describe(), n_windows=len(windows))
+    return measure(reference_model, modified_model, windows, metadata=metadata, **options.engine_options())
 
 
 def _compare_sequential(
@@ -250,25 +267,23 @@ def _compare_sequential(
     modified: ModelLike | None,
     modification: str | None,
     tokenizer: PreTrainedTokenizerBase | None,
-    text_options: dict,
+    source: TextSource,
     metadata: dict,
-    measure_options: dict,
-    loader: ModelLoader,
+    options: MeasureOptions,
+    load: LoadOptions,
     calibration: CalibrationSettings | None,
-    top_k: int,
 ) -> HemorrhageReport:
     loaded_here = isinstance(reference, str)
-    reference_model, tokenizer = loader.model(reference, tokenizer)
-    windows, metadata["corpus"] = _windows(tokenizer, **text_options)
-    metadata["n_windows"] = len(windows)
-    metadata["sequential"] = True
+    reference_model, tokenizer = load.model(reference, tokenizer)
+    windows = source.windows(tokenizer)
+    metadata.update(corpus=source.describe(), n_windows=len(windows), sequential=True)
     cache = ReferenceCache.build(
         reference_model,
         windows,
-        k=top_k,
-        batch_size=measure_options["batch_size"],
+        k=options.top_k,
+        batch_size=options.batch_size,
         description={"reference": metadata["reference"]},
-        progress=measure_options["progress"],
+        progress=options.progress,
     )
     if modification is not None:
         # A reference this call loaded is nobody else's: modify it in place instead of holding a copy beside it.
@@ -277,6 +292,6 @@ def _compare_sequential(
     else:
         del reference_model
         gc.collect()
-        modified_model, modified_tokenizer = loader.model(modified)
+        modified_model, modified_tokenizer = load.model(modified)
     _check_modified(None, modified_model, tokenizer, modified_tokenizer)
-    return measure(cache, modified_model, windows, metadata=metadata, **measure_options)
+    return measure(cache, modified_model, windows, metadata=metadata, **options.engine_options())

@@ -12,7 +12,7 @@ import datasets
 import evaluate
 
 from .atomic import atomic_write_text
-from .comparison import compare
+from .comparison import LoadOptions, MeasureOptions, TextSource, compare
 from .tasks.flips import compare_answers
 
 METRIC_NAME = "hemorrhage"
@@ -120,15 +120,10 @@ def _text_hemorrhage(
         reference_model,
         modified_model,
         modification=modification,
-        texts=texts,
+        source=TextSource(texts=texts, window=window, stride=stride),
+        load=LoadOptions(dtype=dtype),
+        options=MeasureOptions(batch_size=batch_size, layers=layers, attention=attention, progress=False),
         tokenizer=tokenizer,
-        window=window,
-        stride=stride,
-        batch_size=batch_size,
-        layers=layers or attention,
-        attention=attention,
-        dtype=dtype,
-        progress=False,
     )
     flat = report.to_dict()
     flat.pop("metadata")

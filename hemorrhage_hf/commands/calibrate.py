@@ -6,7 +6,7 @@ import argparse
 import warnings
 from pathlib import Path
 
-from .common import add_model_arguments, add_text_arguments, text_from_arguments
+from .common import add_model_arguments, add_text_arguments, load_options, text_from_arguments
 
 #: Name of the calibrated variant in a report (``report --calibration``) and of its output subfolder.
 CALIBRATED = "calibrated"
@@ -162,8 +162,7 @@ def run(args: argparse.Namespace) -> int:
         args.reference,
         args.modified,
         modification=args.modification,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
+        load=load_options(args),
     )
     metadata = {
         "reference": args.reference,

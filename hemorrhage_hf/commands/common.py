@@ -63,6 +63,17 @@ def add_text_arguments(
     parser.add_argument("--batch-size", type=int, default=1, metavar="B", help="windows per forward pass (default: 1)")
 
 
+def load_options(args: argparse.Namespace):
+    """The :class:`~hemorrhage_hf.comparison.LoadOptions` the model arguments name."""
+    from ..comparison import LoadOptions
+
+    return LoadOptions(
+        dtype=args.dtype,
+        device_map=getattr(args, "device_map", None),
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
 def text_from_arguments(args: argparse.Namespace) -> tuple[str, str]:
     """(text, label) the arguments name."""
     from ..corpus import dataset_text, load_corpus

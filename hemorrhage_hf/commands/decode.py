@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import add_model_arguments, add_text_arguments, text_from_arguments
+from .common import add_model_arguments, add_text_arguments, load_options, text_from_arguments
 
 EPILOG = """examples:
   hemorrhage-hf decode --reference default --decoding temperature=0.7 --decoding top_p=0.9 --output out/
@@ -79,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
             args.reference,
             args.modified,
             modification=args.modification,
-            dtype=args.dtype,
-            trust_remote_code=args.trust_remote_code,
+            load=load_options(args),
         )
     else:
         (reference, tokenizer), modified = (

@@ -7,7 +7,13 @@ from pathlib import Path
 
 from ..measurement import distributed
 from .calibrate import CALIBRATED, load_calibration, save_calibrated_report, side_by_side_table
-from .common import add_device_map_argument, add_model_arguments, add_text_arguments, text_from_arguments
+from .common import (
+    add_device_map_argument,
+    add_model_arguments,
+    add_text_arguments,
+    load_options,
+    text_from_arguments,
+)
 
 EPILOG = """examples:
   hemorrhage-hf report --reference default --modification int4-g64 --output out/
@@ -87,7 +93,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..comparison import compare
+    from ..comparison import MeasureOptions, TextSource, compare
     from ..render import console_table
 
     text, corpus_label = text_from_arguments(args)
@@ -98,22 +104,20 @@ def run(args: argparse.Namespace) -> int:
         args.reference,
         args.modified,
         modification=args.modification,
-        text=text,
-        text_label=corpus_label,
-        window=args.window,
-        stride=args.stride,
-        max_tokens=args.max_tokens,
-        batch_size=args.batch_size,
-        layers=args.layers or args.attention,
-        attention=args.attention,
-        layer_map=args.layer_map,
-        dtype=args.dtype,
-        device_map=args.device_map,
-        trust_remote_code=args.trust_remote_code,
-        sequential=args.sequential,
-        top_k=args.top_k,
-        progress=not args.quiet,
-        modified_variants={CALIBRATED: calibration.calibrate_sequence} if calibration else None,
+        source=TextSource(
+            text=text, label=corpus_label, window=args.window, stride=args.stride, max_tokens=args.max_tokens
+        ),
+        load=load_options(args),
+        options=MeasureOptions(
+            batch_size=args.batch_size,
+            layers=args.layers,
+            attention=args.attention,
+            layer_map=args.layer_map,
+            sequential=args.sequential,
+            top_k=args.top_k,
+            progress=not args.quiet,
+            modified_variants={CALIBRATED: calibration.calibrate_sequence} if calibration else None,
+        ),
     )
     if not distributed.is_main_process():
         return 0  # under `accelerate launch` every process holds the merged report; the first one writes it

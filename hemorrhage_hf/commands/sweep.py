@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from ..corpus import PYTHON_DOCS, tokenize_corpus
     from ..models import load_model
     from ..modify.calibration import CalibrationSettings
-    from ..sweep.runner import resolve_family, run_sweep
+    from ..sweep.runner import SweepOptions, resolve_family, run_sweep
     from ..tasks.scoring import parse_task_argument
 
     family = resolve_family(args.family, identity_levels=args.identity_level)
@@ -121,14 +121,17 @@ def run(args: argparse.Namespace) -> int:
         windows,
         family,
         levels,
-        k=args.k,
-        batch_size=args.batch_size,
-        cache_root=args.cache_dir,
         tasks=tasks,
         calibration=CalibrationSettings(args.calibration_text or PYTHON_DOCS, args.calibration_sequences),
-        tolerances=tolerances,
+        options=SweepOptions(
+            top_k=args.k,
+            batch_size=args.batch_size,
+            cache_root=args.cache_dir,
+            tolerances=tolerances,
+            plots=not args.no_plots,
+            progress=not args.quiet,
+        ),
         output_dir=args.output,
-        plots=not args.no_plots,
         metadata={
             "reference": args.reference,
             "corpus": corpus_label,
@@ -138,7 +141,6 @@ def run(args: argparse.Namespace) -> int:
             "n_windows": len(windows),
             "dtype": args.dtype,
         },
-        progress=not args.quiet,
     )
     if not distributed.is_main_process():
         return 0  # every process holds the merged sweep; the first one reports it

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import add_model_arguments
+from .common import add_model_arguments, load_options
 
 EPILOG = """examples:
   hemorrhage-hf tasks --reference default --modification int4-g64 --task arc-easy=data/arc/ARC-Easy --limit 200 --output out/
@@ -64,8 +64,7 @@ def run(args: argparse.Namespace) -> int:
         args.reference,
         args.modified,
         modification=args.modification,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
+        load=load_options(args),
     )
     results = {}
     for task in tasks:

@@ -26,6 +26,7 @@ from ..corpus import PYTHON_DOCS
 from ..errors import HemorrhageError, SpecError
 from ..models import load_tokenizer
 from ..modify import Modification, apply_modification, parse_spec
+from ..modify.base import on_runtime_state
 from ..modify.calibration import CalibrationSettings
 
 QUANT_METHOD = "hemorrhage"
@@ -88,6 +89,7 @@ class HemorrhageHfQuantizer(HfQuantizer):
         return False
 
 
+@on_runtime_state
 def attach_quantization_config(model: PreTrainedModel, spec: str) -> None:
     """Mark a model modified outside ``from_pretrained`` as hemorrhage-quantized, so its checkpoint restores it."""
     existing = getattr(model.config, "quantization_config", None)

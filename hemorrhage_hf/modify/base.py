@@ -106,6 +106,19 @@ def parse_spec(spec: str) -> Modification:
     raise SpecError(f"unknown modification spec {spec!r}; known forms: {', '.join(known_specs())}")
 
 
+#: Called as ``hook(model, spec)`` after a modification with runtime state is applied. The transformers integration
+#: registers one that records the spec as the model's ``quantization_config``, so that its checkpoint restores what
+#: the weights cannot carry; modify itself never imports an integration.
+_RUNTIME_STATE_HOOKS: list[Callable[[PreTrainedModel, str], None]] = []
+
+
+def on_runtime_state(hook: Callable[[PreTrainedModel, str], None]) -> Callable[[PreTrainedModel, str], None]:
+    """Register ``hook(model, spec)`` to run after every modification with runtime state (once per hook)."""
+    if hook not in _RUNTIME_STATE_HOOKS:
+        _RUNTIME_STATE_HOOKS.append(hook)
+    return hook
+
+
 def apply_modification(
     model: PreTrainedModel,
     spec: str | Modification,
@@ -116,9 +129,10 @@ def apply_modification(
 ) -> PreTrainedModel:
     """Return a modified copy of ``model`` (or ``model`` itself with ``in_place``), recording the spec in its config.
 
-    A modification with runtime state (activation quantization) also records itself as the model's
-    ``quantization_config``, so that ``save_pretrained`` → ``from_pretrained`` restores it (with hemorrhage_hf
-    imported, which registers the quantizer with transformers).
+    A modification with runtime state (activation quantization) is then handed to the hooks of
+    :func:`on_runtime_state`: with :mod:`hemorrhage_hf.integrations` imported (``hemorrhage_hf.apply_modification``
+    imports it) it records itself as the model's ``quantization_config``, so that ``save_pretrained`` →
+    ``from_pretrained`` restores it.
     """
     modification = parse_spec(spec) if isinstance(spec, str) else spec
     if modification.needs_calibration:
@@ -127,9 +141,8 @@ def apply_modification(
     modification.apply(target, calibration, progress=progress)
     setattr(target.config, MODIFICATION_ATTRIBUTE, modification.spec)
     if modification.runtime_state:
-        from ..integrations.transformers import attach_quantization_config
-
-        attach_quantization_config(target, modification.spec)
+        for hook in _RUNTIME_STATE_HOOKS:
+            hook(target, modification.spec)
     return target
 
 

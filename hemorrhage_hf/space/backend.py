@@ -371,7 +371,7 @@ def run_threshold_sweep(
 
     Progress goes through the sweep's tqdm bars (the Space shows them with ``gr.Progress(track_tqdm=True)``).
     """
-    from ..sweep.runner import resolve_family, run_sweep
+    from ..sweep.runner import SweepOptions, resolve_family, run_sweep
 
     limits = limits or cache.limits
     resolve_family(family)
@@ -388,10 +388,9 @@ def run_threshold_sweep(
         windows,
         family,
         levels,
-        cache_root=cache.reference_cache_root,
         calibration=limits.calibration,
+        options=SweepOptions(cache_root=cache.reference_cache_root),
         output_dir=output_dir,
-        progress=True,
         metadata={"reference": model_label, "corpus": TEXT_LABEL, "window": window},
     )
     curves = [curve for curve in result.curves if any(curve.key in entry["figures"] for entry in result.levels)]

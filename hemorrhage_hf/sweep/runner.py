@@ -36,7 +36,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -411,6 +411,32 @@ def _previous_run(output_dir: Path | None, resume_key: str) -> tuple[dict[str, d
     return levels, previous["metadata"].get("reference_answers", {})
 
 
+@dataclass(frozen=True)
+class SweepOptions:
+    """How a sweep measures (reference cache size and place, batch sizes), judges (tolerances) and reports.
+
+    Example:
+        >>> SweepOptions(top_k=32, tolerances={"kl_mean": 0.05}).top_k
+        32
+    """
+
+    top_k: int = DEFAULT_TOP_K
+    batch_size: int = 1
+    cache_root: str | Path | None = None
+    task_batch_size: int = 16
+    #: damage tolerated per curve key before the tolerance rule fires (default: each curve's own)
+    tolerances: Mapping[str, float] = field(default_factory=dict)
+    plots: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.batch_size < 1 or self.task_batch_size < 1:
+            raise HemorrhageError(
+                f"top_k, batch_size and task_batch_size must be at least 1, got {self.top_k}, {self.batch_size}, "
+                f"{self.task_batch_size}"
+            )
+
+
 def run_sweep(
     reference: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -418,22 +444,17 @@ def run_sweep(
     family: SweepFamily | str,
     levels: Sequence[str] | None = None,
     *,
-    k: int = DEFAULT_TOP_K,
-    batch_size: int = 1,
-    cache_root: str | Path | None = None,
     tasks: Sequence[Task] = (),
-    task_batch_size: int = 16,
     calibration: CalibrationSettings | None = None,
-    tolerances: dict[str, float] | None = None,
+    options: SweepOptions | None = None,
     output_dir: str | Path | None = None,
-    plots: bool = True,
     metadata: dict | None = None,
-    progress: bool = True,
 ) -> SweepResult:
     """Measure ``family`` at each of ``levels`` (default: the family's) against ``reference`` on ``windows``.
 
     With ``output_dir`` the result is saved after every level and finished levels of an earlier identical run are
-    reused. ``tasks`` are scored for the reference once and for every level's model.
+    reused. ``tasks`` are scored for the reference once and for every level's model; ``calibration`` names the
+    tokens levels that look at activations (Wanda) calibrate on.
 
     Example:
         >>> from hemorrhage_hf import load_model, tokenize_corpus, python_docs_text
@@ -442,6 +463,8 @@ def run_sweep(
         >>> result = run_sweep(reference, tokenizer, windows, "bits", ["32", "8", "4", "3", "2"])  # doctest: +SKIP
         >>> result.threshold()["level"]  # doctest: +SKIP
     """
+    options = options or SweepOptions()
+    k, batch_size, progress = options.top_k, options.batch_size, options.progress
     family = resolve_family(family) if isinstance(family, str) else family
     levels = [str(level).strip() for level in (levels or family.default_levels)]
     if not levels:
@@ -460,7 +483,7 @@ def run_sweep(
     writes = output_dir is not None and distributed.is_main_process()
     started = time.perf_counter()
     curves = (MODEL_CURVES if family.kind == "model" else DECODING_CURVES) + tuple(task_curve(t.name) for t in tasks)
-    result = SweepResult(family, [], dict(metadata or {}), curves, dict(tolerances or {}))
+    result = SweepResult(family, [], dict(metadata or {}), curves, dict(options.tolerances))
 
     def record(level: str, spec: str | None, figures: dict, seconds: float, **extra) -> None:
         strength = None if spec is None else scale.strength(level)
@@ -489,7 +512,7 @@ def run_sweep(
             windows,
             k=k,
             batch_size=batch_size,
-            root=cache_root,
+            root=options.cache_root,
             description={"model": result.metadata.get("reference")},
             progress=progress,
         )
@@ -503,7 +526,7 @@ def run_sweep(
         reference_answers = [
             TaskAnswers(**previous_answers[task.name])
             if task.name in previous_answers
-            else answer_task(reference, tokenizer, task, batch_size=task_batch_size)
+            else answer_task(reference, tokenizer, task, batch_size=options.task_batch_size)
             for task in tasks
         ]
         result.metadata["reference_answers"] = {answers.task: answers.to_dict() for answers in reference_answers}
@@ -519,12 +542,14 @@ def run_sweep(
             figures = dict(measure(cache, modified, windows, batch_size=batch_size, progress=progress).figures)
             answers = {}
             for task, task_reference in zip(tasks, reference_answers):
-                task_figures = task_hemorrhage(task_reference, modified, tokenizer, task, batch_size=task_batch_size)
+                task_figures = task_hemorrhage(
+                    task_reference, modified, tokenizer, task, batch_size=options.task_batch_size
+                )
                 answers[task.name] = task_figures["answers"]["modified"]
                 figures.update(_flat_task_figures(task_figures))
             del modified
             record(level, spec, figures, time.perf_counter() - level_started, task_answers=answers)
     result.metadata["total_seconds"] = time.perf_counter() - started
     if writes:
-        result.save(output_dir, plots=plots)
+        result.save(output_dir, plots=options.plots)
     return result

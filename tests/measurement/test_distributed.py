@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from hemorrhage_hf.comparison import compare
+from hemorrhage_hf.comparison import MeasureOptions, TextSource, compare
 from hemorrhage_hf.errors import HemorrhageError
 from hemorrhage_hf.measurement.distributed import shard_bounds
 
@@ -145,10 +145,10 @@ def test_sequential_mode_matches_exact_figures_and_bounds_kl(tmp_path, smollm2, 
     monkeypatch.setenv("HEMORRHAGE_HF_CACHE", str(tmp_path / "cache"))
     model, tokenizer = smollm2
     options = dict(
-        modification="int4-g64", text=wikitext_text, window=128, max_tokens=512, tokenizer=tokenizer, progress=False
+        modification="int4-g64", source=TextSource(text=wikitext_text, window=128, max_tokens=512), tokenizer=tokenizer
     )
-    full = compare(model, **options).figures
-    sequential = compare(model, sequential=True, top_k=64, **options)
+    full = compare(model, options=MeasureOptions(progress=False), **options).figures
+    sequential = compare(model, options=MeasureOptions(sequential=True, top_k=64, progress=False), **options)
     figures = sequential.figures
     for exact in ("ppl_reference", "ppl_modified", "top1_agreement", "delta_p_mean", "n_tokens"):
         assert figures[exact] == pytest.approx(full[exact], rel=1e-5), exact
@@ -157,4 +157,4 @@ def test_sequential_mode_matches_exact_figures_and_bounds_kl(tmp_path, smollm2, 
     assert sequential.metadata["reference_cache"]["kl_is_lower_bound"] is True
     assert model.model.layers[0].self_attn.q_proj.weight.unique().numel() > 1000  # a passed-in model is not modified
     with pytest.raises(HemorrhageError, match="cannot compare layers"):
-        compare(model, sequential=True, layers=True, **options)
+        compare(model, options=MeasureOptions(sequential=True, layers=True), **options)

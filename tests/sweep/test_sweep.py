@@ -12,7 +12,7 @@ from hemorrhage_hf.corpus import make_windows, tokenize_corpus
 from hemorrhage_hf.errors import SpecError
 from hemorrhage_hf.models import load_tokenizer
 from hemorrhage_hf.modify.calibration import CalibrationSettings
-from hemorrhage_hf.sweep.runner import FAMILIES, StrengthScale, level_value, resolve_family, run_sweep
+from hemorrhage_hf.sweep.runner import FAMILIES, StrengthScale, SweepOptions, level_value, resolve_family, run_sweep
 from hemorrhage_hf.tasks.scoring import load_task
 
 
@@ -49,7 +49,9 @@ def test_bad_levels_fail_before_any_model_runs():
 
 def test_tiny_bits_sweep_writes_everything_and_resumes(tmp_path):
     model, windows = tiny_llama(hidden=64), tiny_windows()  # groups of 64 need 64 input features
-    options = dict(k=8, cache_root=tmp_path / "cache", output_dir=tmp_path / "out", progress=False)
+    options = dict(
+        options=SweepOptions(top_k=8, cache_root=tmp_path / "cache", progress=False), output_dir=tmp_path / "out"
+    )
     first = run_sweep(model, None, windows, "bits", ["32", "8", "4"], **options)
     identity = first.levels[0]["figures"]
     assert first.levels[0]["spec"] is None and first.levels[0]["strength"] is None
@@ -85,9 +87,7 @@ def test_every_model_family_sweeps_a_tiny_model(tmp_path):
             windows,
             family,
             levels,
-            k=8,
-            cache_root=tmp_path,
-            progress=False,
+            options=SweepOptions(top_k=8, cache_root=tmp_path, progress=False),
             calibration=CalibrationSettings(str(calibration_text), n_sequences=4, seq_len=64),
         )
         assert [entry["spec"] for entry in result.levels] == [family.spec(level) for level in levels], name
@@ -97,7 +97,15 @@ def test_every_model_family_sweeps_a_tiny_model(tmp_path):
 
 
 def test_tiny_temperature_sweep_runs_all_levels_in_one_pass(tmp_path):
-    result = run_sweep(tiny_llama(), None, tiny_windows(), "temperature", None, output_dir=tmp_path, progress=False)
+    result = run_sweep(
+        tiny_llama(),
+        None,
+        tiny_windows(),
+        "temperature",
+        None,
+        options=SweepOptions(progress=False),
+        output_dir=tmp_path,
+    )
     tv = [entry["figures"]["tv_mean"] for entry in result.levels]
     assert tv[0] == 0.0 and all(a < b for a, b in zip(tv, tv[1:]))
     assert set(result.thresholds()) == {"tv_mean", "js_mean", "top1_agreement"}
@@ -114,7 +122,13 @@ def wiki_windows(smollm2, wikitext_text):
 def test_smollm2_weight_bits_threshold(smollm2, wiki_windows, tmp_path):
     model, tokenizer = smollm2
     result = run_sweep(
-        model, tokenizer, wiki_windows, "bits", None, cache_root=tmp_path, output_dir=tmp_path, progress=False
+        model,
+        tokenizer,
+        wiki_windows,
+        "bits",
+        None,
+        options=SweepOptions(cache_root=tmp_path, progress=False),
+        output_dir=tmp_path,
     )
     kl = [entry["figures"]["kl_mean"] for entry in result.levels]
     assert kl[0] == 0.0 and all(a < b for a, b in zip(kl, kl[1:]))
@@ -135,11 +149,10 @@ def test_smollm2_wanda_sparsity_threshold_with_a_task(smollm2, wiki_windows, tmp
         wiki_windows,
         "sparsity:wanda",
         ["0", "20", "40", "50", "60", "70", "80"],
-        cache_root=tmp_path,
         tasks=[piqa],
         calibration=CalibrationSettings(n_sequences=4, seq_len=128),
+        options=SweepOptions(cache_root=tmp_path, progress=False),
         output_dir=tmp_path,
-        progress=False,
     )
     figures = [entry["figures"] for entry in result.levels]
     assert figures[0]["kl_max"] == 0.0 and figures[0]["piqa_flip_rate"] == 0.0
