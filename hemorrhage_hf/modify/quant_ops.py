@@ -19,10 +19,12 @@ def _fake_quantize_groups(groups: torch.Tensor, bits: int, symmetric: bool) -> t
         scale = groups.abs().amax(-1, keepdim=True).clamp_min(1e-12) / q_max
         return torch.clamp(torch.round(groups / scale), -q_max - 1, q_max) * scale
     q_max = 2**bits - 1
-    low = groups.amin(-1, keepdim=True)
-    high = groups.amax(-1, keepdim=True)
+    # Integer kernels store the zero point as a b-bit code, so it must lie in [0, q_max]: the range is widened to
+    # include 0 (as GPTQ does), which puts -low / scale there for groups of one sign, and the clamp absorbs rounding.
+    low = groups.amin(-1, keepdim=True).clamp_max(0)
+    high = groups.amax(-1, keepdim=True).clamp_min(0)
     scale = (high - low).clamp_min(1e-12) / q_max
-    zero_point = torch.round(-low / scale)
+    zero_point = torch.clamp(torch.round(-low / scale), 0, q_max)
     quantized = torch.clamp(torch.round(groups / scale) + zero_point, 0, q_max)
     return (quantized - zero_point) * scale
 
