@@ -58,7 +58,7 @@ from hemorrhage_hf.correction.processor import (
     _vocab_size,
 )
 from hemorrhage_hf.measurement.engine import measure
-from hemorrhage_hf.measurement.report import _mean_and_error
+from hemorrhage_hf.measurement.report import mean_and_error
 from hemorrhage_hf.models import DTYPES, load_model
 from hemorrhage_hf.modify import apply_modification, parse_spec
 from hemorrhage_hf.modify.calibration import CalibrationSettings
@@ -103,7 +103,7 @@ def quality(reference, modified, calibration: DecodingCalibration, held_out) -> 
     plain, calibrated = report.figures, report.variants["calibrated"].figures
     # Both are measured on the same predictions, so the reduction's error is the paired difference's, far below
     # what the two means' own errors suggest.
-    _, difference_error = _mean_and_error(report.variants["calibrated"].tokens.kl - report.tokens.kl)
+    _, difference_error = mean_and_error(report.variants["calibrated"].tokens.kl - report.tokens.kl)
     return {
         "held_out_tokens": plain["n_tokens"],
         "kl_before": plain["kl_mean"],

@@ -13,6 +13,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -37,3 +39,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
+
+
+def json_safe(value):
+    """JSON has no inf/NaN: non-finite numbers become null, in nested dicts and lists too.
+
+    Example:
+        >>> json_safe({"ppl_ratio": float("inf"), "levels": [1.0, float("nan")]})
+        {'ppl_ratio': None, 'levels': [1.0, None]}
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def write_json(path: str | Path, data) -> None:
+    """Write ``data`` as indented JSON (non-finite numbers as null), atomically."""
+    atomic_write_text(path, json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")

@@ -42,7 +42,7 @@ from .corpus import PYTHON_DOCS
 from .errors import HemorrhageError
 from .measurement.report import COLLAPSE_PPL_RATIO, COLLAPSE_TOP1_AGREEMENT, SEVERITY_KL_BANDS, HemorrhageReport
 from .models import DEFAULT_MODEL_LABEL
-from .render import SUMMARY_ROWS, delta_p_reading, summary_rows
+from .render import comparison_rows, delta_p_reading, task_rows
 
 # The templates live in the repository's model_cards/; hemorrhage_hf/model_cards links there, and a wheel holds a copy.
 TEMPLATE_DIR = Path(__file__).resolve().parent / "model_cards"
@@ -117,23 +117,6 @@ def dataset_identity(corpus: str) -> tuple[str, str]:
     return corpus, corpus
 
 
-def comparison_rows(report: HemorrhageReport, keys: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
-    """(figure, base model, modified model) rows: perplexity of both, then the comparison figures, then severity.
-
-    ``keys`` picks the comparison figures (default: all of :data:`hemorrhage_hf.render.SUMMARY_ROWS`).
-    """
-    formatted = {key: value for (key, _, _), (_, value) in zip(SUMMARY_ROWS, summary_rows(report))}
-    labels = {key: label for key, label, _ in SUMMARY_ROWS}
-    keys = [key for key, _, _ in SUMMARY_ROWS if key not in ("ppl_reference", "ppl_modified")] if keys is None else keys
-    unknown = [key for key in keys if key not in labels]
-    if unknown:
-        raise HemorrhageError(f"unknown report figures {unknown}; known: {sorted(labels)}")
-    rows = [("perplexity", formatted["ppl_reference"], formatted["ppl_modified"])]
-    rows += [(labels[key], "—", formatted[key]) for key in keys]
-    rows.append(("severity", "—", report.severity))
-    return rows
-
-
 def severity_legend() -> str:
     """The grading rule of :mod:`hemorrhage_hf.measurement.report`, in one line."""
     bands, lower = [], None
@@ -186,28 +169,6 @@ def threshold_from_sweep(sweep: dict) -> dict:
     return {"text": text, "value": level, "name": f"Robustness threshold ({family} level, {rule} rule)"}
 
 
-def _task_rows(tasks: Sequence[dict]) -> list[dict]:
-    rows = []
-    for task in tasks:
-        if "task" not in task or "accuracy_modified" not in task:
-            raise HemorrhageError(
-                f"a task result needs 'task' and the compare_answers figures; got keys {sorted(task)}"
-            )
-        rows.append(
-            {
-                "name": task["task"],
-                "n_items": task["n_items"],
-                "accuracy_reference": f"{task['accuracy_reference']:.2%}",
-                "accuracy_modified": f"{task['accuracy_modified']:.2%}",
-                "accuracy_drop": f"{task['accuracy_drop']:+.2%}",
-                "correct_to_incorrect": task["correct_to_incorrect"],
-                "incorrect_to_correct": task["incorrect_to_correct"],
-                "flip_rate": f"{task['flip_rate']:.2%}",
-            }
-        )
-    return rows
-
-
 def _environment():
     import jinja2
 
@@ -245,7 +206,7 @@ def render_section(report: HemorrhageReport, options: CardOptions | None = None)
             delta_p_reading=delta_p_reading(figures),
             non_finite_tokens=figures.get("non_finite_tokens"),
             threshold=options.threshold,
-            tasks=_task_rows(options.tasks),
+            tasks=task_rows(options.tasks),
             layers=layers,
             plots=sorted(options.plots.items()),
             severity_legend=severity_legend(),

@@ -1,17 +1,34 @@
-"""Turn a :class:`~hemorrhage_hf.measurement.report.HemorrhageReport` into what people read: a console table, Markdown, PNGs."""
+"""Everything people read: console tables, Markdown and PNG plots of reports, sweeps, tasks and decodings.
+
+Every plot goes through :func:`pyplot` (matplotlib's file-only backend, chosen once); every table through
+:func:`text_table` (console) or :func:`markdown_table`.
+
+Example:
+    >>> print(text_table(["level", "KL"], [["8", "0.0016"], ["4", "0.45"]]))
+    level      KL
+        8  0.0016
+        4    0.45
+    >>> print(markdown_table(["level", "KL"], [["8", "0.0016"]]))
+    | level | KL |
+    |---|---|
+    | 8 | 0.0016 |
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .atomic import atomic_path, atomic_write_text
+from .errors import HemorrhageError
 
 if TYPE_CHECKING:
     from .measurement.report import HemorrhageReport
+    from .sweep.runner import Curve, SweepResult
 
 # (key, label, format) of the rows every rendering shows; errors come from "<key>_error" when present.
 SUMMARY_ROWS = (
@@ -36,6 +53,47 @@ SUMMARY_ROWS = (
 )
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display is needed, none is opened)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[object]], *, align_left: int = 0) -> str:
+    """Columns padded to their widest cell; the first ``align_left`` columns left-aligned, the rest right-aligned."""
+    cells = [[str(cell) for cell in row] for row in [header, *rows]]
+    widths = [max(len(row[column]) for row in cells) for column in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(width) if column < align_left else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(row, widths))
+        ).rstrip()
+        for row in cells
+    )
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured Markdown table; a ``|`` inside a cell is escaped so it cannot end the cell."""
+
+    def cell(value: object) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def figure_text(value: float | None, template: str = "{:.4g}") -> str:
+    """A number for a table cell; "—" for a missing one, ``inf``/``nan`` spelled out."""
+    if value is None:
+        return "—"
+    return template.format(value) if isinstance(value, (int, float)) and math.isfinite(value) else str(value)
+
+
 def _format(figures: dict, key: str, template: str) -> str:
     value = figures.get(key)
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
@@ -58,6 +116,23 @@ def console_table(report: HemorrhageReport) -> str:
     width = max(len(label) for label, _ in rows)
     header = f"{report.metadata.get('reference', 'reference')}  vs  {report.metadata.get('modified', 'modified')}"
     return "\n".join([header, "-" * len(header)] + [f"{label:<{width}}  {value}" for label, value in rows])
+
+
+def comparison_rows(report: HemorrhageReport, keys: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
+    """(figure, base model, modified model) rows: perplexity of both, then the comparison figures, then severity.
+
+    ``keys`` picks the comparison figures (default: all of :data:`SUMMARY_ROWS`).
+    """
+    formatted = {key: value for (key, _, _), (_, value) in zip(SUMMARY_ROWS, summary_rows(report))}
+    labels = {key: label for key, label, _ in SUMMARY_ROWS}
+    keys = [key for key, _, _ in SUMMARY_ROWS if key not in ("ppl_reference", "ppl_modified")] if keys is None else keys
+    unknown = [key for key in keys if key not in labels]
+    if unknown:
+        raise HemorrhageError(f"unknown report figures {unknown}; known: {sorted(labels)}")
+    rows = [("perplexity", formatted["ppl_reference"], formatted["ppl_modified"])]
+    rows += [(labels[key], "—", formatted[key]) for key in keys]
+    rows.append(("severity", "—", report.severity))
+    return rows
 
 
 def delta_p_reading(figures: dict) -> str:
@@ -121,8 +196,7 @@ def report_markdown(report: HemorrhageReport, plot_files: dict[str, str]) -> str
 
 
 def plot_kl_distribution(report: HemorrhageReport, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     kl = report.tokens.kl[report.tokens.finite]
     figure, axis = plt.subplots(figsize=(7, 4))
     # Log-spaced bins: per-token KL spans many orders of magnitude.
@@ -144,8 +218,7 @@ def plot_kl_distribution(report: HemorrhageReport, path: Path) -> None:
 
 
 def plot_layers(report: HemorrhageReport, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     layers = report.layers
     panels = [("cosine distance", layers.cosine_distance), ("relative L2", layers.relative_l2)]
     if layers.attention_js:
@@ -160,18 +233,14 @@ def plot_layers(report: HemorrhageReport, path: Path) -> None:
 
 
 def _save_figure(figure, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=110, format="png")
-    plt.close(figure)
+    pyplot().close(figure)
 
 
 def save_report(report: HemorrhageReport, output_dir: Path, *, plots: bool) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """Write ``report.json``, ``report.md`` and (with ``plots``) its PNGs into ``output_dir``."""
     written: dict[str, Path] = {}
     plot_files: dict[str, str] = {}
     if plots and report.tokens is not None:
@@ -187,3 +256,157 @@ def save_report(report: HemorrhageReport, output_dir: Path, *, plots: bool) -> d
     written["markdown"] = output_dir / "report.md"
     atomic_write_text(written["markdown"], report.to_markdown(plot_files))
     return written
+
+
+# ---- sweeps ----
+
+
+def sweep_rows(result: SweepResult, curves: Sequence[Curve] | None = None) -> list[list[str]]:
+    """One row per level: the level, its spec ("(unmodified)" for an identity level), each curve's figure."""
+    curves = result.curves if curves is None else curves
+    return [
+        [entry["level"], entry["spec"] or "(unmodified)", *(figure_text(entry["figures"].get(c.key)) for c in curves)]
+        for entry in result.levels
+    ]
+
+
+def describe_threshold(rules: dict) -> str:
+    """One line: the fitted breakpoint (or why there is none) and the tolerance crossing."""
+    fitted, crossing = rules["breakpoint"], rules["tolerance"]
+    if fitted["strength"] is not None:
+        low, high = fitted["interval_levels"]
+        text = (
+            f"breakpoint at level {fitted['level']:.3g} (95 % {low:.3g}–{high:.3g}, between "
+            f"{fitted['level_before']['level']} and {fitted['level_after']['level'] if fitted['level_after'] else '—'})"
+        )
+    else:
+        text = f"no breakpoint ({fitted['reason']})"
+    if crossing.get("crossing_level") is not None:
+        return text + f"; crosses tolerance {crossing['tolerance']:g} at level {crossing['crossing_level']:.3g}"
+    return text + f"; tolerance {crossing['tolerance']:g}: {crossing['reason']}"
+
+
+def sweep_table(result: SweepResult) -> str:
+    """Levels and their main figures, then the thresholds, as console text."""
+    lines = [text_table(["level", "spec", *(curve.key for curve in result.curves)], sweep_rows(result)), ""]
+    for rules in result.thresholds().values():
+        lines.append(f"{rules['label']}: " + describe_threshold(rules))
+    headline = result.threshold()
+    lines.append(
+        f"\nthreshold of the sweep ({headline.get('figure')}, {headline.get('rule')}): "
+        + ("none" if headline.get("level") is None else f"{headline['level']:.3g}")
+    )
+    return "\n".join(lines)
+
+
+def plot_sweep_curve(result: SweepResult, curve: Curve, threshold: dict, path: Path) -> None:
+    """The curve with error bars, the breakpoint (line + 95 % band) and the tolerance line and crossing.
+
+    Identity levels are left out: the unmodified model's point (32 bits, say) would stretch the axis, and its
+    damage is zero by construction.
+    """
+    plt = pyplot()
+    points = [
+        (x, y, error)
+        for x, y, error in result.curve_points(curve)
+        if y is not None and math.isfinite(y) and (y > 0 or not curve.log_scale)
+    ]
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    if points:
+        xs, ys, errors = zip(*points)
+        errors = [error if error is not None and math.isfinite(error) else 0.0 for error in errors]
+        axis.errorbar(xs, ys, yerr=errors, marker="o", color="#b22222", capsize=3, label=curve.label)
+    if curve.log_scale:
+        axis.set_yscale("log")
+    if result.family.log_strength:
+        axis.set_xscale("log")
+    if result.scale.sign < 0:
+        axis.invert_xaxis()
+    fitted, crossing = threshold["breakpoint"], threshold["tolerance"]
+    if fitted["strength"] is not None:
+        low, high = fitted["interval_levels"]
+        axis.axvspan(low, high, color="black", alpha=0.08)
+        axis.axvline(
+            fitted["level"], color="black", label=f"threshold {fitted['level']:.3g} (95 %: {low:.3g}–{high:.3g})"
+        )
+    measured = [e["figures"] for e in result.levels if e["spec"] is not None and curve.key in e["figures"]]
+    if measured:
+        tolerance_value = curve.value_at_damage(measured[0], crossing["tolerance"])
+        axis.axhline(tolerance_value, color="#555555", linestyle="--", label=f"tolerance {tolerance_value:.3g}")
+    if crossing.get("crossing_level") is not None:
+        axis.axvline(
+            crossing["crossing_level"],
+            color="#555555",
+            linestyle=":",
+            label=f"crosses tolerance at {crossing['crossing_level']:.3g}",
+        )
+    axis.set_xlabel(f"{result.family.name} level")
+    axis.set_ylabel(curve.label)
+    axis.set_title(f"{curve.label} vs {result.family.name}")
+    axis.legend(fontsize=8)
+    _save_figure(figure, path)
+
+
+# ---- tasks and decodings ----
+
+
+def task_rows(tasks: Sequence[Mapping]) -> list[dict]:
+    """A model card's task rows from :func:`hemorrhage_hf.tasks.flips.compare_answers` results named by ``"task"``."""
+    rows = []
+    for task in tasks:
+        if "task" not in task or "accuracy_modified" not in task:
+            raise HemorrhageError(
+                f"a task result needs 'task' and the compare_answers figures; got keys {sorted(task)}"
+            )
+        rows.append(
+            {
+                "name": task["task"],
+                "n_items": task["n_items"],
+                "accuracy_reference": f"{task['accuracy_reference']:.2%}",
+                "accuracy_modified": f"{task['accuracy_modified']:.2%}",
+                "accuracy_drop": f"{task['accuracy_drop']:+.2%}",
+                "correct_to_incorrect": task["correct_to_incorrect"],
+                "incorrect_to_correct": task["incorrect_to_correct"],
+                "flip_rate": f"{task['flip_rate']:.2%}",
+            }
+        )
+    return rows
+
+
+def tasks_table(results: Mapping[str, Mapping]) -> str:
+    """`hemorrhage-hf tasks` results (task name → :func:`~hemorrhage_hf.tasks.scoring.task_hemorrhage` figures)."""
+    rows = [
+        [
+            name,
+            figures["n_items"],
+            figures["metric"],
+            f"{figures['accuracy_reference']:.2%} ± {figures['accuracy_reference_error']:.1%}",
+            f"{figures['accuracy_modified']:.2%} ± {figures['accuracy_modified_error']:.1%}",
+            f"{figures['accuracy_drop']:+.2%}",
+            f"{figures['flip_rate']:.2%}",
+            figures["correct_to_incorrect"],
+            figures["incorrect_to_correct"],
+        ]
+        for name, figures in results.items()
+    ]
+    header = ["task", "n", "metric", "reference", "modified", "drop", "flips", "c→i", "i→c"]
+    return text_table(header, rows, align_left=1)
+
+
+def decoding_table(distributions: Sequence[Mapping], generations: Sequence[Mapping]) -> str:
+    """`hemorrhage-hf decode` results: distribution divergences and generation agreement per decoding."""
+    rows = [
+        [
+            distribution["decoding"],
+            f"{distribution['tv_mean']:.4f}",
+            f"{distribution['js_mean']:.4f}",
+            f"{distribution['kl_mean']:.4f}",
+            f"{distribution['kl_infinite_fraction']:.1%}",
+            f"{distribution['top1_agreement']:.1%}",
+            f"{generation['token_agreement']:.1%}",
+            figure_text(generation["first_divergence_mean"], "{:.1f}"),
+        ]
+        for distribution, generation in zip(distributions, generations)
+    ]
+    header = ["decoding", "TV", "JS", "KL", "KL=inf", "top-1", "tokens same", "1st diff"]
+    return text_table(header, rows, align_left=1)

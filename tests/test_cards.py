@@ -13,7 +13,6 @@ from hemorrhage_hf.cards import (
     SECTION_END,
     SECTION_START,
     CardOptions,
-    comparison_rows,
     render_section,
     update_card_text,
     write_card,
@@ -24,6 +23,7 @@ from hemorrhage_hf.errors import HemorrhageError
 from hemorrhage_hf.measurement.engine import measure
 from hemorrhage_hf.measurement.report import HemorrhageReport
 from hemorrhage_hf.modify import apply_modification
+from hemorrhage_hf.render import comparison_rows
 
 # A card as publishers write them: comments, key order and spacing that a YAML round trip would not keep, and
 # another evaluation of their own in the model-index.

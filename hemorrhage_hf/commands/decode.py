@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from .common import add_model_arguments, add_text_arguments, load_options, text_from_arguments
@@ -64,12 +63,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..atomic import atomic_write_text
+    from ..atomic import write_json
     from ..comparison import resolve_pair
     from ..corpus import tokenize_corpus
     from ..measurement.decoding import Decoding, corpus_prompts, decoding_divergence, generation_divergence
-    from ..measurement.report import _json_safe
     from ..models import load_model
+    from ..render import decoding_table
 
     decodings = [Decoding.parse(spec) for spec in args.decoding]
     reference_decoding = Decoding.parse(args.reference_decoding)
@@ -120,17 +119,7 @@ def run(args: argparse.Namespace) -> int:
         "generations": generations,
     }
     path = Path(args.output) / "decoding.json"
-    atomic_write_text(path, json.dumps(_json_safe(output), indent=2) + "\n")
-    print(
-        f"{'decoding':<28} {'TV':>8} {'JS':>8} {'KL':>8} {'KL=inf':>7} {'top-1':>7} {'tokens same':>12} {'1st diff':>9}"
-    )
-    for distribution, generation in zip(distributions, generations):
-        first = generation["first_divergence_mean"]
-        print(
-            f"{distribution['decoding']:<28} {distribution['tv_mean']:>8.4f} {distribution['js_mean']:>8.4f} "
-            f"{distribution['kl_mean']:>8.4f} {distribution['kl_infinite_fraction']:>7.1%} "
-            f"{distribution['top1_agreement']:>7.1%} {generation['token_agreement']:>12.1%} "
-            f"{'—' if first is None else f'{first:.1f}':>9}"
-        )
+    write_json(path, output)
+    print(decoding_table(distributions, generations))
     print(f"\nwrote {path}")
     return 0

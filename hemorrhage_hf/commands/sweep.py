@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 from ..measurement import distributed
 from .common import add_model_arguments, add_text_arguments, text_from_arguments
@@ -105,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from ..corpus import PYTHON_DOCS, tokenize_corpus
     from ..models import load_model
     from ..modify.calibration import CalibrationSettings
+    from ..render import sweep_table
     from ..sweep.runner import SweepOptions, resolve_family, run_sweep
     from ..tasks.scoring import parse_task_argument
 
@@ -147,40 +147,3 @@ def run(args: argparse.Namespace) -> int:
     print(sweep_table(result))
     print(f"\nwrote {args.output}/sweep.json, sweep.csv" + ("" if args.no_plots else " and sweep_*.png"))
     return 0
-
-
-def sweep_table(result) -> str:
-    """Levels and their main figures, then the threshold, as plain text."""
-    keys = [curve.key for curve in result.curves]
-    lines = ["  ".join(f"{name:>14}" for name in ["level", "spec", *keys])]
-    for entry in result.levels:
-        values = [entry["figures"].get(key) for key in keys]
-        cells = [
-            f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else str(value) for value in values
-        ]
-        lines.append("  ".join(f"{cell:>14}" for cell in [entry["level"], entry["spec"] or "(unmodified)", *cells]))
-    lines.append("")
-    for key, rules in result.thresholds().items():
-        lines.append(f"{rules['label']}: " + describe_threshold(rules))
-    headline = result.threshold()
-    lines.append(
-        f"\nthreshold of the sweep ({headline.get('figure')}, {headline.get('rule')}): "
-        + ("none" if headline.get("level") is None else f"{headline['level']:.3g}")
-    )
-    return "\n".join(lines)
-
-
-def describe_threshold(rules: dict) -> str:
-    """One line: the fitted breakpoint (or why there is none) and the tolerance crossing."""
-    fitted, crossing = rules["breakpoint"], rules["tolerance"]
-    if fitted["strength"] is not None:
-        low, high = fitted["interval_levels"]
-        text = (
-            f"breakpoint at level {fitted['level']:.3g} (95 % {low:.3g}–{high:.3g}, between "
-            f"{fitted['level_before']['level']} and {fitted['level_after']['level'] if fitted['level_after'] else '—'})"
-        )
-    else:
-        text = f"no breakpoint ({fitted['reason']})"
-    if crossing.get("crossing_level") is not None:
-        return text + f"; crosses tolerance {crossing['tolerance']:g} at level {crossing['crossing_level']:.3g}"
-    return text + f"; tolerance {crossing['tolerance']:g}: {crossing['reason']}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from .common import add_model_arguments, load_options
@@ -54,9 +53,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..atomic import atomic_write_text
+    from ..atomic import write_json
     from ..comparison import resolve_pair
-    from ..measurement.report import _json_safe
+    from ..render import tasks_table
     from ..tasks.scoring import parse_task_argument, task_hemorrhage
 
     tasks = [parse_task_argument(argument, limit=args.limit) for argument in args.task]
@@ -80,15 +79,7 @@ def run(args: argparse.Namespace) -> int:
         "tasks": results,
     }
     path = Path(args.output) / "tasks.json"
-    atomic_write_text(path, json.dumps(_json_safe(output), indent=2) + "\n")
-    print(f"{'task':<14} {'n':>5} {'metric':>8} {'reference':>16} {'modified':>16} {'drop':>8} {'flips':>7}  c→i  i→c")
-    for name, figures in results.items():
-        print(
-            f"{name:<14} {figures['n_items']:>5} {figures['metric']:>8} "
-            f"{figures['accuracy_reference']:>8.2%} ± {figures['accuracy_reference_error']:<5.1%} "
-            f"{figures['accuracy_modified']:>8.2%} ± {figures['accuracy_modified_error']:<5.1%} "
-            f"{figures['accuracy_drop']:>+8.2%} {figures['flip_rate']:>7.2%}  {figures['correct_to_incorrect']:>3}  "
-            f"{figures['incorrect_to_correct']:>3}"
-        )
+    write_json(path, output)
+    print(tasks_table(results))
     print(f"\nwrote {path}")
     return 0

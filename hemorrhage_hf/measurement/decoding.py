@@ -44,7 +44,7 @@ from ..corpus import Window
 from ..errors import SpecError
 from .divergence import js_divergence, kl_divergence, log_probs
 from .engine import batch_windows, model_outputs
-from .report import _mean_and_error
+from .report import mean_and_error
 
 
 @dataclass(frozen=True)
@@ -147,10 +147,10 @@ def summarize_distribution_statistics(parts: dict[str, list[torch.Tensor]]) -> d
     finite_kl = np.isfinite(arrays["kl"])
     figures: dict[str, float] = {"n_tokens": int(len(arrays["tv"]))}
     for name in ("tv", "js"):
-        figures[f"{name}_mean"], figures[f"{name}_mean_error"] = _mean_and_error(arrays[name])
+        figures[f"{name}_mean"], figures[f"{name}_mean_error"] = mean_and_error(arrays[name])
     figures["kl_infinite_fraction"] = float(1 - finite_kl.mean())
     figures["kl_mean"], figures["kl_mean_error"] = (
-        _mean_and_error(arrays["kl"][finite_kl]) if finite_kl.any() else (float("inf"), float("nan"))
+        mean_and_error(arrays["kl"][finite_kl]) if finite_kl.any() else (float("inf"), float("nan"))
     )
     figures["top1_agreement"] = float(arrays["same_top1"].mean())
     return figures

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import json_safe
 from ..errors import HemorrhageError
 
 SEVERITY_KL_BANDS = (("none", 0.01), ("mild", 0.1), ("moderate", 0.5))
@@ -95,7 +96,13 @@ class LayerFigures:
         }
 
 
-def _mean_and_error(values: np.ndarray) -> tuple[float, float]:
+def mean_and_error(values: np.ndarray) -> tuple[float, float]:
+    """The mean and its standard error sd/√(n−1), as llama.cpp's perplexity tool gives them (NaN error for n < 2).
+
+    Example:
+        >>> mean_and_error(np.array([1.0, 2.0, 3.0]))
+        (2.0, 0.5773502691896257)
+    """
     values = values.astype(np.float64)
     if len(values) < 2:
         return float(values.mean()), float("nan")
@@ -122,11 +129,11 @@ def summarize(tokens: TokenArrays) -> dict[str, float | int]:
     delta_p = tokens.delta_p[finite].astype(np.float64)
     agreement = float(tokens.same_top1[finite].mean())
 
-    reference_mean, reference_error = _mean_and_error(reference_nll)
-    modified_mean, modified_error = _mean_and_error(modified_nll)
-    log_ratio, log_ratio_error = _mean_and_error(modified_nll - reference_nll)
-    kl_mean, kl_error = _mean_and_error(kl)
-    delta_p_mean, delta_p_error = _mean_and_error(delta_p)
+    reference_mean, reference_error = mean_and_error(reference_nll)
+    modified_mean, modified_error = mean_and_error(modified_nll)
+    log_ratio, log_ratio_error = mean_and_error(modified_nll - reference_nll)
+    kl_mean, kl_error = mean_and_error(kl)
+    delta_p_mean, delta_p_error = mean_and_error(delta_p)
     ppl_ratio = math.exp(log_ratio) if non_finite == 0 else math.inf
     figures: dict[str, float | int] = {
         "n_tokens": len(tokens),
@@ -164,17 +171,6 @@ def summarize(tokens: TokenArrays) -> dict[str, float | int]:
     return figures
 
 
-def _json_safe(value):
-    """JSON has no inf/NaN: non-finite numbers become null (``non_finite_tokens`` says why)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(item) for item in value]
-    return value
-
-
 @dataclass
 class HemorrhageReport:
     """Everything measured in one comparison. ``figures`` is flat; ``layers`` is None unless asked for.
@@ -203,7 +199,7 @@ class HemorrhageReport:
         if self.layers is not None:
             data.update(self.layers.to_dict())
         data["metadata"] = self.metadata
-        return _json_safe(data)
+        return json_safe(data)
 
     @classmethod
     def from_dict(cls, data: dict) -> HemorrhageReport:

@@ -309,9 +309,6 @@ def run_comparison(
     token_html = token_kl_html(first_piece, pieces, report.tokens.kl, report.tokens.finite)
 
     on_step(0.6, "plotting")
-    import matplotlib
-
-    matplotlib.use("Agg")
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="hemorrhage-space-"))
     plots = {
         "Per-layer drift and attention divergence": output_dir / "layer_drift.png",
@@ -371,6 +368,7 @@ def run_threshold_sweep(
 
     Progress goes through the sweep's tqdm bars (the Space shows them with ``gr.Progress(track_tqdm=True)``).
     """
+    from ..render import sweep_rows
     from ..sweep.runner import SweepOptions, resolve_family, run_sweep
 
     limits = limits or cache.limits
@@ -394,18 +392,9 @@ def run_threshold_sweep(
         metadata={"reference": model_label, "corpus": TEXT_LABEL, "window": window},
     )
     curves = [curve for curve in result.curves if any(curve.key in entry["figures"] for entry in result.levels)]
-    rows = [
-        [
-            entry["level"],
-            entry["spec"] or "(unmodified)",
-            *(_figure_text(entry["figures"].get(curve.key)) for curve in curves),
-        ]
-        for entry in result.levels
-    ]
     return ThresholdSweep(
-        result, output_dir / f"sweep_{curves[0].key}.png", rows, ["level", "spec", *(curve.label for curve in curves)]
+        result,
+        output_dir / f"sweep_{curves[0].key}.png",
+        sweep_rows(result, curves),
+        ["level", "spec", *(curve.label for curve in curves)],
     )
-
-
-def _figure_text(value) -> str:
-    return "—" if value is None else f"{value:.4g}"

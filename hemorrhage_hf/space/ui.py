@@ -17,7 +17,8 @@ import os
 import gradio as gr
 import pandas
 
-from ..cards import CardOptions, comparison_rows, render_section, threshold_from_sweep, update_card_text
+from ..cards import CardOptions, render_section, threshold_from_sweep, update_card_text
+from ..render import comparison_rows
 from ..errors import HemorrhageError
 from ..measurement.report import HemorrhageReport
 from ..modify import known_specs, parse_spec

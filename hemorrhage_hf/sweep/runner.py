@@ -42,14 +42,13 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..atomic import atomic_path, atomic_write_text
+from ..atomic import atomic_write_text, json_safe, write_json
 from ..corpus import Window
 from ..errors import HemorrhageError, SpecError
 from ..measurement import distributed
 from ..measurement.decoding import Decoding, decoding_divergence
 from ..measurement.engine import measure
 from ..measurement.refcache import DEFAULT_TOP_K, ReferenceCache, model_fingerprint, windows_fingerprint
-from ..measurement.report import _json_safe
 from ..modify import apply_modification, parse_spec
 from ..modify.calibration import CalibrationSettings
 from ..tasks.scoring import Task, TaskAnswers, answer_task, task_hemorrhage
@@ -270,8 +269,16 @@ class SweepResult:
             "reason": crossing["reason"],
         }
 
+    def curve_points(self, curve: Curve) -> list[tuple[float, float | None, float | None]]:
+        """(level value, figure, its error) of every modified level, for plotting ``curve``."""
+        return [
+            (level_value(entry["level"]), entry["figures"].get(curve.key), entry["figures"].get(f"{curve.key}_error"))
+            for entry in self.levels
+            if entry["spec"] is not None
+        ]
+
     def to_dict(self) -> dict:
-        return _json_safe(
+        return json_safe(
             {
                 "family": {
                     "name": self.family.name,
@@ -314,14 +321,16 @@ class SweepResult:
         """Write ``sweep.json``, ``sweep.csv`` and (unless ``plots`` is off) one PNG per curve, each atomically."""
         output_dir = Path(output_dir)
         written = {"json": output_dir / SWEEP_FILE, "csv": output_dir / "sweep.csv"}
-        atomic_write_text(written["json"], json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        write_json(written["json"], self.to_dict())
         atomic_write_text(written["csv"], self.to_csv())
         if plots:
+            from ..render import plot_sweep_curve
+
             thresholds = self.thresholds()
             for curve in self.curves:
                 if curve.key in thresholds:
                     written[curve.key] = output_dir / f"sweep_{curve.key}.png"
-                    plot_curve(self, curve, thresholds[curve.key], written[curve.key])
+                    plot_sweep_curve(self, curve, thresholds[curve.key], written[curve.key])
         return written
 
 
@@ -332,64 +341,6 @@ def _damage(curve: Curve, figures: dict) -> float:
     except (KeyError, TypeError):  # summarize() leaves KL out when no token is finite; JSON stores inf as null
         return math.inf
     return value if value == value else math.inf
-
-
-def plot_curve(result: SweepResult, curve: Curve, threshold: dict, path: Path) -> None:
-    """The curve with error bars, the breakpoint (line + 95 % band) and the tolerance line and crossing.
-
-    Identity levels are left out: the unmodified model's point (32 bits, say) would stretch the axis, and its
-    damage is zero by construction.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [
-        (level_value(e["level"]), e["figures"].get(curve.key), e["figures"].get(f"{curve.key}_error"))
-        for e in result.levels
-        if e["spec"] is not None
-    ]
-    points = [
-        (x, y, err) for x, y, err in points if y is not None and math.isfinite(y) and (y > 0 or not curve.log_scale)
-    ]
-    figure, axis = plt.subplots(figsize=(7, 4.2))
-    if points:
-        xs, ys, errors = zip(*points)
-        errors = [err if err is not None and math.isfinite(err) else 0.0 for err in errors]
-        axis.errorbar(xs, ys, yerr=errors, marker="o", color="#b22222", capsize=3, label=curve.label)
-    if curve.log_scale:
-        axis.set_yscale("log")
-    if result.family.log_strength:
-        axis.set_xscale("log")
-    if result.scale.sign < 0:
-        axis.invert_xaxis()
-    fitted, crossing = threshold["breakpoint"], threshold["tolerance"]
-    if fitted["strength"] is not None:
-        low, high = fitted["interval_levels"]
-        axis.axvspan(low, high, color="black", alpha=0.08)
-        axis.axvline(
-            fitted["level"], color="black", label=f"threshold {fitted['level']:.3g} (95 %: {low:.3g}–{high:.3g})"
-        )
-    measured = [e["figures"] for e in result.levels if e["spec"] is not None and curve.key in e["figures"]]
-    if measured:
-        tolerance_value = curve.value_at_damage(measured[0], crossing["tolerance"])
-        axis.axhline(tolerance_value, color="#555555", linestyle="--", label=f"tolerance {tolerance_value:.3g}")
-    if crossing.get("crossing_level") is not None:
-        axis.axvline(
-            crossing["crossing_level"],
-            color="#555555",
-            linestyle=":",
-            label=f"crosses tolerance at {crossing['crossing_level']:.3g}",
-        )
-    axis.set_xlabel(f"{result.family.name} level")
-    axis.set_ylabel(curve.label)
-    axis.set_title(f"{curve.label} vs {result.family.name}")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=110, format="png")
-    plt.close(figure)
 
 
 def _resume_key(*parts: object) -> str:
