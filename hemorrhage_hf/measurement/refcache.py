@@ -149,8 +149,8 @@ def _cached_chunk_statistics(entries: dict[str, torch.Tensor], modified_logits: 
         modified_nll=-modified_true,
         same_top1=entries["top1"].long() == modified_logits.argmax(-1),
         delta_p=modified_true.exp() - reference_true.exp(),
-        # A row's sum is finite iff all its logits are (+inf − inf is NaN); one read instead of a boolean copy.
-        finite=torch.isfinite(modified_logits.sum(-1)),
+        # Per element, as the live path checks: a row *sum* of finite fp16/bf16 logits can overflow (SmolLM2's ~1e6).
+        finite=torch.isfinite(modified_logits).all(-1),
     )
 
 

@@ -1,5 +1,6 @@
 """The reference cache: exact figures except KL, KL a tight lower bound, resumable, keyed, checksummed."""
 
+import copy
 import json
 
 import numpy as np
@@ -186,3 +187,18 @@ def test_the_key_follows_the_weights_the_windows_k_and_the_batch_size(tmp_path):
         for k, batch_size in ((8, 1), (8, 1), (4, 1), (8, 2))
     }
     assert len(keys) == 3 and len(list(tmp_path.iterdir())) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_model_against_itself_bleeds_nothing_live_or_cached(smollm2, dtype, tmp_path):
+    """SmolLM2's logit rows sum to ~1e6, beyond fp16's 65504: finiteness must be judged per logit, not per row sum."""
+    model, tokenizer = smollm2
+    half = copy.deepcopy(model).to(dtype)
+    windows = make_windows(
+        torch.tensor(tokenizer("The tower is 324 metres tall, about the same height as an")["input_ids"] * 4), window=64
+    )
+    cache = ReferenceCache.build(half, windows, k=64, root=tmp_path, progress=False)
+    for reference in (half, cache):
+        figures = measure(reference, half, windows, progress=False).figures
+        assert figures["non_finite_tokens"] == 0
+        assert figures["kl_max"] == 0.0 and figures["ppl_ratio"] == 1.0 and figures["severity"] == "none"
