@@ -29,12 +29,12 @@ SHARED_DATA = Path(os.environ.get("HEMORRHAGE_SHARED_DATA", Path(__file__).resol
 
 
 def shared_data_path(relative: str) -> Path:
-    """A file of ../shared/data; skips the test where it is absent, fails under .ci/run (which requires it)."""
+    """A file of ../shared/data; skips the test where it is absent, fails under `make test` (which requires it)."""
     path = SHARED_DATA / relative
     if not path.exists():
         message = f"shared evaluation data not found: {path}"
         if os.environ.get("HEMORRHAGE_REQUIRE_SHARED_DATA") == "1":
-            pytest.fail(message + " (.ci/run requires ../shared/data)")
+            pytest.fail(message + " (`make test` requires ../shared/data)")
         pytest.skip(message)
     return path
 
