@@ -1,7 +1,15 @@
 """``hemorrhage-hf``: one subcommand per module in :mod:`hemorrhage_hf.commands`.
 
 Each command module defines ``add_parser(subparsers)`` (which sets ``func`` on its parser) and the function it
-sets; adding a command is one new module and one line in ``COMMANDS``.
+sets; adding a command is one new module and one line in :data:`COMMANDS`. Only the module of the command being
+run is imported, and command modules import torch and transformers inside the functions that need them, so
+``hemorrhage-hf --help`` and ``hemorrhage-hf report --help`` answer at once.
+
+Example:
+    >>> main(["--version"])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    SystemExit: 0
 """
 
 from __future__ import annotations
@@ -10,37 +18,57 @@ import argparse
 import importlib
 import sys
 
+from . import __version__
 from .errors import HemorrhageError
 
-COMMANDS = (
-    "report",
-    "install_metric",
-    "card",
-    "space",
-    "quantize",
-    "prune",
-    "expand",
-    "sweep",
-    "tasks",
-    "decode",
-    "calibrate",
-)
+#: Subcommand → its one-line summary in ``hemorrhage-hf --help`` (module ``commands.<name with _ for ->``).
+COMMANDS = {
+    "report": "measure how much a modified model bled versus its reference",
+    "tasks": "compare two models' task accuracy and count flipped answers",
+    "card": "write a report into a model card (Markdown section + model-index eval results)",
+    "sweep": "measure a modification at several strengths and find its robustness threshold",
+    "decode": "measure how decoding changes shift next-token distributions and generations",
+    "calibrate": "fit a decoding calibration (a LogitsProcessor) that pulls a modified model back to its reference",
+    "quantize": "quantize a model with a spec and save the checkpoint",
+    "prune": "prune a model with a spec and save the checkpoint",
+    "expand": "insert decoder layers (duplicated, or identity-initialised) and save the checkpoint",
+    "space": "serve the Gradio app that shows a comparison (Compare, Threshold and Model card tabs)",
+    "install-metric": "install the `hemorrhage` evaluate metric into evaluate's module cache",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Subcommands:
+    """The subparsers action as command modules see it: each command's summary comes from :data:`COMMANDS`."""
+
+    def __init__(self, action: argparse._SubParsersAction):
+        self._action = action
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        kwargs["help"] = COMMANDS[name]
+        return self._action.add_parser(name, **kwargs)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``only``, just that command's options are built (the others are listed by name)."""
     parser = argparse.ArgumentParser(
         prog="hemorrhage-hf",
         description="Measure, locate and mitigate model hemorrhage (quality lost to quantization, pruning, "
         "decoding changes and layer expansion).",
     )
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = _Subcommands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     for name in COMMANDS:
-        importlib.import_module(f"hemorrhage_hf.commands.{name}").add_parser(subparsers)
+        if only is None or name == only:
+            importlib.import_module(f"hemorrhage_hf.commands.{name.replace('-', '_')}").add_parser(subparsers)
+        else:
+            subparsers.add_parser(name)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((argument for argument in argv if not argument.startswith("-")), "")
+    args = build_parser(only=command if command in COMMANDS else "").parse_args(argv)
     try:
         return args.func(args) or 0
     except HemorrhageError as error:

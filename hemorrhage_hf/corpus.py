@@ -21,11 +21,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from .errors import CorpusError
+
+if TYPE_CHECKING:  # torch loads where windows are made, so the CLI can name PYTHON_DOCS without loading it
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 PYTHON_DOCS = "python-docs"
 _RULE_LINE = re.compile(r"^\s*([*=\-~^\"'`#+])\1{2,}\s*$")
@@ -106,6 +108,12 @@ def make_windows(token_ids: torch.Tensor, *, window: int, stride: int | None = N
     return windows
 
 
+def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    import torch
+
+    return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+
+
 def tokenize_corpus(
     tokenizer: PreTrainedTokenizerBase,
     text: str,
@@ -120,7 +128,7 @@ def tokenize_corpus(
     """
     if not text.strip():
         raise CorpusError("the text is empty or only whitespace")
-    token_ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    token_ids = _token_ids(tokenizer, text)
     if max_tokens is not None:
         token_ids = token_ids[:max_tokens]
     if len(token_ids) < window:
@@ -141,7 +149,7 @@ def tokenize_documents(
     for index, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
             raise CorpusError(f"text {index} is empty or only whitespace")
-        token_ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+        token_ids = _token_ids(tokenizer, text)
         if len(token_ids) < 2:
             raise CorpusError(f"text {index} has {len(token_ids)} token(s); at least 2 are needed")
         documents.append(make_windows(token_ids, window=window, stride=stride))
@@ -157,13 +165,15 @@ def calibration_windows(
     """
     if n_sequences < 1 or seq_len < 2:
         raise CorpusError(f"calibration needs n_sequences ≥ 1 and seq_len ≥ 2, got {n_sequences} × {seq_len}")
-    token_ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    token_ids = _token_ids(tokenizer, text)
     n_available = len(token_ids) // seq_len
     if n_available < n_sequences:
         raise CorpusError(
             f"calibration text too short: {len(token_ids)} tokens hold {n_available} windows of {seq_len}, "
             f"{n_sequences} asked for"
         )
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randperm(n_available, generator=generator)[:n_sequences].sort().values * seq_len
     return torch.stack([token_ids[start : start + seq_len] for start in starts.tolist()])

@@ -21,8 +21,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from .atomic import atomic_path, atomic_write_text
 from .errors import HemorrhageError
 
@@ -196,6 +194,8 @@ def report_markdown(report: HemorrhageReport, plot_files: dict[str, str]) -> str
 
 
 def plot_kl_distribution(report: HemorrhageReport, path: Path) -> None:
+    import numpy as np
+
     plt = pyplot()
     kl = report.tokens.kl[report.tokens.finite]
     figure, axis = plt.subplots(figsize=(7, 4))
@@ -218,6 +218,8 @@ def plot_kl_distribution(report: HemorrhageReport, path: Path) -> None:
 
 
 def plot_layers(report: HemorrhageReport, path: Path) -> None:
+    import numpy as np
+
     plt = pyplot()
     layers = report.layers
     panels = [("cosine distance", layers.cosine_distance), ("relative L2", layers.relative_l2)]

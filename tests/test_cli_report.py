@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from hemorrhage_hf.cli import build_parser, main
+from hemorrhage_hf.commands.common import GATE_FAILED
 
 REQUIRED_KEYS = {
     "ppl_reference",
@@ -42,11 +43,15 @@ def test_report_writes_json_markdown_and_plots(tmp_path, smollm2, wikitext_text,
             "256",
             "--layers",
             "--quiet",
+            "--fail-above",
+            "kl_mean=0.01",
+            "--fail-below",
+            "top1_agreement=0.5",
             "--output",
             str(output),
         ]
     )
-    assert code == 0
+    assert code == GATE_FAILED  # int4 bleeds more than the gate allows; the report is still written
     report = json.loads((output / "report.json").read_text())
     assert REQUIRED_KEYS <= report.keys()
     assert report["n_tokens"] == 510 and len(report["layer_cosine_distance"]) == 30
@@ -55,8 +60,20 @@ def test_report_writes_json_markdown_and_plots(tmp_path, smollm2, wikitext_text,
     assert "| KL mean (nats) |" in markdown and "![KL distribution](kl_distribution.png)" in markdown
     for png in ("kl_distribution.png", "layer_drift.png"):
         assert (output / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "severity" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "severity" in printed.out
+    assert f"gate failed: kl_mean = {report['kl_mean']:.4g} > 0.01" in printed.err and "top1" not in printed.err
     assert not [p for p in output.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+@pytest.mark.parametrize(
+    ("gate", "message"),
+    [("kl_mean", "expected FIGURE=LIMIT"), ("kl_meen=0.1", "unknown figure 'kl_meen'"), ("kl_mean=low", "a number")],
+)
+def test_a_malformed_gate_is_refused_before_anything_loads(tmp_path, capsys, gate, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", "--reference", "default", "--modification", "int8", "--fail-above", gate, "--output", "o"])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_help_explains_every_report_option():

@@ -18,7 +18,6 @@ EPILOG = """examples:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "card",
-        help="write a report into a model card (Markdown section + model-index eval results)",
         description="Insert or update the 'Hemorrhage report' section of a model card between hemorrhage-hf "
         "markers, and merge the report's figures into the card's model-index. Everything else in the card is kept "
         "byte for byte, and running it twice changes nothing. A missing README is created from a template.",

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sys
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 from ..corpus import PYTHON_DOCS
-from ..models import DTYPES
+
+#: The names ``--dtype`` accepts (the keys of :data:`hemorrhage_hf.models.DTYPES`, spelled out here so that
+#: building the parser does not import torch).
+DTYPE_NAMES = ("bf16", "fp16", "fp32")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
-        choices=sorted(DTYPES),
+        choices=DTYPE_NAMES,
         default="fp32",
         help="dtype the models run in (log-probabilities are always computed in fp32). Default: fp32.",
     )
@@ -85,10 +92,10 @@ def text_from_arguments(args: argparse.Namespace) -> tuple[str, str]:
     return load_corpus(source), source
 
 
-def add_spec_command(subparsers, *, name: str, family: str, help: str, description: str, epilog: str) -> None:
+def add_spec_command(subparsers, *, name: str, family: str, description: str, epilog: str) -> None:
     """A ``NAME REF SPEC --output DIR`` command applying one spec of ``family`` (quantize, prune, expand)."""
     parser = subparsers.add_parser(
-        name, help=help, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+        name, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "reference", metavar="REF", help="'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf or a Hub id"
@@ -130,3 +137,73 @@ def _run_spec_command(args: argparse.Namespace) -> int:
     path = applier.apply_and_save(args.output, spec=args.spec, calibration=calibration, progress=not args.quiet)
     print(f"wrote {args.spec} of {args.reference} to {path}")
     return 0
+
+
+#: Exit status of a command whose figures fail a ``--fail-above``/``--fail-below`` gate (2 means bad input).
+GATE_FAILED = 1
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A CI gate on one figure: fail when it lies above (or below) a limit, or was not measured.
+
+    Example:
+        >>> gate = Gate("kl_mean", 0.1, above=True)
+        >>> gate.failure({"kl_mean": 0.45})
+        'kl_mean = 0.45 > 0.1'
+        >>> gate.failure({"kl_mean": 0.05}) is None
+        True
+    """
+
+    figure: str
+    limit: float
+    above: bool
+
+    def failure(self, figures: Mapping[str, object]) -> str | None:
+        """Why ``figures`` fail this gate, or None when they pass (a missing or non-finite figure fails)."""
+        value = figures.get(self.figure)
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            return f"{self.figure} was not measured (it is {value!r})"
+        if (value > self.limit) if self.above else (value < self.limit):
+            return f"{self.figure} = {value:.4g} {'>' if self.above else '<'} {self.limit:g}"
+        return None
+
+
+def gate_type(known: Collection[str], *, above: bool):
+    """An argparse ``type`` turning ``FIGURE=LIMIT`` into a :class:`Gate`, refusing figures not in ``known``."""
+
+    def parse(argument: str) -> Gate:
+        figure, equals, limit = argument.partition("=")
+        figure = figure.strip()
+        if not equals:
+            raise argparse.ArgumentTypeError(f"expected FIGURE=LIMIT, e.g. kl_mean=0.1, got {argument!r}")
+        if figure not in known:
+            raise argparse.ArgumentTypeError(f"unknown figure {figure!r}; use one of {', '.join(sorted(known))}")
+        try:
+            return Gate(figure, float(limit), above)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"the limit of {figure} must be a number, got {limit!r}") from None
+
+    return parse
+
+
+def add_gate_arguments(parser: argparse.ArgumentParser, known: Collection[str]) -> None:
+    """``--fail-above FIGURE=LIMIT`` / ``--fail-below FIGURE=LIMIT`` (repeatable), for CI."""
+    group = parser.add_argument_group(f"CI gates (exit status {GATE_FAILED} when one fails; outputs are still written)")
+    for above, example in ((True, "kl_mean=0.1 or ppl_ratio=1.05"), (False, "top1_agreement=0.9")):
+        group.add_argument(
+            "--fail-above" if above else "--fail-below",
+            action="append",
+            default=[],
+            type=gate_type(known, above=above),
+            metavar="FIGURE=LIMIT",
+            help=f"fail when FIGURE is {'above' if above else 'below'} LIMIT, e.g. {example} (repeatable)",
+        )
+
+
+def check_gates(gates: Sequence[Gate], figures: Mapping[str, object], *, subject: str = "") -> int:
+    """Print each failed gate to stderr; :data:`GATE_FAILED` if any failed, else 0."""
+    failures = [message for message in (gate.failure(figures) for gate in gates) if message]
+    for message in failures:
+        print(f"gate failed{' for ' + subject if subject else ''}: {message}", file=sys.stderr)
+    return GATE_FAILED if failures else 0

@@ -20,7 +20,6 @@ plain softmax. Each --decoding runs on the modified model when one is given, els
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "decode",
-        help="measure how decoding changes shift next-token distributions and generations",
         description="Over real contexts, compare each decoding's processed next-token distribution with the "
         "reference decoding's (total variation, Jensen–Shannon, KL, top-1 agreement), then generate from prompts "
         "taken from the text with both and compare the continuations (token agreement, first divergence). "

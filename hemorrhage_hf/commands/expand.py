@@ -16,7 +16,6 @@ def add_parser(subparsers) -> None:
         subparsers,
         name="expand",
         family="expansion",
-        help="insert decoder layers (duplicated, or identity-initialised) and save the checkpoint",
         description="Insert copies of decoder layers into a copy of REF and save it as safetensors with its "
         "tokenizer: expand-dup-K (depth up-scaling) or expand-identity-K (LLaMA-Pro: zeroed output projections, "
         "so the model is unchanged until trained). config.json records hemorrhage_layer_map, which the report "

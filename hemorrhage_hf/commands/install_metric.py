@@ -8,7 +8,6 @@ import argparse
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "install-metric",
-        help="install the `hemorrhage` evaluate metric into evaluate's module cache",
         description="Write the metric into evaluate's module cache (under $HF_MODULES_CACHE, by default "
         "~/.cache/huggingface/modules) so that evaluate.load('hemorrhage') works offline with the bare name. "
         "`make install` runs this.",

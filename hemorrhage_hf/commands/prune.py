@@ -20,7 +20,6 @@ def add_parser(subparsers) -> None:
         subparsers,
         name="prune",
         family="pruning",
-        help="prune a model with a spec and save the checkpoint",
         description="Prune a copy of REF with SPEC and save it as safetensors with its tokenizer. The sparsity "
         "reached per layer is recorded in config.json (hemorrhage_sparsity); structured pruning shrinks the "
         "shapes and the config, and layer removal records the layer map the report command uses.",

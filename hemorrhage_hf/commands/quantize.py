@@ -20,7 +20,6 @@ def add_parser(subparsers) -> None:
         subparsers,
         name="quantize",
         family="quantization",
-        help="quantize a model with a spec and save the checkpoint",
         description="Quantize a copy of REF with SPEC and save it as safetensors with its tokenizer. The "
         "checkpoint records the spec as its quantization_config: loading it with hemorrhage_hf imported restores "
         "run-time parts (activation quantizers); weight-only specs load with plain transformers too.",

@@ -6,18 +6,22 @@ import argparse
 from pathlib import Path
 
 from ..measurement import distributed
+from ..render import SUMMARY_ROWS
 from .calibrate import CALIBRATED, load_calibration, save_calibrated_report, side_by_side_table
 from .common import (
     add_device_map_argument,
+    add_gate_arguments,
     add_model_arguments,
     add_text_arguments,
+    check_gates,
     load_options,
     text_from_arguments,
 )
 
 EPILOG = """examples:
   hemorrhage-hf report --reference default --modification int4-g64 --output out/
-  hemorrhage-hf report --reference default --modified ./my-pruned-model --text-file wiki.valid.raw --layers --output out/
+  hemorrhage-hf report --reference default --modified ./pruned --text-file wiki.valid.raw --layers --output out/
+  hemorrhage-hf report --reference ./my-model --modified ./my-model-int4 --fail-above kl_mean=0.1 --output out/
 """
 
 
@@ -31,7 +35,6 @@ def layer_map_argument(value: str) -> list[int]:
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "report",
-        help="measure how much a modified model bled versus its reference",
         description="Run the reference and the modified model over identical token windows and report perplexity "
         "of both, KL divergence, top-1 agreement, Δp of the true token, optional per-layer drift and attention "
         "divergence, and a severity grade. Writes report.json, report.md and PNG plots into --output.",
@@ -86,6 +89,7 @@ def add_parser(subparsers) -> None:
         "calibrate`), from the same forward passes: its report goes to OUTPUT/calibrated/, and a side-by-side table "
         "to the console and OUTPUT/calibration_comparison.md",
     )
+    add_gate_arguments(parser, [key for key, _, _ in SUMMARY_ROWS])
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for report.json, report.md and plots")
@@ -127,4 +131,4 @@ def run(args: argparse.Namespace) -> int:
         written.update(save_calibrated_report(report, Path(args.output), plots=not args.no_plots))
         print("\n" + side_by_side_table(report))
     print("\nwrote " + ", ".join(str(path) for path in written.values()))
-    return 0
+    return check_gates([*args.fail_above, *args.fail_below], report.figures)

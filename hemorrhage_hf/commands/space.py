@@ -8,7 +8,6 @@ import argparse
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "space",
-        help="serve the Gradio app that shows a comparison (Compare, Threshold and Model card tabs)",
         description="Serve the hemorrhage Space on this machine. Visitors pick models from an allow-list "
         "(default: the embedded SmolLM2-135M-Instruct; the operator sets others with "
         "HEMORRHAGE_SPACE_MODELS='label=source,...'); a model path typed by a visitor is never loaded.",

@@ -22,7 +22,6 @@ Identity levels (0 % sparsity, 32/16 bits, temperature 1, ...) run the unmodifie
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "sweep",
-        help="measure a modification at several strengths and find its robustness threshold",
         description="Run the reference once into a reference cache (top-k log-probs per token), then measure the "
         "modification at each level against it, so K levels cost K + 1 forward passes. Writes sweep.json, "
         "sweep.csv and one PNG per figure with the threshold marked (a fitted breakpoint with its 95 % interval, "

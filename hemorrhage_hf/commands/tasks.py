@@ -20,7 +20,6 @@ tasks.json holds each task's answers; feed them to evaluate.load("hemorrhage", "
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "tasks",
-        help="compare two models' task accuracy and count flipped answers",
         description="Score both models on zero-shot tasks the way lm-evaluation-harness does and report accuracy "
         "of each with its standard error, the accuracy drop, and flips in both directions. Writes tasks.json.",
         epilog=EPILOG,
