@@ -135,9 +135,10 @@ class MeasureOptions:
         if self.sequential and (self.layers or self.attention):
             raise HemorrhageError("sequential mode keeps only a top-k cache of the reference: it cannot compare layers")
 
-    def engine_options(self) -> dict:
+    def engine_options(self, modified_label: str) -> dict:
         """The keyword arguments :func:`~hemorrhage_hf.measurement.engine.measure` takes."""
         return dict(
+            description=f"measuring {modified_label}",
             batch_size=self.batch_size,
             layers=self.layers or self.attention,
             attention=self.attention,
@@ -154,10 +155,12 @@ def _modify(
     calibration: CalibrationSettings | None,
     *,
     in_place: bool = False,
+    progress: bool = False,
 ) -> PreTrainedModel:
     spec = parse_spec(modification)
     calibration_ids = (calibration or CalibrationSettings()).windows(tokenizer) if spec.needs_calibration else None
-    return apply_modification(reference, modification, calibration=calibration_ids, in_place=in_place)
+    # With progress on, the modification shows its own labelled bar ("quantizing int4-g64"): seconds to minutes.
+    return apply_modification(reference, spec, calibration=calibration_ids, in_place=in_place, progress=progress)
 
 
 def _check_modified(
@@ -182,15 +185,17 @@ def resolve_pair(
     modified_tokenizer: PreTrainedTokenizerBase | None = None,
     load: LoadOptions | None = None,
     calibration: CalibrationSettings | None = None,
+    progress: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load or accept the two models; the modified one is ``modified`` or ``modification`` applied to a copy."""
+    """Load or accept the two models; the modified one is ``modified`` or ``modification`` applied to a copy (with
+    ``progress``, under a progress bar named after it)."""
     _check_sources(modified, modification)
     load = load or LoadOptions()
     reference, tokenizer = load.model(reference, tokenizer)
     if tokenizer is None:
         raise HemorrhageError("the reference model object has no name to load its tokenizer from: pass tokenizer=")
     if modification is not None:
-        return reference, _modify(reference, modification, tokenizer, calibration), tokenizer
+        return reference, _modify(reference, modification, tokenizer, calibration, progress=progress), tokenizer
     if not isinstance(modified, str) and modified_tokenizer is None and modified.name_or_path == reference.name_or_path:
         modified_tokenizer = tokenizer  # the same checkpoint's tokenizer: nothing to load or compare
     modified, modified_tokenizer = load.model(modified, modified_tokenizer)
@@ -255,11 +260,19 @@ def compare(
             reference, modified, modification, tokenizer, source, metadata, options, load, calibration
         )
     reference_model, modified_model, tokenizer = resolve_pair(
-        reference, modified, modification=modification, tokenizer=tokenizer, load=load, calibration=calibration
+        reference,
+        modified,
+        modification=modification,
+        tokenizer=tokenizer,
+        load=load,
+        calibration=calibration,
+        progress=options.progress,
     )
     windows = source.windows(tokenizer)
     metadata.update(corpus=source.describe(), n_windows=len(windows))
-    return measure(reference_model, modified_model, windows, metadata=metadata, **options.engine_options())
+    return measure(
+        reference_model, modified_model, windows, metadata=metadata, **options.engine_options(metadata["modified"])
+    )
 
 
 def _compare_sequential(
@@ -287,11 +300,13 @@ def _compare_sequential(
     )
     if modification is not None:
         # A reference this call loaded is nobody else's: modify it in place instead of holding a copy beside it.
-        modified_model = _modify(reference_model, modification, tokenizer, calibration, in_place=loaded_here)
+        modified_model = _modify(
+            reference_model, modification, tokenizer, calibration, in_place=loaded_here, progress=options.progress
+        )
         modified_tokenizer = tokenizer
     else:
         del reference_model
         gc.collect()
         modified_model, modified_tokenizer = load.model(modified)
     _check_modified(None, modified_model, tokenizer, modified_tokenizer)
-    return measure(cache, modified_model, windows, metadata=metadata, **options.engine_options())
+    return measure(cache, modified_model, windows, metadata=metadata, **options.engine_options(metadata["modified"]))

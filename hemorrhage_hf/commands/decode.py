@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_arguments, add_text_arguments, load_options, text_from_arguments
+from .common import (
+    add_calibration_arguments,
+    add_model_arguments,
+    add_modified_arguments,
+    add_reference_argument,
+    add_text_arguments,
+    calibration_settings,
+    load_options,
+    text_from_arguments,
+)
 
 EPILOG = """examples:
   hemorrhage-hf decode --reference default --decoding temperature=0.7 --decoding top_p=0.9 --output out/
@@ -23,38 +32,40 @@ def add_parser(subparsers) -> None:
         description="Over real contexts, compare each decoding's processed next-token distribution with the "
         "reference decoding's (total variation, Jensen–Shannon, KL, top-1 agreement), then generate from prompts "
         "taken from the text with both and compare the continuations (token agreement, first divergence). "
-        "Writes decoding.json. Unlike `report`, the defaults are --window 256 --max-tokens 2048.",
+        "Writes decoding.json.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--reference",
-        required=True,
-        metavar="REF",
-        help="'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf or a Hub id",
-    )
-    modified = parser.add_mutually_exclusive_group()
-    modified.add_argument("--modified", metavar="MOD", help="a modified model to decode with (default: the reference)")
-    modified.add_argument("--modification", metavar="SPEC", help="apply this spec to a copy of the reference")
+    add_reference_argument(parser)
+    add_modified_arguments(parser, required=False)
     parser.add_argument(
         "--decoding", action="append", required=True, metavar="SPEC", help="a decoding to compare (repeatable)"
     )
     parser.add_argument(
-        "--reference-decoding", default="none", metavar="SPEC", help="what the others are compared with (default: none)"
+        "--reference-decoding",
+        default="none",
+        metavar="SPEC",
+        help="what the others are compared with (default: %(default)s)",
     )
     parser.add_argument(
-        "--prompts", type=int, default=8, metavar="N", help="prompts for generation, taken from the text (default: 8)"
+        "--prompts",
+        type=int,
+        default=8,
+        metavar="N",
+        help="prompts for generation, taken from the text (default: %(default)s)",
     )
-    parser.add_argument("--prompt-tokens", type=int, default=32, metavar="T", help="tokens per prompt (default: 32)")
     parser.add_argument(
-        "--new-tokens", type=int, default=32, metavar="T", help="tokens generated per prompt (default: 32)"
+        "--prompt-tokens", type=int, default=32, metavar="T", help="tokens per prompt (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--new-tokens", type=int, default=32, metavar="T", help="tokens generated per prompt (default: %(default)s)"
     )
     parser.add_argument(
         "--greedy", action="store_true", help="generate greedily instead of sampling (seeded per prompt)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of prompt 0's sampling (prompt i uses seed + i)")
-    add_text_arguments(parser)
-    parser.set_defaults(max_tokens=2048, window=256)
+    add_text_arguments(parser, max_tokens=2048, window=256)
+    add_calibration_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for decoding.json")
@@ -78,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             args.modified,
             modification=args.modification,
             load=load_options(args),
+            calibration=calibration_settings(args),
         )
     else:
         (reference, tokenizer), modified = (

@@ -1,12 +1,12 @@
-"""``hemorrhage-hf expand REF SPEC --output DIR``: save a depth-expanded checkpoint with its layer map."""
+"""``hemorrhage-hf expand``: save a depth-expanded checkpoint with its layer map."""
 
 from __future__ import annotations
 
 from .common import add_spec_command
 
 EPILOG = """examples:
-  hemorrhage-hf expand default expand-identity-4 --output out/identity-4
-  hemorrhage-hf expand default expand-dup-4 --output out/dup-4
+  hemorrhage-hf expand --reference default --modification expand-identity-4 --output out/identity-4
+  hemorrhage-hf expand --reference default --modification expand-dup-4 --output out/dup-4
   hemorrhage-hf report --reference default --modified out/dup-4 --attention --output out/report
 """
 

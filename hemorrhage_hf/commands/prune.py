@@ -1,13 +1,14 @@
-"""``hemorrhage-hf prune REF SPEC --output DIR``: save a pruned checkpoint that plain transformers loads."""
+"""``hemorrhage-hf prune``: save a pruned checkpoint that plain transformers loads."""
 
 from __future__ import annotations
 
 from .common import add_spec_command
 
 EPILOG = """examples:
-  hemorrhage-hf prune default wanda-50 --output out/wanda-50
-  hemorrhage-hf prune default 2:4-gradient --calibration-sequences 32 --output out/2-4-gradient
-  hemorrhage-hf prune default heads-25 --output out/heads
+  hemorrhage-hf prune --reference default --modification wanda-50 --output out/wanda-50
+  hemorrhage-hf prune --reference default --modification 2:4-gradient --calibration-sequences 32 \\
+      --output out/2-4-gradient
+  hemorrhage-hf prune --reference default --modification heads-25 --output out/heads
   hemorrhage-hf report --reference default --modified out/wanda-50 --output out/report
 
 specs: {magnitude,wanda,gradient}-P (P % of every row), N:M-{magnitude,wanda,gradient} (keep N of every M),

@@ -1,13 +1,15 @@
-"""``hemorrhage-hf quantize REF SPEC --output DIR``: save a quantized checkpoint (RTN, W8A8, AWQ/SmoothQuant scaling)."""
+"""``hemorrhage-hf quantize``: save a quantized checkpoint (RTN, W8A8, AWQ/SmoothQuant scaling)."""
 
 from __future__ import annotations
 
 from .common import add_spec_command
 
 EPILOG = """examples:
-  hemorrhage-hf quantize default int4-g64 --output out/int4-g64
-  hemorrhage-hf quantize default awq-int3-g128 --calibration-sequences 128 --output out/awq-int3
-  hemorrhage-hf quantize ./my-model smooth-w8a8 --calibration-text corpus.txt --output out/w8a8
+  hemorrhage-hf quantize --reference default --modification int4-g64 --output out/int4-g64
+  hemorrhage-hf quantize --reference default --modification awq-int3-g128 --calibration-sequences 128 \\
+      --output out/awq-int3
+  hemorrhage-hf quantize --reference ./my-model --modification smooth-w8a8 --calibration-text corpus.txt \\
+      --output out/w8a8
   hemorrhage-hf report --reference default --modified out/awq-int3 --output out/report
 
 specs: intB[-gG][-asym] (B = 2..8, groups of G inputs), wBaA[-gG] (per-token activations),

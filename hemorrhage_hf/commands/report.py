@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..measurement import distributed
 from ..render import SUMMARY_ROWS
 from .calibrate import CALIBRATED, load_calibration, save_calibrated_report, side_by_side_table
 from .common import (
+    add_calibration_arguments,
     add_device_map_argument,
     add_gate_arguments,
     add_model_arguments,
+    add_modified_arguments,
+    add_reference_argument,
     add_text_arguments,
+    calibration_settings,
     check_gates,
     load_options,
     text_from_arguments,
 )
+
+#: Tokens measured unless --max-tokens says otherwise: 16 windows of 512, about a minute on 2 CPU cores for a
+#: 135 M-parameter model; the whole of a long text can take hours.
+DEFAULT_MAX_TOKENS = 8192
 
 EPILOG = """examples:
   hemorrhage-hf report --reference default --modification int4-g64 --output out/
@@ -41,20 +50,9 @@ def add_parser(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--reference",
-        required=True,
-        metavar="REF",
-        help="reference model: 'default' (embedded SmolLM2-135M-Instruct), a local folder, a .gguf file or a Hub id",
-    )
-    modified = parser.add_mutually_exclusive_group(required=True)
-    modified.add_argument("--modified", metavar="MOD", help="the modified model (same forms as --reference)")
-    modified.add_argument(
-        "--modification",
-        metavar="SPEC",
-        help="apply this modification to a copy of the reference, e.g. int8, int4-g64, int3-g128-asym",
-    )
-    add_text_arguments(parser)
+    add_reference_argument(parser)
+    add_modified_arguments(parser)
+    add_text_arguments(parser, max_tokens=DEFAULT_MAX_TOKENS)
     add_model_arguments(parser)
     add_device_map_argument(parser)
     parser.add_argument("--layers", action="store_true", help="also measure per-layer hidden-state drift")
@@ -80,7 +78,7 @@ def add_parser(subparsers) -> None:
         type=int,
         default=64,
         metavar="K",
-        help="reference tokens kept per position in --sequential mode (default: 64)",
+        help="reference tokens kept per position in --sequential mode (default: %(default)s)",
     )
     parser.add_argument(
         "--calibration",
@@ -89,11 +87,22 @@ def add_parser(subparsers) -> None:
         "calibrate`), from the same forward passes: its report goes to OUTPUT/calibrated/, and a side-by-side table "
         "to the console and OUTPUT/calibration_comparison.md",
     )
+    add_calibration_arguments(parser)
     add_gate_arguments(parser, [key for key, _, _ in SUMMARY_ROWS])
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for report.json, report.md and plots")
     parser.set_defaults(func=run)
+
+
+def measurement_plan(args: argparse.Namespace, corpus_label: str) -> str:
+    """One line saying what is about to run and how to make it bigger or smaller, before any model loads."""
+    amount = "all tokens" if args.max_tokens is None else f"the first {args.max_tokens} tokens"
+    modified = args.modified or f"{args.reference} + {args.modification}"
+    return (
+        f"measuring {amount} of {corpus_label} in windows of {args.window}: {args.reference} against {modified} "
+        "(--max-tokens N or all sets the amount)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     calibration = (
         load_calibration(args.calibration) if args.calibration else None
     )  # bad folders fail before models load
+    if not args.quiet:
+        print(measurement_plan(args, corpus_label), file=sys.stderr)
     report = compare(
         args.reference,
         args.modified,
@@ -112,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
             text=text, label=corpus_label, window=args.window, stride=args.stride, max_tokens=args.max_tokens
         ),
         load=load_options(args),
+        calibration=calibration_settings(args),
         options=MeasureOptions(
             batch_size=args.batch_size,
             layers=args.layers,

@@ -5,35 +5,53 @@ from __future__ import annotations
 import argparse
 
 from ..measurement import distributed
-from .common import add_model_arguments, add_text_arguments, text_from_arguments
+from .common import (
+    add_calibration_arguments,
+    add_model_arguments,
+    add_reference_argument,
+    add_text_arguments,
+    calibration_settings,
+    text_from_arguments,
+)
 
 EPILOG = """examples:
-  hemorrhage-hf sweep default --family bits --levels 32,8,6,5,4,3,2 --text-file wiki.valid.raw --output out/bits
-  hemorrhage-hf sweep default --family sparsity:wanda --levels 0,10,20,30,40,50,60,70,80,90 --output out/wanda
-  hemorrhage-hf sweep default --family "int{}-g128-asym" --levels 8,6,4,3 --task arc-easy=ARC-Easy/test.jsonl --output out/asym
-  hemorrhage-hf sweep default --family top_p --levels 1,0.95,0.9,0.8,0.5 --output out/top-p
+  hemorrhage-hf sweep --reference default --family bits --levels 32,8,6,5,4,3,2 --text-file wiki.valid.raw \\
+      --output out/bits
+  hemorrhage-hf sweep --reference default --family sparsity:wanda --levels 0,10,20,30,40,50,60,70,80,90 \\
+      --output out/wanda
+  hemorrhage-hf sweep --reference default --family "int{{}}-g128-asym" --levels 8,6,4,3 \\
+      --task arc-easy=ARC-Easy/test.jsonl --output out/asym
+  hemorrhage-hf sweep --reference default --family top_p --levels 1,0.95,0.9,0.8,0.5 --output out/top-p
 
-families: bits, sparsity:{wanda,magnitude,gradient}, nm:wanda (levels like 3:4,2:4,1:4), heads, channels, layers,
-  expand:{dup,identity}, temperature, top_p, top_k, typical_p, repetition_penalty, or any spec template with {}.
-Identity levels (0 % sparsity, 32/16 bits, temperature 1, ...) run the unmodified model.
+thresholds: each curve gets a fitted breakpoint (power-law growth, then exponential collapse; the fit needs at least
+  5 levels with measurable damage, else it says why) and the level where its damage first crosses a tolerance.
+  Default tolerances (damage): {tolerances}.
+
+families (name, spec template, default levels; an identity level runs the unmodified model), or any spec template
+with {{}} (e.g. "int{{}}-g128-asym"; a template with "={{}}" is a decoding family):
+{families}
 """
 
 
 def add_parser(subparsers) -> None:
+    from ..sweep.families import DECODING_CURVES, MODEL_CURVES, describe_families
+
+    tolerances = (
+        ", ".join(f"{curve.key} {curve.tolerance:g}" for curve in (*MODEL_CURVES, *DECODING_CURVES[:2]))
+        + ",\n  TASK accuracy drop 0.02 (ppl_ratio's damage is ratio − 1, top1_agreement's 1 − agreement)"
+    )
+    families = "\n".join("  " + line for line in describe_families().splitlines())
     parser = subparsers.add_parser(
         "sweep",
         description="Run the reference once into a reference cache (top-k log-probs per token), then measure the "
         "modification at each level against it, so K levels cost K + 1 forward passes. Writes sweep.json, "
         "sweep.csv and one PNG per figure with the threshold marked (a fitted breakpoint with its 95 % interval, "
-        "and the crossing of a tolerance). Rerunning into the same --output resumes an interrupted sweep. "
-        "Unlike `report`, the defaults are --window 256 --max-tokens 4096: a sweep runs K + 1 passes.",
-        epilog=EPILOG,
+        "and the crossing of a tolerance). Rerunning into the same --output resumes an interrupted sweep.",
+        epilog=EPILOG.format(tolerances=tolerances, families=families),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "reference", metavar="REF", help="'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf or a Hub id"
-    )
-    parser.add_argument("--family", required=True, metavar="F", help="what to sweep (see below)")
+    add_reference_argument(parser)
+    parser.add_argument("--family", required=True, metavar="F", help="what to sweep (families are listed below)")
     parser.add_argument(
         "--levels", metavar="L1,L2,...", help="levels from the weakest to the strongest (default: the family's)"
     )
@@ -45,7 +63,11 @@ def add_parser(subparsers) -> None:
         help="for a custom template: a level that means 'unmodified' (repeatable)",
     )
     parser.add_argument(
-        "--k", type=int, default=64, help="top tokens the reference cache keeps per position (default: 64)"
+        "--top-k",
+        type=int,
+        default=64,
+        metavar="K",
+        help="top tokens the reference cache keeps per position (default: %(default)s)",
     )
     parser.add_argument(
         "--cache-dir",
@@ -67,18 +89,10 @@ def add_parser(subparsers) -> None:
         default=[],
         metavar="FIGURE=VALUE",
         help="damage tolerated before the tolerance rule fires, e.g. kl_mean=0.05, ppl_ratio=0.2 "
-        "(ratio − 1), top1_agreement=0.05 (1 − agreement), TASK_accuracy_modified=0.02 (drop)",
+        "(ratio − 1), top1_agreement=0.05 (1 − agreement), TASK_accuracy_modified=0.02 (drop); defaults below",
     )
-    calibration = parser.add_argument_group("calibration (for levels whose spec looks at activations, e.g. wanda)")
-    calibration.add_argument(
-        "--calibration-text",
-        default=None,
-        metavar="F",
-        help="UTF-8 text file to calibrate on (default: the prose of Python's own docs)",
-    )
-    calibration.add_argument("--calibration-sequences", type=int, default=16, metavar="N", help="default: 16")
-    add_text_arguments(parser)
-    parser.set_defaults(max_tokens=4096, window=256)
+    add_calibration_arguments(parser)
+    add_text_arguments(parser, max_tokens=4096, window=256)
     add_model_arguments(parser)
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG curves")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -100,9 +114,8 @@ def parse_tolerances(arguments: list[str]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..corpus import PYTHON_DOCS, tokenize_corpus
+    from ..corpus import tokenize_corpus
     from ..models import load_model
-    from ..modify.calibration import CalibrationSettings
     from ..render import sweep_table
     from ..sweep.runner import SweepOptions, resolve_family, run_sweep
     from ..tasks.scoring import parse_task_argument
@@ -121,9 +134,9 @@ def run(args: argparse.Namespace) -> int:
         family,
         levels,
         tasks=tasks,
-        calibration=CalibrationSettings(args.calibration_text or PYTHON_DOCS, args.calibration_sequences),
+        calibration=calibration_settings(args),
         options=SweepOptions(
-            top_k=args.k,
+            top_k=args.top_k,
             batch_size=args.batch_size,
             cache_root=args.cache_dir,
             tolerances=tolerances,

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_arguments, load_options
+from .common import (
+    add_calibration_arguments,
+    add_model_arguments,
+    add_modified_arguments,
+    add_reference_argument,
+    calibration_settings,
+    load_options,
+)
 
 EPILOG = """examples:
   hemorrhage-hf tasks --reference default --modification int4-g64 --task arc-easy=data/arc/ARC-Easy --limit 200 --output out/
@@ -25,15 +32,8 @@ def add_parser(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--reference",
-        required=True,
-        metavar="REF",
-        help="'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf or a Hub id",
-    )
-    modified = parser.add_mutually_exclusive_group(required=True)
-    modified.add_argument("--modified", metavar="MOD", help="the modified model (same forms as --reference)")
-    modified.add_argument("--modification", metavar="SPEC", help="apply this spec to a copy of the reference")
+    add_reference_argument(parser)
+    add_modified_arguments(parser)
     parser.add_argument(
         "--task",
         action="append",
@@ -43,8 +43,9 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task")
     parser.add_argument(
-        "--batch-size", type=int, default=16, metavar="B", help="sequences per forward pass (default: 16)"
+        "--batch-size", type=int, default=16, metavar="B", help="sequences per forward pass (default: %(default)s)"
     )
+    add_calibration_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for tasks.json")
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         args.modified,
         modification=args.modification,
         load=load_options(args),
+        calibration=calibration_settings(args),
     )
     results = {}
     for task in tasks:

@@ -285,6 +285,7 @@ def measure(
     progress: bool = True,
     metadata: dict | None = None,
     modified_variants: Mapping[str, LogitTransform] | None = None,
+    description: str = "measuring",
 ) -> HemorrhageReport:
     """Measure how much ``modified`` bled relative to ``reference`` on ``windows``.
 
@@ -317,7 +318,7 @@ def measure(
     # Under `accelerate launch` each process measures its own contiguous shard; the shards are merged below.
     shard = distributed.local_windows(windows, batch_size)
     show_progress = progress and distributed.is_main_process()
-    with attention_context, tqdm(total=len(shard), desc="measuring", unit="window", disable=not show_progress) as bar:
+    with attention_context, tqdm(total=len(shard), desc=description, unit="window", disable=not show_progress) as bar:
         for batch in batch_windows(shard, batch_size):
             want_hidden = layer_accumulator is not None
             modified_outputs = model_outputs(modified, batch.input_ids, layers=want_hidden, attention=attention)

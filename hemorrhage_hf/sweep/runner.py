@@ -3,7 +3,8 @@
 A *family* turns a level into a modification spec (``bits``: ``4`` → ``int4-g64``; ``sparsity:wanda``: ``50`` →
 ``wanda-50``; any template with ``{}``, e.g. ``"int{}-g128"``). Identity levels (sparsity 0, 32 bits, temperature 1)
 are the unmodified model, so a sweep's first level shows zero hemorrhage exactly. Model families read the
-reference side from a :class:`~hemorrhage_hf.measurement.refcache.ReferenceCache` (one reference pass, then one pass per level);
+reference side from a :class:`~hemorrhage_hf.measurement.refcache.ReferenceCache` (one reference pass, then one pass
+per level);
 decoding families (``temperature``, ``top_p``, ``top_k``, ``typical_p``, ``repetition_penalty``) process the same
 logits for every level in one pass (:func:`hemorrhage_hf.measurement.decoding.decoding_divergence`).
 
@@ -14,12 +15,14 @@ first curve that has one, in that order (the paper reads its thresholds on perpl
 JS, agreement), else the first curve's tolerance crossing.
 
 Each level records its figures and its wall time (``seconds``; a decoding sweep's one shared pass is split evenly
-over its levels). Levels are listed from the weakest to the strongest modification. Strength is the level's number, negated when
-the levels decrease (bits), on a log scale for ``top_k``; ``n:m`` levels count as the sparsity 100·(1 − n/m).
+over its levels). Levels are listed from the weakest to the strongest modification. Strength is the level's number,
+negated when the levels decrease (bits), on a log scale for ``top_k``; ``n:m`` levels count as the sparsity 100·(1 − n/m).
 
 Output (``save``): ``sweep.json`` (everything), ``sweep.csv`` (one row per level), ``sweep_<figure>.png`` (one
 curve per figure, threshold and tolerance marked). ``sweep.json`` is rewritten after every level, and a rerun into
 the same folder with the same model, windows and settings skips the levels already measured.
+
+Families and curves live in :mod:`hemorrhage_hf.sweep.families` (no torch: the CLI's help lists them).
 
 Example:
     >>> from hemorrhage_hf.sweep.runner import resolve_family
@@ -36,7 +39,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,71 +55,21 @@ from ..measurement.refcache import DEFAULT_TOP_K, ReferenceCache, model_fingerpr
 from ..modify import apply_modification, parse_spec
 from ..modify.calibration import CalibrationSettings
 from ..tasks.scoring import Task, TaskAnswers, answer_task, task_hemorrhage
+from .families import (
+    DECODING_CURVES,
+    FAMILIES,
+    MODEL_CURVES,
+    Curve,
+    SweepFamily,
+    level_value,
+    resolve_family,
+    task_curve,
+)
 from .threshold import fit_breakpoint, tolerance_crossing
 
+__all__ = ["FAMILIES", "SweepFamily", "SweepOptions", "SweepResult", "level_value", "resolve_family", "run_sweep"]
+
 SWEEP_FILE = "sweep.json"
-
-
-@dataclass(frozen=True)
-class SweepFamily:
-    """How a level becomes a modification spec (``template.format(level)``), and which levels change nothing."""
-
-    name: str
-    template: str
-    identity_levels: tuple[str, ...] = ()
-    default_levels: tuple[str, ...] = ()
-    kind: str = "model"  # "model": a modified model; "decoding": a Decoding spec on the reference's logits
-    log_strength: bool = False
-
-    def spec(self, level: str) -> str | None:
-        """The spec of ``level``; None for an identity level (the unmodified model)."""
-        return None if level in self.identity_levels else self.template.format(level)
-
-
-def _percent_family(name: str, template: str, levels: Sequence[int]) -> SweepFamily:
-    return SweepFamily(name, template, ("0",), tuple(str(level) for level in levels))
-
-
-_SPARSITY = range(0, 100, 10)
-FAMILIES: dict[str, SweepFamily] = {
-    family.name: family
-    for family in (
-        SweepFamily("bits", "int{}-g64", ("32", "16"), ("32", "8", "6", "5", "4", "3", "2")),
-        SweepFamily("kv", "kv{}", ("32", "16"), ("32", "8", "6", "5", "4", "3", "2")),
-        _percent_family("sparsity:wanda", "wanda-{}", _SPARSITY),
-        _percent_family("sparsity:magnitude", "magnitude-{}", _SPARSITY),
-        _percent_family("sparsity:gradient", "gradient-{}", _SPARSITY),
-        SweepFamily("nm:wanda", "{}-wanda", (), ("3:4", "2:4", "1:4")),
-        _percent_family("heads", "heads-{}", (0, 33, 67)),  # SmolLM2 drops 1 or 2 of 3 query heads per KV group
-        _percent_family("channels", "channels-{}", (0, 10, 25, 40, 50, 75)),
-        _percent_family("layers", "layers-{}", (0, 1, 2, 4, 6, 8, 12)),
-        _percent_family("expand:dup", "expand-dup-{}", (0, 1, 2, 4, 8)),
-        _percent_family("expand:identity", "expand-identity-{}", (0, 1, 2, 4, 8)),
-        SweepFamily("temperature", "temperature={}", ("1",), ("1", "1.2", "1.5", "2", "3"), "decoding"),
-        SweepFamily("top_p", "top_p={}", ("1",), ("1", "0.95", "0.9", "0.8", "0.6", "0.4"), "decoding"),
-        SweepFamily("top_k", "top_k={}", ("0",), ("0", "1000", "200", "50", "10", "2"), "decoding", log_strength=True),
-        SweepFamily("typical_p", "typical_p={}", ("1",), ("1", "0.95", "0.9", "0.8", "0.5", "0.2"), "decoding"),
-        SweepFamily("repetition_penalty", "repetition_penalty={}", ("1",), ("1", "1.1", "1.2", "1.5", "2"), "decoding"),
-    )
-}
-
-
-def resolve_family(name: str, *, identity_levels: Sequence[str] = ()) -> SweepFamily:
-    """A named family, or a custom template with ``{}`` (a ``name={}`` template is a decoding family)."""
-    if name in FAMILIES:
-        return FAMILIES[name]
-    if "{}" in name:
-        return SweepFamily(name, name, tuple(identity_levels), kind="decoding" if "={}" in name else "model")
-    raise SpecError(f"unknown sweep family {name!r}: use one of {', '.join(FAMILIES)} or a spec template with {{}}")
-
-
-def level_value(level: str) -> float:
-    """The number a level stands for (``"n:m"`` → the sparsity 100·(1 − n/m))."""
-    n, colon, m = level.partition(":")
-    try:
-        return 100 * (1 - int(n) / int(m)) if colon else float(level)
-    except (ValueError, ZeroDivisionError) as error:
-        raise SpecError(f"sweep level {level!r} is not a number or an n:m pattern") from error
 
 
 @dataclass(frozen=True)
@@ -146,43 +99,6 @@ class StrengthScale:
         return math.exp(value) if self.log else value
 
 
-@dataclass(frozen=True)
-class Curve:
-    """One figure drawn against the level, and how to read damage (≥ 0, growing with hemorrhage) from it."""
-
-    key: str
-    label: str
-    damage: Callable[[dict], float]
-    tolerance: float
-    log_scale: bool
-    #: the figure value a damage of ``d`` corresponds to, for drawing the tolerance line
-    value_at_damage: Callable[[dict, float], float] = lambda figures, damage: damage
-
-
-MODEL_CURVES = (
-    Curve("ppl_ratio", "PPL ratio", lambda f: f["ppl_ratio"] - 1, 0.1, True, lambda f, d: 1 + d),
-    Curve("kl_mean", "KL mean (nats)", lambda f: f["kl_mean"], 0.1, True),
-    Curve("top1_agreement", "top-1 agreement", lambda f: 1 - f["top1_agreement"], 0.1, False, lambda f, d: 1 - d),
-)
-DECODING_CURVES = (
-    Curve("tv_mean", "total variation", lambda f: f["tv_mean"], 0.1, True),
-    Curve("js_mean", "Jensen–Shannon divergence (nats)", lambda f: f["js_mean"], 0.02, True),
-    Curve("top1_agreement", "top-1 agreement", lambda f: 1 - f["top1_agreement"], 0.1, False, lambda f, d: 1 - d),
-)
-
-
-def task_curve(task: str) -> Curve:
-    """Task accuracy of the modified model; damage is the drop from the reference's accuracy."""
-    return Curve(
-        f"{task}_accuracy_modified",
-        f"{task} accuracy",
-        lambda f: f[f"{task}_accuracy_drop"],
-        0.02,
-        False,
-        lambda f, d: f[f"{task}_accuracy_reference"] - d,
-    )
-
-
 def _flat_task_figures(figures: dict) -> dict:
     """``{task}_{figure}`` scalars of one task comparison (answers stay out of the per-level figures)."""
     return {f"{figures['task']}_{key}": value for key, value in figures.items() if key not in ("task", "answers")}
@@ -203,7 +119,8 @@ class SweepResult:
         return StrengthScale.infer(self.family, [entry["level"] for entry in self.levels])
 
     def thresholds(self) -> dict[str, dict]:
-        """Both rules of :mod:`hemorrhage_hf.sweep.threshold` per curve, in level units, with the figures either side."""
+        """Both rules of :mod:`hemorrhage_hf.sweep.threshold` per curve, in level units, with the figures either
+        side."""
         measured = [entry for entry in self.levels if entry["spec"] is not None]
         strengths = [entry["strength"] for entry in measured]
         results = {}
@@ -489,8 +406,14 @@ def run_sweep(
             level_started = time.perf_counter()
             if spec is not None and calibration_ids is None and parse_spec(spec).needs_calibration:
                 calibration_ids = (calibration or CalibrationSettings()).windows(tokenizer)
-            modified = reference if spec is None else apply_modification(reference, spec, calibration=calibration_ids)
-            figures = dict(measure(cache, modified, windows, batch_size=batch_size, progress=progress).figures)
+            modified = (
+                reference
+                if spec is None
+                else apply_modification(reference, spec, calibration=calibration_ids, progress=progress)
+            )
+            label = f"level {level} ({spec or 'unmodified'})"
+            report = measure(cache, modified, windows, batch_size=batch_size, progress=progress, description=label)
+            figures = dict(report.figures)
             answers = {}
             for task, task_reference in zip(tasks, reference_answers):
                 task_figures = task_hemorrhage(

@@ -287,6 +287,7 @@ def score_continuations(
     *,
     batch_size: int = 16,
     progress: bool = False,
+    description: str = "scoring",
 ) -> list[ContinuationScore]:
     """Log-likelihood (fp32 log-softmax) and greedy match of each (context, continuation), batched by length."""
     encoded = []
@@ -298,7 +299,7 @@ def score_continuations(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
     scores: list[ContinuationScore | None] = [None] * len(encoded)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in tqdm(range(0, len(order), batch_size), desc="scoring", unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(order), batch_size), desc=description, unit="batch", disable=not progress):
         chunk = order[start : start + batch_size]
         length = max(len(encoded[i][0]) for i in chunk)
         input_ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
@@ -355,10 +356,16 @@ def answer_task(
     *,
     batch_size: int = 16,
     progress: bool = False,
+    role: str = "model",
 ) -> TaskAnswers:
-    """The model's answer to every item of ``task`` (see the module docstring for the rules)."""
+    """The model's answer to every item of ``task`` (see the module docstring for the rules); ``role`` names the
+    model on the progress bar."""
     pairs = [(item.context, choice) for item in task.items for choice in item.choices]
-    scores = iter(score_continuations(model, tokenizer, pairs, batch_size=batch_size, progress=progress))
+    scores = iter(
+        score_continuations(
+            model, tokenizer, pairs, batch_size=batch_size, progress=progress, description=f"{task.name}: {role}"
+        )
+    )
     answers, plain = [], []
     for item in task.items:
         item_scores = [next(scores) for _ in item.choices]
@@ -398,8 +405,8 @@ def task_hemorrhage(
 ) -> dict:
     """:func:`compare_task_answers` of two models on ``task`` (``reference`` may be answers computed earlier)."""
     if not isinstance(reference, TaskAnswers):
-        reference = answer_task(reference, tokenizer, task, batch_size=batch_size, progress=progress)
-    modified_answers = answer_task(modified, tokenizer, task, batch_size=batch_size, progress=progress)
+        reference = answer_task(reference, tokenizer, task, batch_size=batch_size, progress=progress, role="reference")
+    modified_answers = answer_task(modified, tokenizer, task, batch_size=batch_size, progress=progress, role="modified")
     figures = compare_task_answers(reference, modified_answers)
     figures["answers"] = {"reference": reference.answers, "modified": modified_answers.answers, "gold": reference.gold}
     return figures

@@ -100,6 +100,7 @@ def test_two_processes_sweep_like_one(tmp_path, wikitext_text):
     text_file.write_text(wikitext_text[:20_000], encoding="utf-8")
     arguments = [
         "sweep",
+        "--reference",
         "default",
         "--family",
         "bits",

@@ -171,6 +171,7 @@ def test_sweep_command(tmp_path, capsys):
     code = main(
         [
             "sweep",
+            "--reference",
             "default",
             "--family",
             "bits",
