@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from .measurement.report import HemorrhageReport
     from .sweep.runner import Curve, SweepResult
 
-# (key, label, format) of the rows every rendering shows; errors come from "<key>_error" when present.
+# (key, label, format) of the rows every rendering shows; errors come from "<key>_error" (i.i.d.) and
+# "<key>_error_block" (batch means) when present.
 SUMMARY_ROWS = (
     ("ppl_reference", "PPL reference", "{:.3f}"),
     ("ppl_modified", "PPL modified", "{:.3f}"),
@@ -97,9 +98,12 @@ def _format(figures: dict, key: str, template: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—" if value is None else str(value)
     text = template.format(value)
-    error = figures.get(f"{key}_error")
+    error_template = template.replace("+", "")
+    error, block_error = figures.get(f"{key}_error"), figures.get(f"{key}_error_block")
     if error is not None and math.isfinite(error) and error > 0:
-        text += " ± " + (template.replace("+", "").format(error))
+        text += " ± " + error_template.format(error)
+        if block_error is not None and math.isfinite(block_error):
+            text += f" (block ± {error_template.format(block_error)})"
     return text
 
 
@@ -159,6 +163,13 @@ def report_markdown(report: HemorrhageReport, plot_files: dict[str, str]) -> str
     ]
     lines += [f"| {label} | {value} |" for label, value in summary_rows(report)]
     lines += ["", delta_p_reading(report.figures)]
+    if report.figures.get("error_block_tokens"):
+        lines += [
+            "",
+            "± is the standard error sd/√(n−1) that llama.cpp prints, which treats tokens as independent; "
+            f'"block ±" is the batch-means standard error over blocks of {report.figures["error_block_tokens"]} '
+            "consecutive tokens, which allows for their correlation: use it to compare.",
+        ]
     if meta.get("reference_cache"):
         cache = meta["reference_cache"]
         lines += [
@@ -425,7 +436,7 @@ def decoding_table(distributions: Sequence[Mapping], generations: Sequence[Mappi
             distribution["decoding"],
             f"{distribution['tv_mean']:.4f}",
             f"{distribution['js_mean']:.4f}",
-            f"{distribution['kl_mean']:.4f}",
+            f"{distribution['kl_mean']:.4f} ± {distribution['kl_mean_error_block']:.4f}",
             f"{distribution['kl_infinite_fraction']:.1%}",
             f"{distribution['top1_agreement']:.1%}",
             f"{generation['token_agreement']:.1%}",
@@ -433,5 +444,5 @@ def decoding_table(distributions: Sequence[Mapping], generations: Sequence[Mappi
         ]
         for distribution, generation in zip(distributions, generations)
     ]
-    header = ["decoding", "TV", "JS", "KL", "KL=inf", "top-1", "tokens same", "1st diff"]
+    header = ["decoding", "TV", "JS", "KL ± block SE", "KL=inf", "top-1", "tokens same", "1st diff"]
     return text_table(header, rows, align_left=1)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -56,6 +55,7 @@ from ..atomic import atomic_path, atomic_write_text
 from ..corpus import Window, make_windows, tokenize_corpus, tokenize_documents
 from ..errors import CorpusError, HemorrhageError, TokenizerMismatchError
 from ..measurement.engine import batch_windows
+from ..measurement.statistics import block_standard_error
 from .network import (
     DEFAULT_EPOCHS,
     DEFAULT_NETWORK_RANK,
@@ -119,7 +119,7 @@ class FitSummary:
     validation_tokens: int
     kl_before: float
     kl_after: float
-    kl_difference_error: float  # standard error of the mean per-token (after − before)
+    kl_difference_error: float  # batch-means standard error of the mean per-token (after − before)
     sampled_tokens: int = 0  # of fit_tokens, the reference's own text (``fit(sampled_tokens=...)``)
     metadata: dict = field(default_factory=dict)
     network: dict | None = None  # the state network's own held-out check (NetworkFit.to_dict), and whether it was kept
@@ -355,7 +355,7 @@ class DecodingCalibration(LogitsProcessor):
             validation_tokens=len(validation_data),
             kl_before=before.double().mean().item(),
             kl_after=after.double().mean().item(),
-            kl_difference_error=(difference.std() / math.sqrt(len(difference) - 1)).item(),
+            kl_difference_error=block_standard_error(difference.numpy()),
             metadata=dict(metadata or {}),
             network=network_summary,
             notes=notes,
@@ -549,7 +549,7 @@ def _keep_if_helping(
     _, alone = kl_before_after(validation, network_only)
     _, together = kl_before_after(validation, parameters)
     difference = (together - alone).double()
-    error = (difference.std() / math.sqrt(len(difference) - 1)).item()
+    error = block_standard_error(difference.numpy())
     if not difference.any() or -difference.mean().item() > 2 * error:  # all zero: equal models, nothing to choose
         return parameters, None
     return network_only, (

@@ -45,6 +45,7 @@ from ..errors import SpecError
 from .divergence import js_divergence, kl_divergence, log_probs
 from .engine import batch_windows, model_outputs
 from .report import mean_and_error
+from .statistics import block_standard_error, iid_standard_error
 
 
 @dataclass(frozen=True)
@@ -148,11 +149,15 @@ def summarize_distribution_statistics(parts: dict[str, list[torch.Tensor]]) -> d
     figures: dict[str, float] = {"n_tokens": int(len(arrays["tv"]))}
     for name in ("tv", "js"):
         figures[f"{name}_mean"], figures[f"{name}_mean_error"] = mean_and_error(arrays[name])
+        figures[f"{name}_mean_error_block"] = block_standard_error(arrays[name])
     figures["kl_infinite_fraction"] = float(1 - finite_kl.mean())
     figures["kl_mean"], figures["kl_mean_error"] = (
         mean_and_error(arrays["kl"][finite_kl]) if finite_kl.any() else (float("inf"), float("nan"))
     )
+    figures["kl_mean_error_block"] = block_standard_error(arrays["kl"][finite_kl])
     figures["top1_agreement"] = float(arrays["same_top1"].mean())
+    figures["top1_agreement_error"] = iid_standard_error(arrays["same_top1"])
+    figures["top1_agreement_error_block"] = block_standard_error(arrays["same_top1"])
     return figures
 
 

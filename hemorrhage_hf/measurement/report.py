@@ -1,8 +1,11 @@
 """The hemorrhage report: summary figures with uncertainties, a severity grade, and its JSON/Markdown forms.
 
 Figures follow the definitions of llama.cpp's ``perplexity --kl-divergence`` so numbers compare with it: every
-mean carries a standard error sd/√(n−1); the PPL ratio's error comes from the per-token difference of the two
-NLLs (error propagation with their covariance); top-1 agreement's is binomial.
+mean carries a standard error sd/√(n−1) (``<figure>_error``); the PPL ratio's error comes from the per-token
+difference of the two NLLs (error propagation with their covariance); top-1 agreement's is binomial. Those assume
+independent tokens, which neighbouring tokens are not, so every mean also carries a batch-means standard error
+(``<figure>_error_block``, over blocks of ``error_block_tokens`` consecutive tokens; see
+:mod:`~hemorrhage_hf.measurement.statistics`). Comparisons and decisions use the block error.
 
 Severity grades, from mean KL(P_ref ‖ P_mod) in nats, calibrated on llama.cpp's published KLD of LLaMA-3-8B
 quantizations (q8_0 0.0014, q4_K_M 0.031, q2_K 0.445) and on SmolLM2-135M's own (Q8_0 0.0043, Q4_K_M 0.058,
@@ -36,6 +39,7 @@ import numpy as np
 
 from ..atomic import json_safe
 from ..errors import HemorrhageError
+from .statistics import block_standard_error, default_block_size, iid_standard_error
 
 SEVERITY_KL_BANDS = (("none", 0.01), ("mild", 0.1), ("moderate", 0.5))
 COLLAPSE_PPL_RATIO = 10.0
@@ -104,9 +108,7 @@ def mean_and_error(values: np.ndarray) -> tuple[float, float]:
         (2.0, 0.5773502691896257)
     """
     values = values.astype(np.float64)
-    if len(values) < 2:
-        return float(values.mean()), float("nan")
-    return float(values.mean()), float(values.std() / math.sqrt(len(values) - 1))
+    return float(values.mean()), iid_standard_error(values)
 
 
 def summarize(tokens: TokenArrays) -> dict[str, float | int]:
@@ -163,6 +165,18 @@ def summarize(tokens: TokenArrays) -> dict[str, float | int]:
         "delta_p_median": float(np.median(delta_p)),
         "delta_p_p99": float(np.percentile(delta_p, 99)),
     }
+    figures.update(
+        {
+            "error_block_tokens": default_block_size(n),
+            "ppl_reference_error_block": math.exp(reference_mean) * block_standard_error(reference_nll),
+            "ppl_modified_error_block": math.exp(modified_mean) * block_standard_error(modified_nll),
+            "ppl_ratio_error_block": ppl_ratio * block_standard_error(modified_nll - reference_nll),
+            "ln_ppl_ratio_error_block": block_standard_error(modified_nll - reference_nll),
+            "kl_mean_error_block": block_standard_error(kl),
+            "top1_agreement_error_block": block_standard_error(tokens.same_top1[finite]),
+            "delta_p_mean_error_block": block_standard_error(delta_p),
+        }
+    )
     for percent in KL_PERCENTILES:
         figures[f"kl_percentile_{percent:g}"] = float(np.percentile(kl, percent))
     figures["severity"] = severity_grade(

@@ -99,6 +99,12 @@ class StrengthScale:
         return math.exp(value) if self.log else value
 
 
+def figure_error(figures: dict, key: str) -> float | None:
+    """The standard error of figure ``key`` that decisions use: the batch-means one where there is one."""
+    block = figures.get(f"{key}_error_block")
+    return block if block is not None else figures.get(f"{key}_error")
+
+
 def _flat_task_figures(figures: dict) -> dict:
     """``{task}_{figure}`` scalars of one task comparison (answers stay out of the per-level figures)."""
     return {f"{figures['task']}_{key}": value for key, value in figures.items() if key not in ("task", "answers")}
@@ -187,9 +193,13 @@ class SweepResult:
         }
 
     def curve_points(self, curve: Curve) -> list[tuple[float, float | None, float | None]]:
-        """(level value, figure, its error) of every modified level, for plotting ``curve``."""
+        """(level value, figure, its error) of every modified level, for plotting ``curve``.
+
+        The error is the batch-means one (``<figure>_error_block``) where the figure is a mean over correlated tokens,
+        else ``<figure>_error`` (task accuracies: their items are independent).
+        """
         return [
-            (level_value(entry["level"]), entry["figures"].get(curve.key), entry["figures"].get(f"{curve.key}_error"))
+            (level_value(entry["level"]), entry["figures"].get(curve.key), figure_error(entry["figures"], curve.key))
             for entry in self.levels
             if entry["spec"] is not None
         ]

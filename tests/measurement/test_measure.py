@@ -14,6 +14,9 @@ from hemorrhage_hf.errors import ModelLoadError, ModificationError, SpecError, T
 from hemorrhage_hf.measurement.engine import measure
 from hemorrhage_hf.models import assert_same_tokenizer, load_model
 from hemorrhage_hf.modify import apply_modification
+from hemorrhage_hf.render import SUMMARY_ROWS, summary_rows
+
+LABELS = {key: label for key, label, _ in SUMMARY_ROWS}
 
 
 @pytest.fixture(scope="module")
@@ -42,24 +45,42 @@ def test_model_against_itself_bleeds_nothing(smollm2, wiki_windows):
     assert max(report.layers.cosine_distance) < 1e-6 and max(report.layers.relative_l2) == 0.0
 
 
-def test_reference_perplexity_matches_the_transformers_perplexity_recipe(smollm2, wiki_windows):
+def test_reference_perplexity_and_its_errors_match_the_transformers_loss(smollm2, wiki_windows):
     """HF's perplexity recipe (transformers' guide; evaluate's `perplexity` module computes the same masked
     cross-entropy, but is a Hub script unreachable offline): the model's own loss with labels masked to -100
-    outside the scored tokens, weighted by the number of scored tokens."""
+    outside the scored tokens, weighted by the number of scored tokens. Its per-token losses give the standard
+    errors by their definitions: llama.cpp's sd/√(n−1), and batch means over blocks of ⌊√n⌋ tokens."""
     model, _ = smollm2
     windows = wiki_windows[:3]
-    nll_sum, n_scored = 0.0, 0
+    token_losses = []
     with torch.no_grad():
         for window in windows:
             labels = window.input_ids.clone()
             labels[: window.first_scored] = -100
+            logits = model(window.input_ids[None]).logits[0, :-1].float()
+            token_losses.append(
+                torch.nn.functional.cross_entropy(logits, labels[1:], reduction="none")[labels[1:] >= 0]
+            )
             loss = model(window.input_ids[None], labels=labels[None]).loss
-            nll_sum += loss.item() * window.n_scored
-            n_scored += window.n_scored
-    expected = np.exp(nll_sum / n_scored)
+            assert loss.item() == pytest.approx(token_losses[-1].double().mean().item(), rel=1e-6)
+    nll = torch.cat(token_losses).double().numpy()
+    n = len(nll)
     report = measure(model, model, windows, progress=False)
-    assert report.figures["n_tokens"] == n_scored
-    assert report.figures["ppl_reference"] == pytest.approx(expected, rel=0.005)
+    figures = report.figures
+    assert figures["n_tokens"] == n
+    # Same fp32 logits, same log-softmax: equal up to float summation order, not 0.5 %.
+    assert figures["ppl_reference"] == pytest.approx(np.exp(nll.mean()), rel=1e-6)
+    population_sd = np.sqrt(np.mean((nll - nll.mean()) ** 2))
+    assert figures["ppl_reference_error"] == pytest.approx(
+        np.exp(nll.mean()) * population_sd / np.sqrt(n - 1), rel=1e-5
+    )
+    size = int(np.sqrt(n))
+    block_means = [nll[start : start + size].mean() for start in range(0, size * (n // size), size)]
+    long_run_variance = size * np.var(block_means, ddof=1)
+    assert figures["error_block_tokens"] == size
+    assert figures["ppl_reference_error_block"] == pytest.approx(
+        np.exp(nll.mean()) * np.sqrt(long_run_variance / n), rel=1e-5
+    )
 
 
 def test_fewer_bits_bleed_more(quantized_reports):
@@ -70,8 +91,25 @@ def test_fewer_bits_bleed_more(quantized_reports):
     assert ppl_ratio["int8"] < ppl_ratio["int4-g64"] < ppl_ratio["int3-g64"]
     agreement = {spec: report.figures["top1_agreement"] for spec, report in quantized_reports.items()}
     assert agreement["int8"] > agreement["int4-g64"] > agreement["int3-g64"]
-    # The standard error is small next to the gaps it separates.
-    assert quantized_reports["int4-g64"].figures["kl_mean_error"] < 0.1 * kl["int4-g64"]
+    # The standard error is small next to the gaps it separates, the block one included.
+    assert quantized_reports["int4-g64"].figures["kl_mean_error_block"] < 0.1 * kl["int4-g64"]
+
+
+def test_block_errors_see_the_correlation_of_neighbouring_tokens(quantized_reports):
+    """Per-token KL and NLL differences of a quantized model are positively autocorrelated (lag-1 ≈ 0.1-0.2 on
+    WikiText-2), so the batch-means errors exceed the i.i.d. ones; top-1 agreement's i.i.d. error is binomial."""
+    report = quantized_reports["int4-g64"]
+    figures, tokens = report.figures, report.tokens
+    kl = tokens.kl.astype(np.float64)
+    centred = kl - kl.mean()
+    lag1 = float(np.dot(centred[1:], centred[:-1]) / np.dot(centred, centred))
+    assert lag1 > 0.05
+    for key in ("kl_mean", "ln_ppl_ratio", "ppl_ratio"):
+        assert figures[f"{key}_error_block"] > 1.05 * figures[f"{key}_error"], key
+    agreement = figures["top1_agreement"]
+    assert figures["top1_agreement_error"] == pytest.approx(np.sqrt(agreement * (1 - agreement) / (len(kl) - 1)))
+    for key in ("kl_mean", "delta_p_mean", "top1_agreement", "ppl_ratio"):
+        assert "block ±" in dict(summary_rows(report))[LABELS[key]], key
 
 
 def test_int4_drift_grows_with_depth(quantized_reports):
