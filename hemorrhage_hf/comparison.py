@@ -18,16 +18,26 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .corpus import PYTHON_DOCS, Window, load_corpus, tokenize_corpus, tokenize_documents
-from .errors import CorpusError, HemorrhageError, TokenizerMismatchError
-from .measurement.engine import measure
+from .corpus import (
+    LLAMACPP_SCORING,
+    PYTHON_DOCS,
+    SLIDING_SCORING,
+    Window,
+    added_bos_id,
+    load_corpus,
+    tokenize_corpus,
+    tokenize_documents,
+)
+from .errors import CorpusError, HemorrhageError, ModificationError, TokenizerMismatchError
+from .llamacpp.engine import ENGINE_NAME, ENGINES, TORCH_ENGINE, LlamaCppModel, is_gguf, load_llamacpp_model
+from .measurement.engine import LogitsModel, is_logits_model, measure
 from .measurement.refcache import DEFAULT_TOP_K, ReferenceCache
 from .measurement.report import HemorrhageReport
 from .models import DEFAULT_MODEL, DEFAULT_MODEL_LABEL, assert_same_tokenizer, load_model, load_tokenizer
 from .modify import apply_modification, parse_spec
 from .modify.calibration import CalibrationSettings
 
-ModelLike = str | PreTrainedModel
+ModelLike = str | PreTrainedModel | LogitsModel
 
 
 def _label(model: ModelLike) -> str:
@@ -41,7 +51,8 @@ class TextSource:
     """What to measure on, and how to cut it into windows.
 
     The text is ``texts`` (independent documents, each windowed alone), else ``text`` (named ``label`` in the
-    report), else the ``corpus`` (``"python-docs"`` or a file path), cut to ``max_tokens``.
+    report), else the ``corpus`` (``"python-docs"`` or a file path), cut to ``max_tokens``. ``scoring="llama.cpp"``
+    cuts and scores it as llama.cpp's ``perplexity`` does (:func:`~hemorrhage_hf.corpus.llamacpp_chunks`).
 
     Example:
         >>> TextSource(text="One sentence. Another one.", window=8).describe()
@@ -55,10 +66,13 @@ class TextSource:
     window: int = 512
     stride: int | None = None
     max_tokens: int | None = None
+    scoring: str = SLIDING_SCORING
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 2:
             raise CorpusError(f"max_tokens must be at least 2, got {self.max_tokens}")
+        if self.texts is not None and self.scoring != SLIDING_SCORING:
+            raise CorpusError("llama.cpp scoring cuts one long text into chunks; give one text, not several")
 
     def describe(self) -> str:
         """The label the report gives this text."""
@@ -66,18 +80,45 @@ class TextSource:
             return f"{len(self.texts)} texts"
         return self.label or ("text argument" if self.text is not None else self.corpus)
 
+    def resolved_texts(self) -> list[str]:
+        """The texts the windows are cut from (the corpus read from disk where that is the source)."""
+        if self.texts is not None:
+            return list(self.texts)
+        return [self.text if self.text is not None else load_corpus(self.corpus)]
+
     def windows(self, tokenizer: PreTrainedTokenizerBase) -> list[Window]:
         """The token windows to measure on."""
         if self.texts is not None:
             documents = tokenize_documents(tokenizer, list(self.texts), window=self.window, stride=self.stride)
             return [w for document in documents for w in document]
-        text = self.text if self.text is not None else load_corpus(self.corpus)
-        return tokenize_corpus(tokenizer, text, window=self.window, stride=self.stride, max_tokens=self.max_tokens)
+        (text,) = self.resolved_texts()
+        return tokenize_corpus(
+            tokenizer, text, window=self.window, stride=self.stride, max_tokens=self.max_tokens, scoring=self.scoring
+        )
+
+    def scoring_metadata(self, tokenizer: PreTrainedTokenizerBase) -> dict:
+        """How the windows were scored, in words a report can print."""
+        if self.scoring == LLAMACPP_SCORING:
+            bos = added_bos_id(tokenizer)
+            return {
+                "scoring": LLAMACPP_SCORING,
+                "scoring_description": f"llama.cpp perplexity: chunks of {self.window} tokens, "
+                + (f"BOS ({bos}) first" if bos is not None else "no BOS (the tokenizer adds none)")
+                + f", the last {self.window - 1 - self.window // 2} predictions of each chunk scored",
+            }
+        return {
+            "scoring": SLIDING_SCORING,
+            "scoring_description": "sliding windows: every token after the first scored once, no BOS added",
+        }
 
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How models named by a string load (dtype, device map, remote code), so both sides load alike.
+    """How models named by a string load (dtype, device map, remote code, engine), so both sides load alike.
+
+    With ``engine="llama.cpp"`` every ``.gguf`` file runs in llama.cpp
+    (:class:`~hemorrhage_hf.llamacpp.engine.LlamaCppModel`: its own quantized kernels, logits only); other models
+    run in torch.
 
     Example:
         >>> LoadOptions(dtype="bf16").dtype
@@ -87,11 +128,27 @@ class LoadOptions:
     dtype: str | torch.dtype = "fp32"
     device_map: str | None = None
     trust_remote_code: bool = False
+    engine: str = TORCH_ENGINE
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise HemorrhageError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+
+    def runs_in_llamacpp(self, model: ModelLike | None) -> bool:
+        return self.engine == ENGINE_NAME and is_gguf(model)
+
+    def check_engine(self, *models: ModelLike | None) -> None:
+        """The llama.cpp engine runs ``.gguf`` files: refuse it where neither model is one (before loading)."""
+        if self.engine == ENGINE_NAME and not any(self.runs_in_llamacpp(m) or is_logits_model(m) for m in models):
+            raise HemorrhageError("--engine llama.cpp runs .gguf files; neither model is one")
 
     def model(
         self, model: ModelLike, tokenizer: PreTrainedTokenizerBase | None = None
-    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    ) -> tuple[PreTrainedModel | LogitsModel, PreTrainedTokenizerBase | None]:
         """(model, its tokenizer); for a model object, the given tokenizer, else one loaded from its name if it has one."""
+        if self.runs_in_llamacpp(model):
+            loaded, own_tokenizer = load_llamacpp_model(model)
+            return loaded, tokenizer or own_tokenizer
         if isinstance(model, str):
             return load_model(
                 model, dtype=self.dtype, device_map=self.device_map, trust_remote_code=self.trust_remote_code
@@ -157,6 +214,11 @@ def _modify(
     in_place: bool = False,
     progress: bool = False,
 ) -> PreTrainedModel:
+    if is_logits_model(reference):
+        raise ModificationError(
+            f"a modification applies to a torch model, and {reference.name_or_path} runs in {reference.engine}: "
+            "export the modified model to GGUF (hemorrhage-hf export-gguf) and pass it as the modified model"
+        )
     spec = parse_spec(modification)
     calibration_ids = (calibration or CalibrationSettings()).windows(tokenizer) if spec.needs_calibration else None
     # With progress on, the modification shows its own labelled bar ("quantizing int4-g64"): seconds to minutes.
@@ -186,11 +248,16 @@ def resolve_pair(
     load: LoadOptions | None = None,
     calibration: CalibrationSettings | None = None,
     progress: bool = False,
-) -> tuple[PreTrainedModel, PreTrainedModel, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel | LogitsModel, PreTrainedModel | LogitsModel, PreTrainedTokenizerBase]:
     """Load or accept the two models; the modified one is ``modified`` or ``modification`` applied to a copy (with
-    ``progress``, under a progress bar named after it)."""
+    ``progress``, under a progress bar named after it).
+
+    With ``load.engine == "llama.cpp"`` a ``.gguf`` model runs in llama.cpp (see :class:`LoadOptions`); call
+    :func:`check_engine_tokenization` on the text before measuring.
+    """
     _check_sources(modified, modification)
     load = load or LoadOptions()
+    load.check_engine(reference, modified)
     reference, tokenizer = load.model(reference, tokenizer)
     if tokenizer is None:
         raise HemorrhageError("the reference model object has no name to load its tokenizer from: pass tokenizer=")
@@ -210,14 +277,33 @@ def _check_sources(modified: ModelLike | None, modification: str | None) -> None
         parse_spec(modification)  # reject a bad spec before spending seconds loading a model
 
 
-def _check_vocabulary(role: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+def _check_vocabulary(role: str, model: PreTrainedModel | LogitsModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Token ids past a model's embedding table would crash deep inside the forward pass; refuse them here."""
-    n_embeddings = model.get_input_embeddings().num_embeddings
+    n_embeddings = model.n_vocab if is_logits_model(model) else model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_embeddings:
         raise TokenizerMismatchError(
             f"the tokenizer has {len(tokenizer)} tokens but the {role} model embeds only {n_embeddings}: "
             "they do not belong together"
         )
+
+
+def check_engine_tokenization(
+    tokenizer: PreTrainedTokenizerBase, source: TextSource, *models: PreTrainedModel | LogitsModel
+) -> None:
+    """Every llama.cpp model must cut the source's text into exactly the tokenizer's ids (else a clear error)."""
+    engines = [model for model in models if isinstance(model, LlamaCppModel)]
+    for text in source.resolved_texts() if engines else ():
+        for model in engines:
+            model.check_tokenizer(tokenizer, text)
+
+
+def _run_metadata(source: TextSource, windows: Sequence[Window], tokenizer: PreTrainedTokenizerBase, **models) -> dict:
+    """Corpus, window count, scoring convention and, per llama.cpp model (by role), which file and build ran it."""
+    metadata = {"corpus": source.describe(), "n_windows": len(windows), **source.scoring_metadata(tokenizer)}
+    for role, model in models.items():
+        if isinstance(model, LlamaCppModel):
+            metadata[f"{role}_engine"] = model.describe()
+    return metadata
 
 
 def compare(
@@ -235,7 +321,9 @@ def compare(
 
     ``source`` defaults to the prose of Python's docs in windows of 512 tokens, ``load`` to fp32 on the CPU,
     ``options`` to logits-level figures of both models held together; ``calibration`` names the tokens a
-    modification that looks at activations (Wanda, AWQ) calibrates on.
+    modification that looks at activations (Wanda, AWQ) calibrates on. With ``load.engine == "llama.cpp"`` every
+    ``.gguf`` model runs in llama.cpp (logits only: no ``options.layers``); the report's metadata names the engine
+    and the scoring.
 
     Example:
         >>> from hemorrhage_hf import compare
@@ -246,6 +334,10 @@ def compare(
     """
     source, load, options = source or TextSource(), load or LoadOptions(), options or MeasureOptions()
     _check_sources(modified, modification)
+    if load.engine == ENGINE_NAME and (options.layers or options.attention):
+        raise HemorrhageError(
+            "--layers and --attention are unavailable with the llama.cpp engine: it yields logits, not hidden states"
+        )
     metadata = {
         "reference": _label(reference),
         "modified": f"{_label(reference)} + {modification}" if modification else _label(modified),
@@ -254,6 +346,7 @@ def compare(
         "stride": source.stride or source.window,
         "max_tokens": source.max_tokens,
         "dtype": str(load.dtype),
+        "engine": load.engine,
     }
     if options.sequential:
         return _compare_sequential(
@@ -269,7 +362,8 @@ def compare(
         progress=options.progress,
     )
     windows = source.windows(tokenizer)
-    metadata.update(corpus=source.describe(), n_windows=len(windows))
+    check_engine_tokenization(tokenizer, source, reference_model, modified_model)
+    metadata.update(_run_metadata(source, windows, tokenizer, reference=reference_model, modified=modified_model))
     return measure(
         reference_model, modified_model, windows, metadata=metadata, **options.engine_options(metadata["modified"])
     )
@@ -287,9 +381,11 @@ def _compare_sequential(
     calibration: CalibrationSettings | None,
 ) -> HemorrhageReport:
     loaded_here = isinstance(reference, str)
+    load.check_engine(reference, modified)
     reference_model, tokenizer = load.model(reference, tokenizer)
     windows = source.windows(tokenizer)
-    metadata.update(corpus=source.describe(), n_windows=len(windows), sequential=True)
+    check_engine_tokenization(tokenizer, source, reference_model)
+    metadata.update(_run_metadata(source, windows, tokenizer, reference=reference_model), sequential=True)
     cache = ReferenceCache.build(
         reference_model,
         windows,
@@ -309,4 +405,6 @@ def _compare_sequential(
         gc.collect()
         modified_model, modified_tokenizer = load.model(modified)
     _check_modified(None, modified_model, tokenizer, modified_tokenizer)
+    check_engine_tokenization(tokenizer, source, modified_model)
+    metadata.update(_run_metadata(source, windows, tokenizer, modified=modified_model))
     return measure(cache, modified_model, windows, metadata=metadata, **options.engine_options(metadata["modified"]))

@@ -6,6 +6,10 @@ start every ``stride`` tokens, where each window scores only the tokens no earli
 once. With ``stride == window`` (non-overlapping windows, the fastest) the first token of each later window has no
 context inside its window and is not scored either; ``n_tokens`` in a report always counts exactly what was scored.
 
+``scoring="llama.cpp"`` cuts the text the way llama.cpp's ``perplexity`` does instead (:func:`llamacpp_chunks`):
+non-overlapping chunks of ``window`` tokens, each opened by BOS when the tokenizer adds one, and only the second
+half of each chunk scored, so figures sit beside ``llama-perplexity`` output.
+
 Example:
     >>> import torch
     >>> from hemorrhage_hf.corpus import make_windows
@@ -30,6 +34,9 @@ if TYPE_CHECKING:  # torch loads where windows are made, so the CLI can name PYT
     from transformers import PreTrainedTokenizerBase
 
 PYTHON_DOCS = "python-docs"
+#: how windows are cut and which of their tokens are scored (see the module docstring)
+SLIDING_SCORING, LLAMACPP_SCORING = "sliding", "llama.cpp"
+SCORINGS = (SLIDING_SCORING, LLAMACPP_SCORING)
 _RULE_LINE = re.compile(r"^\s*([*=\-~^\"'`#+])\1{2,}\s*$")
 
 
@@ -114,6 +121,44 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
 
 
+def llamacpp_chunks(token_ids: torch.Tensor, *, window: int, bos_id: int | None) -> list[Window]:
+    """Chunks as llama.cpp's ``perplexity`` cuts them: the text (after a BOS where the tokenizer adds one) in
+    ``len // window`` non-overlapping chunks; each chunk's first token replaced by BOS (where there is one); the
+    logits of positions ``window // 2 .. window - 2`` scored, i.e. ``window - 1 - window // 2`` tokens per chunk.
+    A tail shorter than a chunk is dropped, as llama.cpp drops it.
+
+    Example:
+        >>> import torch
+        >>> chunks = llamacpp_chunks(torch.arange(10, 19), window=4, bos_id=1)
+        >>> [c.input_ids.tolist() for c in chunks], [c.first_scored for c in chunks]
+        ([[1, 10, 11, 12], [1, 14, 15, 16]], [3, 3])
+    """
+    import torch
+
+    if window < 4:
+        raise CorpusError(f"llama.cpp scoring needs a window of at least 4 tokens, got {window}")
+    stream = token_ids if bos_id is None else torch.cat([torch.tensor([bos_id], dtype=token_ids.dtype), token_ids])
+    n_chunks = len(stream) // window
+    if n_chunks == 0:
+        raise CorpusError(f"the text has {len(stream)} tokens, fewer than one llama.cpp chunk of {window}")
+    chunks = []
+    for index in range(n_chunks):
+        chunk = stream[index * window : (index + 1) * window].clone()
+        if bos_id is not None:
+            chunk[0] = bos_id
+        # llama.cpp scores logits from position window // 2 on: they predict tokens window // 2 + 1 ...
+        chunks.append(Window(chunk, first_scored=window // 2 + 1))
+    return chunks
+
+
+def added_bos_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS id the tokenizer puts before a text when asked for special tokens, else None (SmolLM2 adds none)."""
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    special = tokenizer("a", add_special_tokens=True).input_ids
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and special[:1] == [bos] and plain[:1] != [bos] else None
+
+
 def tokenize_corpus(
     tokenizer: PreTrainedTokenizerBase,
     text: str,
@@ -121,11 +166,15 @@ def tokenize_corpus(
     window: int,
     stride: int | None = None,
     max_tokens: int | None = None,
+    scoring: str = SLIDING_SCORING,
 ) -> list[Window]:
-    """Tokenize one long text (no special tokens added) and cut it into windows.
+    """Tokenize one long text (no special tokens added) and cut it into windows (``scoring``: see the module
+    docstring; llama.cpp scoring ignores ``stride``).
 
     A text shorter than one window is an error: the figures would not be measured at the context length asked for.
     """
+    if scoring not in SCORINGS:
+        raise CorpusError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
     if not text.strip():
         raise CorpusError("the text is empty or only whitespace")
     token_ids = _token_ids(tokenizer, text)
@@ -136,6 +185,8 @@ def tokenize_corpus(
             f"the text has {len(token_ids)} tokens{' (after --max-tokens)' if max_tokens else ''}, shorter than one "
             f"window of {window}; pass a smaller window or a longer text"
         )
+    if scoring == LLAMACPP_SCORING:
+        return llamacpp_chunks(token_ids, window=window, bos_id=added_bos_id(tokenizer))
     return make_windows(token_ids, window=window, stride=stride)
 
 

@@ -147,6 +147,15 @@ def delta_p_reading(figures: dict) -> str:
     return "Δp is roughly symmetric around 0: the modification mostly adds noise."
 
 
+def engine_description(meta: dict) -> str:
+    """Which engine ran each side: torch, or llama.cpp's own kernels on a GGUF file."""
+    sides = []
+    for role in ("reference", "modified"):
+        engine = meta.get(f"{role}_engine")
+        sides.append(f"{role}: llama.cpp ({engine['description']})" if engine else f"{role}: torch")
+    return "; ".join(sides)
+
+
 def report_markdown(report: HemorrhageReport, plot_files: dict[str, str]) -> str:
     meta = report.metadata
     lines = [
@@ -156,6 +165,8 @@ def report_markdown(report: HemorrhageReport, plot_files: dict[str, str]) -> str
         f"- **Modified:** {meta.get('modified', '?')}",
         f"- **Corpus:** {meta.get('corpus', '?')} ({report.figures.get('n_tokens')} scored tokens, "
         f"window {meta.get('window', '?')}, stride {meta.get('stride', '?')})",
+        f"- **Scoring:** {meta.get('scoring_description', 'sliding windows')}",
+        f"- **Engine:** {engine_description(meta)}",
         f"- **Severity:** **{report.severity}**",
         "",
         "| figure | value |",

@@ -93,6 +93,27 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_engine_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine",
+        choices=("torch", "llama.cpp"),
+        default="torch",
+        help="what runs a .gguf model: torch (transformers dequantizes it to fp32) or llama.cpp (its own quantized "
+        "kernels through llama-cpp-python; logits only, so no --layers/--attention). Default: torch",
+    )
+
+
+def add_scoring_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--scoring",
+        choices=("sliding", "llama.cpp"),
+        default="sliding",
+        help="sliding: every token after the first scored once, no BOS added (default); llama.cpp: as llama.cpp's "
+        "perplexity does it — chunks of --window, BOS first where the tokenizer adds one, only the second half of "
+        "each chunk scored (--stride is ignored)",
+    )
+
+
 def add_device_map_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device-map",
@@ -147,6 +168,7 @@ def load_options(args: argparse.Namespace):
         dtype=args.dtype,
         device_map=getattr(args, "device_map", None),
         trust_remote_code=args.trust_remote_code,
+        engine=getattr(args, "engine", "torch"),
     )
 
 

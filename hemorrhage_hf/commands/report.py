@@ -12,10 +12,12 @@ from .calibrate import CALIBRATED, load_calibration, save_calibrated_report, sid
 from .common import (
     add_calibration_arguments,
     add_device_map_argument,
+    add_engine_argument,
     add_gate_arguments,
     add_model_arguments,
     add_modified_arguments,
     add_reference_argument,
+    add_scoring_argument,
     add_text_arguments,
     calibration_settings,
     check_gates,
@@ -30,6 +32,8 @@ DEFAULT_MAX_TOKENS = 8192
 EPILOG = """examples:
   hemorrhage-hf report --reference default --modification int4-g64 --output out/
   hemorrhage-hf report --reference default --modified ./pruned --text-file wiki.valid.raw --layers --output out/
+  hemorrhage-hf report --reference gguf/model-f32.gguf --modified gguf/model-Q4_K_M.gguf --engine llama.cpp \
+      --scoring llama.cpp --text-file wiki.test.raw --output out/
   hemorrhage-hf report --reference ./my-model --modified ./my-model-int4 --fail-above kl_mean=0.1 --output out/
 """
 
@@ -53,7 +57,9 @@ def add_parser(subparsers) -> None:
     add_reference_argument(parser)
     add_modified_arguments(parser)
     add_text_arguments(parser, max_tokens=DEFAULT_MAX_TOKENS)
+    add_scoring_argument(parser)
     add_model_arguments(parser)
+    add_engine_argument(parser)
     add_device_map_argument(parser)
     parser.add_argument("--layers", action="store_true", help="also measure per-layer hidden-state drift")
     parser.add_argument(
@@ -120,7 +126,12 @@ def run(args: argparse.Namespace) -> int:
         args.modified,
         modification=args.modification,
         source=TextSource(
-            text=text, label=corpus_label, window=args.window, stride=args.stride, max_tokens=args.max_tokens
+            text=text,
+            label=corpus_label,
+            window=args.window,
+            stride=args.stride,
+            max_tokens=args.max_tokens,
+            scoring=args.scoring,
         ),
         load=load_options(args),
         calibration=calibration_settings(args),

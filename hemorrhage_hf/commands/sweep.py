@@ -7,8 +7,10 @@ import argparse
 from ..measurement import distributed
 from .common import (
     add_calibration_arguments,
+    add_engine_argument,
     add_model_arguments,
     add_reference_argument,
+    add_scoring_argument,
     add_text_arguments,
     calibration_settings,
     text_from_arguments,
@@ -22,6 +24,11 @@ EPILOG = """examples:
   hemorrhage-hf sweep --reference default --family "int{{}}-g128-asym" --levels 8,6,4,3 \\
       --task arc-easy=ARC-Easy/test.jsonl --output out/asym
   hemorrhage-hf sweep --reference default --family top_p --levels 1,0.95,0.9,0.8,0.5 --output out/top-p
+  hemorrhage-hf sweep --reference default --family gguf --levels f32,Q8_0,Q4_K_M,Q4_0,Q2_K --engine llama.cpp \
+      --scoring llama.cpp --window 512 --output out/gguf
+
+gguf: the reference converted by llama.cpp to OUTPUT/gguf/<name>-f32.gguf and quantized by llama-quantize to each
+  level's type; with --engine llama.cpp every level runs in llama.cpp, with torch transformers dequantizes each file.
 
 thresholds: each curve gets a fitted breakpoint (power-law growth, then exponential collapse; the fit needs at least
   5 levels with measurable damage, else it says why) and the level where its damage first crosses a tolerance.
@@ -93,7 +100,9 @@ def add_parser(subparsers) -> None:
     )
     add_calibration_arguments(parser)
     add_text_arguments(parser, max_tokens=4096, window=256)
+    add_scoring_argument(parser)
     add_model_arguments(parser)
+    add_engine_argument(parser)
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG curves")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for sweep.json, sweep.csv and PNGs")
@@ -115,6 +124,7 @@ def parse_tolerances(arguments: list[str]) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     from ..corpus import tokenize_corpus
+    from ..errors import HemorrhageError
     from ..models import load_model
     from ..render import sweep_table
     from ..sweep.runner import SweepOptions, resolve_family, run_sweep
@@ -125,8 +135,16 @@ def run(args: argparse.Namespace) -> int:
     tolerances = parse_tolerances(args.tolerance)
     tasks = [parse_task_argument(argument, limit=args.task_limit) for argument in args.task]
     text, corpus_label = text_from_arguments(args)
-    reference, tokenizer = load_model(args.reference, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    windows = tokenize_corpus(tokenizer, text, window=args.window, stride=args.stride, max_tokens=args.max_tokens)
+    gguf_levels = None
+    if family.kind == "gguf":
+        reference, tokenizer, gguf_levels = _gguf_reference(args, text)
+    elif args.engine != "torch":
+        raise HemorrhageError("--engine llama.cpp runs GGUF files: sweep the gguf family with it")
+    else:
+        reference, tokenizer = load_model(args.reference, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    windows = tokenize_corpus(
+        tokenizer, text, window=args.window, stride=args.stride, max_tokens=args.max_tokens, scoring=args.scoring
+    )
     result = run_sweep(
         reference,
         tokenizer,
@@ -152,10 +170,33 @@ def run(args: argparse.Namespace) -> int:
             "max_tokens": args.max_tokens,
             "n_windows": len(windows),
             "dtype": args.dtype,
+            "engine": args.engine,
+            "scoring": args.scoring,
         },
+        gguf_levels=gguf_levels,
     )
     if not distributed.is_main_process():
         return 0  # every process holds the merged sweep; the first one reports it
     print(sweep_table(result))
     print(f"\nwrote {args.output}/sweep.json, sweep.csv" + ("" if args.no_plots else " and sweep_*.png"))
     return 0
+
+
+def _gguf_reference(args: argparse.Namespace, text: str):
+    """(reference, tokenizer, levels) of a gguf sweep: REF converted once to OUTPUT/gguf/<name>-f32.gguf."""
+    from pathlib import Path
+
+    from ..llamacpp.engine import ENGINE_NAME, LlamaCppModel
+    from ..llamacpp.export import GgufLevels, convert, reference_checkpoint
+    from ..models import load_model, load_tokenizer
+
+    checkpoint = reference_checkpoint(args.reference)
+    folder = Path(args.output) / "gguf"
+    folder.mkdir(parents=True, exist_ok=True)
+    base = convert(checkpoint, folder / f"{checkpoint.name}-f32.gguf")
+    if args.engine == ENGINE_NAME:
+        reference, tokenizer = LlamaCppModel(base), load_tokenizer(str(checkpoint))
+        reference.check_tokenizer(tokenizer, text)
+    else:
+        reference, tokenizer = load_model(str(checkpoint), dtype=args.dtype)
+    return reference, tokenizer, GgufLevels(base, folder, engine=args.engine)

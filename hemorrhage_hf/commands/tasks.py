@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .common import (
     add_calibration_arguments,
+    add_engine_argument,
     add_model_arguments,
     add_modified_arguments,
     add_reference_argument,
@@ -47,6 +48,7 @@ def add_parser(subparsers) -> None:
     )
     add_calibration_arguments(parser)
     add_model_arguments(parser)
+    add_engine_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for tasks.json")
     parser.set_defaults(func=run)

@@ -228,10 +228,58 @@ class TokenAccumulator:
         )
 
 
-def model_outputs(model: PreTrainedModel, input_ids: torch.Tensor, *, layers: bool = False, attention: bool = False):
+class LogitsModel(Protocol):
+    """A model run outside torch (e.g. :class:`hemorrhage_hf.llamacpp.engine.LlamaCppModel`): it yields only
+    logits, which measurement reduces exactly as it reduces a torch model's."""
+
+    engine: str
+    name_or_path: str
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits ``[B, T, V]`` of every position."""
+
+    def fingerprint(self) -> str:
+        """A digest that changes whenever the model's outputs could (keys reference caches)."""
+
+
+@dataclass
+class LogitsOutput:
+    """What a :class:`LogitsModel` gives for a batch: logits, and no hidden states or attentions."""
+
+    logits: torch.Tensor
+    hidden_states: None = None
+    attentions: None = None
+
+
+def is_logits_model(model: object) -> bool:
+    return not isinstance(model, torch.nn.Module) and callable(getattr(model, "logits", None))
+
+
+def refuse_layers(model: object) -> None:
+    """Per-layer figures need hidden states, which a :class:`LogitsModel` does not expose: say so plainly."""
+    if is_logits_model(model):
+        raise HemorrhageError(
+            f"per-layer drift and attention divergence need hidden states; the {model.engine} engine yields only "
+            "logits (measure without --layers/--attention, or with the torch engine)"
+        )
+
+
+def model_outputs(
+    model: PreTrainedModel | LogitsModel,
+    input_ids: torch.Tensor,
+    *,
+    layers: bool = False,
+    attention: bool = False,
+    attention_mask: torch.Tensor | None = None,
+):
     """One forward pass over a batch, exactly as measurement runs it (a reference cache is built with this too)."""
+    if is_logits_model(model):
+        if layers or attention:
+            refuse_layers(model)
+        return LogitsOutput(model.logits(input_ids, attention_mask))
     return model(
         input_ids=input_ids.to(model.device),
+        attention_mask=None if attention_mask is None else attention_mask.to(model.device),
         output_hidden_states=layers,
         output_attentions=attention,
         use_cache=False,
@@ -274,8 +322,8 @@ class LiveReference:
 
 @torch.inference_mode()
 def measure(
-    reference: PreTrainedModel | ReferenceSource,
-    modified: PreTrainedModel,
+    reference: PreTrainedModel | LogitsModel | ReferenceSource,
+    modified: PreTrainedModel | LogitsModel,
     windows: Sequence[Window],
     *,
     batch_size: int = 1,
@@ -292,6 +340,7 @@ def measure(
     Args:
         reference: the reference model, or a :class:`~hemorrhage_hf.measurement.refcache.ReferenceCache` of its outputs on these
             windows (KL is then a lower bound over its top-k bins plus a tail bin; the other figures are exact).
+            Either model may be a :class:`LogitsModel` (llama.cpp), which yields logits only (no ``layers``).
         windows: token windows from :func:`hemorrhage_hf.corpus.tokenize_corpus` (both models see exactly these).
         layers: also compute per-layer hidden-state drift (the information loss cascade).
         attention: also compute per-layer attention JS divergence (switches both models to eager attention).
@@ -303,7 +352,12 @@ def measure(
     """
     if not windows:
         raise ValueError("no windows to measure")
-    source = LiveReference(reference) if isinstance(reference, torch.nn.Module) else reference
+    source = (
+        LiveReference(reference) if isinstance(reference, torch.nn.Module) or is_logits_model(reference) else reference
+    )
+    if layers or attention:
+        refuse_layers(reference)
+        refuse_layers(modified)
     variants = dict(modified_variants or {})
     if variants and not isinstance(source, LiveReference):
         raise HemorrhageError("measuring modified variants needs the reference model itself, not a reference cache")

@@ -57,7 +57,7 @@ from ..errors import HemorrhageError
 from ..models import cache_dir
 from . import distributed
 from .divergence import TokenStatistics, concatenate_row_chunks, kl_divergence, log_probs
-from .engine import Batch, batch_windows, model_outputs
+from .engine import Batch, batch_windows, is_logits_model, model_outputs
 
 CACHE_FORMAT = "hemorrhage-hf reference cache"
 CACHE_VERSION = 3  # 2: float64 tails; 3: entries built in the row chunks that read them. A cache must come from the code that reads it
@@ -155,7 +155,12 @@ def _cached_chunk_statistics(entries: dict[str, torch.Tensor], modified_logits: 
 
 
 def model_fingerprint(model: PreTrainedModel) -> str:
-    """SHA-256 of a model's class, config and every weight (shared tensors once); ~0.6 s for 135 M fp32 params."""
+    """SHA-256 of a model's class, config and every weight (shared tensors once); ~0.6 s for 135 M fp32 params.
+
+    A model run outside torch (:class:`~hemorrhage_hf.measurement.engine.LogitsModel`) gives its own digest.
+    """
+    if is_logits_model(model):
+        return model.fingerprint()
     digest = hashlib.sha256()
     config = {
         key: value

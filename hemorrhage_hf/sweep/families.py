@@ -15,6 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import SpecError
+from ..llamacpp.types import GGUF_TYPES
+
+#: a gguf level's strength: its type's nominal bits per weight (the identity level f32: 32)
+GGUF_LEVEL_BITS = {"f32": 32.0, **GGUF_TYPES}
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,9 @@ class SweepFamily:
     template: str
     identity_levels: tuple[str, ...] = ()
     default_levels: tuple[str, ...] = ()
-    kind: str = "model"  # "model": a modified model; "decoding": a Decoding spec on the reference's logits
+    #: "model": a modified model; "decoding": a Decoding spec on the reference's logits; "gguf": the reference's
+    #: GGUF file quantized by llama.cpp to the level's type (:class:`hemorrhage_hf.llamacpp.export.GgufLevels`)
+    kind: str = "model"
     log_strength: bool = False
 
     def spec(self, level: str) -> str | None:
@@ -52,6 +58,9 @@ FAMILIES: dict[str, SweepFamily] = {
         _percent_family("layers", "layers-{}", (0, 1, 2, 4, 6, 8, 12)),
         _percent_family("expand:dup", "expand-dup-{}", (0, 1, 2, 4, 8)),
         _percent_family("expand:identity", "expand-identity-{}", (0, 1, 2, 4, 8)),
+        SweepFamily(
+            "gguf", "{}", ("f32",), ("f32", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"), "gguf"
+        ),
         SweepFamily("temperature", "temperature={}", ("1",), ("1", "1.2", "1.5", "2", "3"), "decoding"),
         SweepFamily("top_p", "top_p={}", ("1",), ("1", "0.95", "0.9", "0.8", "0.6", "0.4"), "decoding"),
         SweepFamily("top_k", "top_k={}", ("0",), ("0", "1000", "200", "50", "10", "2"), "decoding", log_strength=True),
@@ -71,7 +80,10 @@ def resolve_family(name: str, *, identity_levels: Sequence[str] = ()) -> SweepFa
 
 
 def level_value(level: str) -> float:
-    """The number a level stands for (``"n:m"`` → the sparsity 100·(1 − n/m))."""
+    """The number a level stands for (``"n:m"`` → the sparsity 100·(1 − n/m); a GGUF type → its nominal bits per
+    weight, ``f32`` → 32)."""
+    if level in GGUF_LEVEL_BITS:
+        return GGUF_LEVEL_BITS[level]
     n, colon, m = level.partition(":")
     try:
         return 100 * (1 - int(n) / int(m)) if colon else float(level)

@@ -48,6 +48,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..atomic import atomic_write_text, json_safe, write_json
 from ..corpus import Window
 from ..errors import HemorrhageError, SpecError
+from ..llamacpp.export import GgufLevels
+from ..llamacpp.types import parse_types
 from ..measurement import distributed
 from ..measurement.decoding import Decoding, decoding_divergence
 from ..measurement.engine import measure
@@ -327,8 +329,12 @@ def run_sweep(
     options: SweepOptions | None = None,
     output_dir: str | Path | None = None,
     metadata: dict | None = None,
+    gguf_levels: GgufLevels | None = None,
 ) -> SweepResult:
     """Measure ``family`` at each of ``levels`` (default: the family's) against ``reference`` on ``windows``.
+
+    A ``gguf`` family takes its level models from ``gguf_levels`` (``reference`` is then the base GGUF as
+    llama.cpp runs it, or the torch reference it was converted from).
 
     With ``output_dir`` the result is saved after every level and finished levels of an earlier identical run are
     reused. ``tasks`` are scored for the reference once and for every level's model; ``calibration`` names the
@@ -351,7 +357,9 @@ def run_sweep(
         raise SpecError(f"sweep levels repeat: {levels}")
     scale = StrengthScale.infer(family, levels)
     specs = [family.spec(level) for level in levels]
-    check_spec = Decoding.parse if family.kind == "decoding" else parse_spec
+    check_spec = {"decoding": Decoding.parse, "gguf": parse_types}.get(family.kind, parse_spec)
+    if family.kind == "gguf" and gguf_levels is None:
+        raise HemorrhageError("a gguf sweep needs the base GGUF file to quantize (gguf_levels)")
     for spec in filter(None, specs):
         check_spec(spec)  # a bad level fails here, before any model runs
     if family.kind == "decoding" and tasks:
@@ -360,7 +368,7 @@ def run_sweep(
     # Under `accelerate launch` every process resumes alike and holds the merged figures; the first writes them.
     writes = output_dir is not None and distributed.is_main_process()
     started = time.perf_counter()
-    curves = (MODEL_CURVES if family.kind == "model" else DECODING_CURVES) + tuple(task_curve(t.name) for t in tasks)
+    curves = (DECODING_CURVES if family.kind == "decoding" else MODEL_CURVES) + tuple(task_curve(t.name) for t in tasks)
     result = SweepResult(family, [], dict(metadata or {}), curves, dict(options.tolerances))
 
     def record(level: str, spec: str | None, figures: dict, seconds: float, **extra) -> None:
@@ -414,13 +422,14 @@ def run_sweep(
                 result.levels.append(previous[level])
                 continue
             level_started = time.perf_counter()
-            if spec is not None and calibration_ids is None and parse_spec(spec).needs_calibration:
-                calibration_ids = (calibration or CalibrationSettings()).windows(tokenizer)
-            modified = (
-                reference
-                if spec is None
-                else apply_modification(reference, spec, calibration=calibration_ids, progress=progress)
-            )
+            if spec is None:
+                modified = reference
+            elif family.kind == "gguf":
+                modified = gguf_levels.model(spec)
+            else:
+                if calibration_ids is None and parse_spec(spec).needs_calibration:
+                    calibration_ids = (calibration or CalibrationSettings()).windows(tokenizer)
+                modified = apply_modification(reference, spec, calibration=calibration_ids, progress=progress)
             label = f"level {level} ({spec or 'unmodified'})"
             report = measure(cache, modified, windows, batch_size=batch_size, progress=progress, description=label)
             figures = dict(report.figures)

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import HemorrhageError
+from ..measurement.engine import model_outputs
 from .flips import compare_answers
 
 #: (datasets id, config, split) used when a task is named without a local path.
@@ -308,11 +309,7 @@ def score_continuations(
             ids = encoded[index][0]
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention_mask[row, : len(ids)] = 1
-        logits = (
-            model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device), use_cache=False)
-            .logits.float()
-            .cpu()
-        )
+        logits = model_outputs(model, input_ids, attention_mask=attention_mask).logits.float().cpu()
         for row, index in enumerate(chunk):
             ids, n_continuation = encoded[index]
             positions = torch.arange(len(ids) - n_continuation - 1, len(ids) - 1)
