@@ -23,3 +23,7 @@ class SpecError(HemorrhageError):
 
 class ModificationError(HemorrhageError):
     """A modification cannot be applied to this model (no suitable layers, too little calibration data...)."""
+
+
+class BackendError(HemorrhageError):
+    """A quantization backend is not installed, refuses the options, or failed (the message names it and its fix)."""

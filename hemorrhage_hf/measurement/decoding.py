@@ -161,7 +161,7 @@ def summarize_distribution_statistics(parts: dict[str, list[torch.Tensor]]) -> d
     return figures
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: quanto and torchao tensors fail under it
 def decoding_divergence(
     model: PreTrainedModel,
     windows: Sequence[Window],
@@ -251,7 +251,7 @@ def first_divergence(first: Sequence[int], second: Sequence[int]) -> int | None:
     return None if len(first) == len(second) else min(len(first), len(second))
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: quanto and torchao tensors fail under it
 def generation_divergence(
     model: PreTrainedModel,
     prompts: Sequence[torch.Tensor],

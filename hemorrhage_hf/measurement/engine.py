@@ -320,7 +320,7 @@ class LiveReference:
         return {}
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: quanto and torchao tensors fail under it
 def measure(
     reference: PreTrainedModel | LogitsModel | ReferenceSource,
     modified: PreTrainedModel | LogitsModel,

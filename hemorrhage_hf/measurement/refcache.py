@@ -233,7 +233,7 @@ class ReferenceCache:
     # --- building and opening -------------------------------------------------------------------------------------
 
     @classmethod
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: quanto and torchao tensors fail under it
     def build(
         cls,
         model: PreTrainedModel,

@@ -1,8 +1,10 @@
 """Modifications that cause hemorrhage, each addressable by a spec string (see :func:`parse_spec`)."""
 
-from . import act_quant, expansion, kv_quant, pruning, quantization, scaling, structured  # noqa: F401  (register their specs)
+from . import act_quant, backends, expansion, kv_quant, pruning, quantization, scaling, structured  # noqa: F401  (register their specs)
 from .act_quant import ActivationQuantization
+from .backends import BackendQuantization, describe_model
 from .base import Modification, apply_modification, known_specs, parse_spec, register, target_linears
+from .detect import quantized_backend
 from .expansion import LayerExpansion
 from .footprint import WeightFootprint, linear_footprint
 from .kv_quant import KVCacheQuantization
@@ -14,6 +16,7 @@ from .structured import ChannelPruning, HeadPruning, LayerRemoval
 __all__ = [
     "ActivationAwareScaling",
     "ActivationQuantization",
+    "BackendQuantization",
     "ChannelPruning",
     "HeadPruning",
     "KVCacheQuantization",
@@ -24,10 +27,12 @@ __all__ = [
     "WeightPruning",
     "WeightQuantization",
     "apply_modification",
+    "describe_model",
     "known_specs",
     "linear_footprint",
     "measured_sparsity",
     "parse_spec",
+    "quantized_backend",
     "register",
     "target_linears",
 ]

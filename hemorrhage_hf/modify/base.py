@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from transformers import PreTrainedModel
 
 from ..config_keys import MODIFICATION_ATTRIBUTE
 from ..errors import ModificationError, SpecError
+from .detect import refuse_quantized
 from .footprint import WeightFootprint
 
 #: Fewer calibration tokens than this give activation statistics too noisy to rank weights or search scales on.
@@ -39,6 +41,9 @@ class Modification(ABC):
     #: True when part of the modification lives outside the weights (activation quantizers) and a model reloaded
     #: from a checkpoint needs :meth:`restore`.
     runtime_state: bool = False
+    #: True when the modification cannot change a model in place and :meth:`modified_copy` builds a new one
+    #: (backends that quantize while a checkpoint loads).
+    builds_new_model: bool = False
 
     @property
     @abstractmethod
@@ -64,10 +69,39 @@ class Modification(ABC):
         """Re-install what the saved weights cannot carry, on a model reloaded from a checkpoint of this modification."""
         return model
 
+    def modified_copy(
+        self, model: PreTrainedModel, calibration: torch.Tensor | None = None, *, progress: bool = False
+    ) -> PreTrainedModel:
+        """A modified copy of a float ``model``, which stays untouched; quantized models are refused, not copied."""
+        refuse_quantized(model, self.spec)
+        return self.apply(copy.deepcopy(model), calibration, progress=progress)
+
+    def config(self) -> dict:
+        """The modification's parameters as a report names them (bits, group size, scheme...)."""
+        return {}
+
+    def describe(self) -> dict:
+        """Spec, the library that made it (hemorrhage-hf itself here) and its version, and :meth:`config`.
+        ``simulated``: the weights stay in float, so storage figures are nominal."""
+        return {
+            "spec": self.spec,
+            "backend": "hemorrhage-hf",
+            "version": _version(),
+            "simulated": True,
+            **self.config(),
+        }
+
     def footprint(self, model: PreTrainedModel) -> WeightFootprint | None:
         """The nominal storage of ``model``'s Linear weights in this modification's format, for formats that are
         simulated (weights kept in float); None where what the model stores is the truth (measure it instead)."""
         return None
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("hemorrhage-hf")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass(frozen=True)
@@ -129,6 +163,10 @@ def apply_modification(
 ) -> PreTrainedModel:
     """Return a modified copy of ``model`` (or ``model`` itself with ``in_place``), recording the spec in its config.
 
+    A quantized ``model`` is never copied (that would corrupt some backends' packed state): it is refused, unless
+    ``in_place``. Backends that quantize while loading (bitsandbytes, torchao) always return a new model, built
+    from a temporary save of ``model``.
+
     A modification with runtime state (activation quantization) is then handed to the hooks of
     :func:`on_runtime_state`: with :mod:`hemorrhage_hf.integrations` imported (``hemorrhage_hf.apply_modification``
     imports it) it records itself as the model's ``quantization_config``, so that ``save_pretrained`` →
@@ -137,8 +175,10 @@ def apply_modification(
     modification = parse_spec(spec) if isinstance(spec, str) else spec
     if modification.needs_calibration:
         check_calibration(calibration, model, modification)
-    target = model if in_place else copy.deepcopy(model)
-    modification.apply(target, calibration, progress=progress)
+    if in_place and not modification.builds_new_model:
+        target = modification.apply(model, calibration, progress=progress)
+    else:
+        target = modification.modified_copy(model, calibration, progress=progress)
     setattr(target.config, MODIFICATION_ATTRIBUTE, modification.spec)
     if modification.runtime_state:
         for hook in _RUNTIME_STATE_HOOKS:

@@ -104,7 +104,8 @@ def _tensors(value, seen: set[int]) -> list[torch.Tensor]:
             return [t for name in names for t in _tensors(getattr(value, name), seen)]
         if value.device.type == "meta":
             return []
-        key = value.untyped_storage().data_ptr() if value.numel() else id(value)
+        # Tensors loaded from one safetensors file share a storage: a view's own address and size identify it.
+        key = hash((value.data_ptr(), value.numel(), value.dtype)) if value.numel() else id(value)
         if key in seen:
             return []
         seen.add(key)

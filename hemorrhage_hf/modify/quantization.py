@@ -59,6 +59,11 @@ class WeightQuantization(Modification):
                 )
         return linears
 
+    def config(self) -> dict:
+        kind = "symmetric" if self.symmetric else "asymmetric (integer zero point)"
+        per = f"group of {self.group_size}" if self.group_size else "output row"
+        return {"bits": self.bits, "group_size": self.group_size, "scheme": f"{kind} RTN, fp16 scale per {per}"}
+
     def footprint(self, model: PreTrainedModel) -> WeightFootprint:
         """``bits`` per weight plus an fp16 scale (and a ``bits``-wide zero point when asymmetric) per group.
 

@@ -139,6 +139,13 @@ class ActivationAwareScaling(Modification):
     def restore(self, model: PreTrainedModel) -> PreTrainedModel:
         return self.quantization.restore(model)
 
+    def config(self) -> dict:
+        config = self.quantization.config()
+        return {
+            **config,
+            "scheme": f"{self.family_rule.method} scales searched on calibration, then {config['scheme']}",
+        }
+
     def footprint(self, model: PreTrainedModel) -> WeightFootprint:
         """The quantization's: the scales live in the previous ops, which store nothing extra."""
         return self.quantization.footprint(model)

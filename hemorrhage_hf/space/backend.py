@@ -226,7 +226,7 @@ def chat_input_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch.Ten
     return tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: quanto and torchao tensors fail under it
 def greedy_generation(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

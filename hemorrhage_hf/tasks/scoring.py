@@ -280,7 +280,7 @@ class ContinuationScore:
     greedy: bool  # every continuation token is the model's top-1 prediction
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: quanto and torchao tensors fail under it
 def score_continuations(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
