@@ -42,7 +42,7 @@ from .corpus import PYTHON_DOCS
 from .errors import HemorrhageError
 from .measurement.report import COLLAPSE_PPL_RATIO, COLLAPSE_TOP1_AGREEMENT, SEVERITY_KL_BANDS, HemorrhageReport
 from .models import DEFAULT_MODEL_LABEL
-from .render import comparison_rows, delta_p_reading, task_rows
+from .render import comparison_rows, delta_p_reading, modification_lines, task_rows
 
 # The templates live in the repository's model_cards/; hemorrhage_hf/model_cards links there, and a wheel holds a copy.
 TEMPLATE_DIR = Path(__file__).resolve().parent / "model_cards"
@@ -190,6 +190,7 @@ def render_section(report: HemorrhageReport, options: CardOptions | None = None)
     if report.layers is not None:
         ranked = sorted(range(len(report.layers.cosine_distance)), key=lambda i: -report.layers.cosine_distance[i])
         layers = [(i, f"{report.layers.cosine_distance[i]:.4f}") for i in ranked[:3]]
+    made_by, storage = modification_lines(meta.get("modification_details"))
     text = (
         _environment()
         .get_template(SECTION_TEMPLATE)
@@ -197,6 +198,8 @@ def render_section(report: HemorrhageReport, options: CardOptions | None = None)
             reference=meta.get("reference", "?"),
             modified=meta.get("modified", "?"),
             modification=meta.get("modification"),
+            made_by=made_by,
+            storage=storage,
             corpus=options.dataset_name or dataset_identity(meta.get("corpus", "?"))[1],
             n_tokens=figures.get("n_tokens"),
             window=meta.get("window", "?"),

@@ -34,7 +34,7 @@ from .measurement.engine import LogitsModel, is_logits_model, measure
 from .measurement.refcache import DEFAULT_TOP_K, ReferenceCache
 from .measurement.report import HemorrhageReport
 from .models import DEFAULT_MODEL, DEFAULT_MODEL_LABEL, assert_same_tokenizer, load_model, load_tokenizer
-from .modify import apply_modification, parse_spec
+from .modify import apply_modification, describe_model, parse_spec
 from .modify.calibration import CalibrationSettings
 
 ModelLike = str | PreTrainedModel | LogitsModel
@@ -306,6 +306,14 @@ def _run_metadata(source: TextSource, windows: Sequence[Window], tokenizer: PreT
     return metadata
 
 
+def _modification_details(model: ModelLike, modification: str | None) -> dict | None:
+    """What made the modified model (backend, version, config, bits per weight), read before its first forward pass:
+    some backends repack their weights for the CPU kernel when they first run. None for llama.cpp engines."""
+    if not isinstance(model, PreTrainedModel):
+        return None
+    return describe_model(model, modification and parse_spec(modification))
+
+
 def compare(
     reference: ModelLike,
     modified: ModelLike | None = None,
@@ -364,6 +372,7 @@ def compare(
     windows = source.windows(tokenizer)
     check_engine_tokenization(tokenizer, source, reference_model, modified_model)
     metadata.update(_run_metadata(source, windows, tokenizer, reference=reference_model, modified=modified_model))
+    metadata["modification_details"] = _modification_details(modified_model, modification)
     return measure(
         reference_model, modified_model, windows, metadata=metadata, **options.engine_options(metadata["modified"])
     )
@@ -407,4 +416,5 @@ def _compare_sequential(
     _check_modified(None, modified_model, tokenizer, modified_tokenizer)
     check_engine_tokenization(tokenizer, source, modified_model)
     metadata.update(_run_metadata(source, windows, tokenizer, modified=modified_model))
+    metadata["modification_details"] = _modification_details(modified_model, modification)
     return measure(cache, modified_model, windows, metadata=metadata, **options.engine_options(metadata["modified"]))

@@ -145,7 +145,7 @@ def load_model(
     source, gguf_file = resolve_model_source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        model, loading_info = AutoModelForCausalLM.from_pretrained(
             source,
             gguf_file=gguf_file,
             dtype=dtype,
@@ -153,11 +153,67 @@ def load_model(
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
             use_safetensors=None if gguf_file else _prefer_safetensors(source),
+            output_loading_info=True,
         )
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"could not load {name!r}: {error}") from error
+    except (NotImplementedError, RuntimeError, ImportError) as error:
+        raise ModelLoadError(_backend_failure(name, source, error)) from error
+    check_loading_info(name, loading_info)
     model.eval()
     return model, tokenizer
+
+
+#: Key fragments of checkpoints saved in a backend's own format, which transformers cannot load, and what to do.
+_FOREIGN_FORMATS = (
+    (("W_q", ".meta", "channel_wise"), "HQQ's own save format (its save_pretrained); transformers cannot load it"),
+    (("._data", "._scale", "._shift", "input_scale"), "optimum-quanto's own format; transformers cannot load it"),
+    (("weight_packed", "weight_scale"), "compressed-tensors: pip install compressed-tensors"),
+    (("absmax", "quant_map", "SCB", "quant_state"), "bitsandbytes: pip install bitsandbytes"),
+)
+
+
+def check_loading_info(name: str, loading_info: dict) -> None:
+    """Refuse a model whose checkpoint left weights missing (randomly initialised) or unused: measuring it would
+    report the damage of random layers as hemorrhage.
+
+    Example:
+        >>> check_loading_info("ckpt", {"missing_keys": {"lm_head.weight"}, "unexpected_keys": set()})
+        Traceback (most recent call last):
+        ...
+        hemorrhage_hf.errors.ModelLoadError: 'ckpt' loaded with weights left at their random initialisation: missing \
+lm_head.weight. The checkpoint does not match its architecture (truncated, or edited)
+    """
+    missing = sorted(loading_info.get("missing_keys") or ())
+    unexpected = sorted(loading_info.get("unexpected_keys") or ())
+    mismatched = sorted(str(key) for key in loading_info.get("mismatched_keys") or ())
+    if not (missing or unexpected or mismatched):
+        return
+    problems = [
+        f"{label} {', '.join(keys[:4])}{f' and {len(keys) - 4} more' if len(keys) > 4 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched))
+        if keys
+    ]
+    causes = [cause for fragments, cause in _FOREIGN_FORMATS if any(f in key for key in unexpected for f in fragments)]
+    cause = causes[0] if causes else "The checkpoint does not match its architecture (truncated, or edited)"
+    raise ModelLoadError(
+        f"{name!r} loaded with weights left at their random initialisation: {'; '.join(problems)}. {cause}"
+    )
+
+
+def _backend_failure(name: str, source: str, error: Exception) -> str:
+    """A message naming the quantization backend a checkpoint needs (from its config.json) and what to install."""
+    import json
+
+    method = None
+    config = Path(source) / "config.json"
+    if config.is_file():
+        method = (json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}).get("quant_method")
+    backend = f"its quantization backend ({method})" if method else "its quantization backend"
+    return (
+        f"could not load {name!r}: {type(error).__name__}: {error}. The checkpoint needs {backend}: install or upgrade "
+        'it (pip install "hemorrhage-hf[backends]" -c constraints.txt)'
+    )
 
 
 def _prefer_safetensors(source: str) -> bool | None:

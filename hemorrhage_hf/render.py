@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -156,6 +157,43 @@ def engine_description(meta: dict) -> str:
     return "; ".join(sides)
 
 
+def modification_lines(details: dict | None) -> tuple[str, str]:
+    """(who made the modification and how, how its Linear weights are stored) for reports and cards.
+
+    Example:
+        >>> modification_lines({"backend": "bitsandbytes", "version": "0.50.2", "bits": 4, "group_size": 64,
+        ...     "scheme": "nf4", "simulated": False, "footprint": {"n_weights": 1000, "weight_bytes": 566,
+        ...     "bits_per_weight": 4.528, "source": "measured"}})
+        ('bitsandbytes 0.50.2: 4 bits, groups of 64, nf4', '4.528 bits per weight (measured), 566 B')
+    """
+    if not details:
+        return "", ""
+    config = [f"{details['bits']} bits" if details.get("bits") else ""]
+    config.append(f"groups of {details['group_size']}" if details.get("group_size") else "")
+    config.append(details.get("scheme") or "")
+    if details.get("quantization_config"):
+        config.append(json.dumps(details["quantization_config"], default=str, sort_keys=True))
+    made_by = f"{details.get('backend', '?')} {details.get('version', '')}".strip()
+    if details.get("simulated"):
+        made_by += " (simulated: weights rounded, kept in float)"
+    made_by += ": " + ", ".join(part for part in config if part) if any(config) else ""
+    footprint = details.get("footprint") or {}
+    if not footprint:
+        return made_by, ""
+    storage = (
+        f"{footprint['bits_per_weight']:.4g} bits per weight ({footprint['source']}), "
+        f"{_bytes(footprint['weight_bytes'])}"
+    )
+    return made_by, storage
+
+
+def _bytes(count: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return f"{count} B"
+
+
 def report_markdown(report: HemorrhageReport, plot_files: dict[str, str]) -> str:
     meta = report.metadata
     lines = [
@@ -163,6 +201,13 @@ def report_markdown(report: HemorrhageReport, plot_files: dict[str, str]) -> str
         "",
         f"- **Reference:** {meta.get('reference', '?')}",
         f"- **Modified:** {meta.get('modified', '?')}",
+        *(
+            f"- **{label}:** {text}"
+            for label, text in zip(
+                ("Made by", "Linear weights as stored"), modification_lines(meta.get("modification_details"))
+            )
+            if text
+        ),
         f"- **Corpus:** {meta.get('corpus', '?')} ({report.figures.get('n_tokens')} scored tokens, "
         f"window {meta.get('window', '?')}, stride {meta.get('stride', '?')})",
         f"- **Scoring:** {meta.get('scoring_description', 'sliding windows')}",

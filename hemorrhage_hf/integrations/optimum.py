@@ -19,7 +19,7 @@ from pathlib import Path
 from optimum.quantization_base import OptimumQuantizer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..errors import HemorrhageError, SpecError
+from ..errors import BackendError, HemorrhageError, SpecError
 from ..models import load_model, load_tokenizer
 from ..modify import Modification, apply_modification, parse_spec
 from ..modify.calibration import CalibrationSettings
@@ -54,6 +54,11 @@ class _SpecApplier:
         modification = parse_spec(spec)
         if modification.family != cls.family:
             raise SpecError(f"{spec!r} is a {modification.family} spec, not a {cls.family} one")
+        if not modification.saveable:
+            raise BackendError(
+                f"{spec} cannot be saved: {modification.not_saveable_reason}. Measure it without saving: "
+                f"hemorrhage-hf report --reference REF --modification {spec}"
+            )
         return modification
 
     def apply_and_save(
@@ -74,7 +79,7 @@ class _SpecApplier:
         )
         modified = apply_modification(self.model, modification, calibration=calibration_ids, progress=progress)
         save_dir = Path(save_dir)
-        modified.save_pretrained(save_dir)
+        modification.save(modified, save_dir)
         self.tokenizer.save_pretrained(save_dir)
         return save_dir
 

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
@@ -169,15 +170,25 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     }
     digest.update(type(model).__name__.encode())
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().data)
+    seen: set[tuple] = set()
+    for name, value in model.state_dict().items():
+        for tensor in _plain_tensors(value.detach()):
+            key = (tensor.data_ptr(), tensor.numel(), tensor.dtype)
+            if key in seen:
+                continue
+            seen.add(key)
+            tensor = tensor.cpu().contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)  # 0-d scalars too (quantizer states)
     return digest.hexdigest()
+
+
+def _plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``tensor``: quantized tensor subclasses (torchao, quanto) flattened to their parts."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return [part for name in names for part in _plain_tensors(getattr(tensor, name))]
+    return [tensor]
 
 
 def windows_fingerprint(windows: Sequence[Window]) -> str:

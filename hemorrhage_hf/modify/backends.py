@@ -34,14 +34,17 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
+import json
 import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from ..atomic import atomic_write_text
+from ..config_keys import MODIFICATION_ATTRIBUTE
 from ..errors import BackendError, HemorrhageError, ModificationError, SpecError
-from .base import Modification, register, target_linears
+from .base import Modification, parse_spec, register, target_linears
 from .detect import quantized_backend, refuse_quantized
 from .footprint import WeightFootprint, linear_like_modules
 
@@ -88,16 +91,25 @@ def check_groups(model: PreTrainedModel, group_size: int | None, spec: str) -> N
             )
 
 
+def check_bitsandbytes_saveable(model: torch.nn.Module) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit layer for its CPU kernel on the first CPU forward pass (its absmax turns
+    bf16, in another layout); a checkpoint saved after that reloads with different weights. Refuse to save then."""
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            raise BackendError(
+                f"this bitsandbytes 4-bit model has run on the CPU, which repacked layer {name} for the CPU kernel; "
+                "a checkpoint saved now would reload with corrupted weights. Save it before running it (hemorrhage-hf "
+                "quantize does), or quantize the float model again"
+            )
+
+
 class BackendQuantization(Modification):
     """A quantization made by a third-party library. Subclasses name the library and implement :meth:`quantize`."""
 
     #: Import name and pip distribution of the library.
     module: str
     distribution: str
-    #: Whether ``quantize`` can save the result in the library's own format (and a reload measures the same).
-    saveable: bool = True
-    #: Why not, where it cannot.
-    not_saveable_reason: str = ""
 
     def __init__(self, bits: int, group_size: int | None = None):
         self.bits, self.group_size = bits, group_size
@@ -187,6 +199,10 @@ class BitsAndBytes(LoadTimeBackend):
         if self.kind == "int8":
             return "LLM.int8(): int8 rows with an fp32 absmax scale each; outlier columns (|x| > 6) in float"
         return f"{self.kind} code per block of 64, fp32 absmax per block"
+
+    def save(self, model: PreTrainedModel, save_dir) -> None:
+        check_bitsandbytes_saveable(model)
+        model.save_pretrained(save_dir)
 
     def quantization_config(self, dtype: torch.dtype):
         from transformers import BitsAndBytesConfig
@@ -314,6 +330,15 @@ class CompressedTensors(BackendQuantization):
     def calibration_arguments(self, model: PreTrainedModel, calibration: torch.Tensor | None) -> dict:
         return {}
 
+    def save(self, model: PreTrainedModel, save_dir) -> None:
+        """compressed-tensors' packed format (``pack-quantized``), which transformers loads back."""
+        model.save_pretrained(save_dir, save_compressed=True)
+        # llm-compressor rewrites config.json from the original checkpoint's: put the spec back.
+        config_file = Path(save_dir) / "config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config[MODIFICATION_ATTRIBUTE] = getattr(model.config, MODIFICATION_ATTRIBUTE, self.spec)
+        atomic_write_text(config_file, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
     def footprint(self, model: PreTrainedModel) -> WeightFootprint | None:
         """What compressed-tensors stores: weights packed at ``bits`` into int32, plus each layer's scales (and
         zero points, for asymmetric schemes) as they are held."""
@@ -385,6 +410,9 @@ def describe_model(model: PreTrainedModel, modification: Modification | None = N
     """
     from .footprint import linear_footprint
 
+    recorded = getattr(model.config, MODIFICATION_ATTRIBUTE, None)
+    if modification is None and isinstance(recorded, str):
+        modification = parse_spec(recorded)  # a checkpoint hemorrhage-hf (or its quantize command) saved
     if modification is not None:
         details = modification.describe()
     else:

@@ -69,6 +69,14 @@ class Modification(ABC):
         """Re-install what the saved weights cannot carry, on a model reloaded from a checkpoint of this modification."""
         return model
 
+    #: False where the result cannot be saved as a checkpoint that reloads to the same model; then says why.
+    saveable: bool = True
+    not_saveable_reason: str = ""
+
+    def save(self, model: PreTrainedModel, save_dir) -> None:
+        """Save a model this modification made as a checkpoint (safetensors and config)."""
+        model.save_pretrained(save_dir)
+
     def modified_copy(
         self, model: PreTrainedModel, calibration: torch.Tensor | None = None, *, progress: bool = False
     ) -> PreTrainedModel:

@@ -49,6 +49,13 @@ FAMILIES: dict[str, SweepFamily] = {
     for family in (
         SweepFamily("bits", "int{}-g64", ("32", "16"), ("32", "8", "6", "5", "4", "3", "2")),
         SweepFamily("kv", "kv{}", ("32", "16"), ("32", "8", "6", "5", "4", "3", "2")),
+        # Real backends (optional installs); group sizes divide SmolLM2's widths (576, 1536).
+        SweepFamily("bits:hqq", "hqq-int{}-g64", ("32",), ("32", "8", "4", "3", "2")),
+        SweepFamily("group:hqq", "hqq-int4-g{}", (), ("32", "64", "96", "192")),
+        SweepFamily("bits:quanto", "quanto-int{}", ("32",), ("32", "8", "4", "2")),
+        SweepFamily("bits:ct", "ct-w{}a16-g64", ("32",), ("32", "8", "4")),
+        SweepFamily("group:ct", "ct-w4a16-g{}", (), ("32", "64", "96", "192")),
+        SweepFamily("bits:gptq", "gptq-w{}a16-g64", ("32",), ("32", "8", "4")),
         _percent_family("sparsity:wanda", "wanda-{}", _SPARSITY),
         _percent_family("sparsity:magnitude", "magnitude-{}", _SPARSITY),
         _percent_family("sparsity:gradient", "gradient-{}", _SPARSITY),

@@ -54,7 +54,7 @@ from ..measurement import distributed
 from ..measurement.decoding import Decoding, decoding_divergence
 from ..measurement.engine import measure
 from ..measurement.refcache import DEFAULT_TOP_K, ReferenceCache, model_fingerprint, windows_fingerprint
-from ..modify import apply_modification, parse_spec
+from ..modify import apply_modification, linear_footprint, parse_spec
 from ..modify.calibration import CalibrationSettings
 from ..tasks.scoring import Task, TaskAnswers, answer_task, task_hemorrhage
 from .families import (
@@ -431,8 +431,10 @@ def run_sweep(
                     calibration_ids = (calibration or CalibrationSettings()).windows(tokenizer)
                 modified = apply_modification(reference, spec, calibration=calibration_ids, progress=progress)
             label = f"level {level} ({spec or 'unmodified'})"
+            footprint = linear_footprint(modified)  # before running it: some backends repack on the first pass
             report = measure(cache, modified, windows, batch_size=batch_size, progress=progress, description=label)
             figures = dict(report.figures)
+            figures["bits_per_weight"] = footprint.bits_per_weight
             answers = {}
             for task, task_reference in zip(tasks, reference_answers):
                 task_figures = task_hemorrhage(
