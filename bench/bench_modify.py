@@ -6,14 +6,18 @@ Prints, measured side by side in one run on the same calibration tokens and the 
   scaling:  mean KL to the reference of plain RTN and of its activation-aware scaled variant, the ratio
             KL(scaled)/KL(plain), and seconds to search the scales;
   expansion: mean KL of identity and duplicated expansion;
-  kv:       mean KL and PPL ratio of KV-cache quantization at 8, 4 and 3 bits.
+  kv:       mean KL and PPL ratio of KV-cache quantization at 8, 4 and 3 bits;
+  gradient: WikiText-2 perplexity of Wanda and of gradient-aware pruning (α chosen on held-out calibration
+            sequences), 50 % and 2:4, once per calibration seed (--seeds), with the ratio PPL(gradient)/PPL(wanda)
+            per seed and its mean ± standard deviation over the seeds.
 
 Times scale with the number of calibration tokens (one forward pass per layer step, plus one backward pass per
 sequence for gradient-aware pruning); pass the issue's 128 × 512 with --calibration-sequences 128, or a smaller
 size to extrapolate from.
 
 Usage: python bench/bench_modify.py [--calibration-sequences 16] [--calibration-length 512] [--eval-tokens 4096]
-       [--group pruning,scaling,expansion,kv] [--threads 2] [--time-only gradient-50,awq-int4-g64]
+       [--group pruning,scaling,expansion,kv,gradient] [--seeds 0,1,2] [--threads 2]
+       [--time-only gradient-50,awq-int4-g64]
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import time
 
 import torch
@@ -39,6 +44,7 @@ PRUNING = {"50%": ("magnitude-50", "wanda-50", "gradient-50"), "2:4": ("2:4-magn
 SCALING = (("int4-g64", "awq-int4-g64"), ("int3-g128", "awq-int3-g128"), ("int8", "awq-int8"), ("w8a8", "smooth-w8a8"))
 #: Modifications that need no calibration, measured by their KL to the reference.
 UNCALIBRATED = {"expansion": ("expand-identity-4", "expand-dup-4"), "kv": ("kv8", "kv4", "kv3")}
+GRADIENT = {"50%": ("wanda-50", "gradient-50"), "2:4": ("2:4-wanda", "2:4-gradient")}
 
 
 @torch.inference_mode()
@@ -58,6 +64,43 @@ def timed(reference, spec, calibration):
     return modified, time.perf_counter() - started
 
 
+def gradient_against_wanda(reference, tokenizer, windows, seeds: list[int], sequences: int, length: int) -> dict:
+    """Wanda and gradient-aware pruning on the same calibration draw, once per seed; the ratio's spread over seeds."""
+    rows: dict[str, dict] = {pattern: {"seeds": {}} for pattern in GRADIENT}
+    for seed in seeds:
+        calibration = calibration_windows(
+            tokenizer, python_docs_text(), n_sequences=sequences, seq_len=length, seed=seed
+        )
+        for pattern, (wanda_spec, gradient_spec) in GRADIENT.items():
+            wanda, _ = timed(reference, wanda_spec, calibration)
+            gradient, seconds = timed(reference, gradient_spec, calibration)
+            choice = gradient.config.hemorrhage_pruning_alpha
+            row = {
+                "wanda_ppl": perplexity(wanda, windows),
+                "gradient_ppl": perplexity(gradient, windows),
+                "alpha": choice["alpha"],
+                "held_out_loss": dict(zip(map(str, choice["candidates"]), choice["held_out_loss"])),
+                "gradient_seconds": seconds,
+            }
+            row["ratio"] = row["gradient_ppl"] / row["wanda_ppl"]
+            rows[pattern]["seeds"][seed] = row
+            print(
+                f"seed {seed} {pattern:4s} Wanda PPL {row['wanda_ppl']:8.2f}  gradient PPL {row['gradient_ppl']:8.2f}"
+                f"  ratio {row['ratio']:.4f}  α {row['alpha']:g}  {seconds:6.1f} s",
+                flush=True,
+            )
+    for row in rows.values():
+        for key in ("wanda_ppl", "gradient_ppl", "ratio"):
+            values = [entry[key] for entry in row["seeds"].values()]
+            row[key] = {
+                "mean": statistics.fmean(values),
+                "sd": statistics.stdev(values) if len(values) > 1 else None,
+                "min": min(values),
+                "max": max(values),
+            }
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calibration-sequences", type=int, default=16)
@@ -65,6 +108,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--group", default="pruning,scaling,expansion,kv")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--seeds", default="0,1,2", help="calibration seeds of the gradient group")
     parser.add_argument(
         "--time-only",
         default=None,
@@ -103,6 +147,12 @@ def main() -> None:
         "load_average_start": os.getloadavg()[0],
     }
     groups = args.group.split(",")
+    if "gradient" in groups:
+        results["dense_ppl"] = perplexity(reference, windows)
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+        results["gradient"] = gradient_against_wanda(
+            reference, tokenizer, windows, seeds, args.calibration_sequences, args.calibration_length
+        )
     if "pruning" in groups:
         results["dense_ppl"] = perplexity(reference, windows)
         for pattern, specs in PRUNING.items():

@@ -15,3 +15,6 @@ SCALING_ATTRIBUTE = "hemorrhage_scaling"
 SPARSITY_ATTRIBUTE = "hemorrhage_sparsity"
 #: What a structured pruning removed (heads, channels, layers).
 STRUCTURE_ATTRIBUTE = "hemorrhage_structure"
+#: The gradient weight alpha a gradient-aware pruning used: the candidates tried, their loss on the held-out share
+#: of the calibration sequences, and the one kept.
+PRUNING_ALPHA_ATTRIBUTE = "hemorrhage_pruning_alpha"

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..corpus import PYTHON_DOCS, calibration_windows, load_corpus
+from ..errors import ModificationError
 from .architecture import decoder_layers
 
 #: Calibration sequences per forward pass: bounds the activations held at once.
@@ -254,3 +255,37 @@ def gradient_norms(
         for parameter, flag in flags.items():
             parameter.requires_grad_(flag)
     return {name: total.sqrt() for name, total in sums.items()}
+
+
+def split_held_out(calibration: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, held-out) calibration sequences: the last ``round(share · n)`` sequences (at least one) are held out.
+
+    Calibration windows are drawn at random from their text, so the last ones are as good a sample as any.
+
+    Example:
+        >>> fit, held_out = split_held_out(torch.zeros(8, 16, dtype=torch.long), share=0.25)
+        >>> fit.shape[0], held_out.shape[0]
+        (6, 2)
+    """
+    n_held = max(1, round(share * calibration.shape[0]))
+    if calibration.shape[0] - n_held < 1:
+        raise ModificationError(
+            f"holding out {share:.0%} of the calibration needs at least 2 sequences, got {calibration.shape[0]}"
+        )
+    return calibration[:-n_held], calibration[-n_held:]
+
+
+@torch.no_grad()
+def mean_token_loss(model: PreTrainedModel, calibration: torch.Tensor) -> float:
+    """Mean next-token cross-entropy (nats) of ``model`` over every predicted position of the sequences.
+
+    Example:
+        >>> mean_token_loss(model, held_out)  # doctest: +SKIP
+        2.97
+    """
+    total = 0.0
+    for batch in calibration.split(BATCH_SIZE):
+        ids = batch.to(model.device)
+        # Equal-length sequences: every batch's mean is over batch rows × (length − 1) positions.
+        total += model(input_ids=ids, labels=ids, use_cache=False).loss.item() * batch.shape[0]
+    return total / calibration.shape[0]

@@ -1,7 +1,7 @@
 """Pure tensor functions of pruning: importance scores and the masks that keep the most important weights.
 
-Masks drop exactly the share of weights asked for: within each output row (Wanda's rule), within the whole
-matrix, or within every group of M consecutive weights of a row (N:M).
+Masks drop exactly the share of weights asked for: within each output row (Wanda's rule), or within every group
+of M consecutive weights of a row (N:M).
 
 Example:
     >>> import torch
@@ -32,15 +32,21 @@ def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tenso
 def gradient_scores(
     weight: torch.Tensor, input_norms: torch.Tensor, gradient_norms: torch.Tensor, alpha: float
 ) -> torch.Tensor:
-    """|W_ij|·(x̂_j + α·ĝ_ij), GBLM-Pruner's sum of an activation and a gradient term, each divided by its layer mean.
+    """|W_ij|·(‖X_j‖₂ + α·r·‖G_ij‖): GBLM-Pruner's sum of an activation and a gradient term, compared within a row.
 
     GBLM adds |W|·‖X‖₂ and 100·|W|·‖G‖ in raw units, whose balance then shifts with the number and length of
-    calibration sequences and from layer to layer; dividing each term by its mean over the layer makes ``alpha``
-    a unit-free mixing weight (0: exactly Wanda's ranking within a row).
+    calibration sequences and from layer to layer; ``r`` = mean ‖X‖₂ / mean ‖G‖ over the matrix brings the gradient
+    term to the activation term's units, so ``alpha`` is a unit-free mixing weight. The activation term is left
+    as Wanda computes it, so ``alpha = 0`` gives Wanda's scores bit for bit (``x + 0·g`` is ``x`` exactly).
+
+    Example:
+        >>> weight, norms, gradients = torch.randn(4, 8), torch.rand(8), torch.rand(4, 8)
+        >>> torch.equal(gradient_scores(weight, norms, gradients, 0.0), wanda_scores(weight, norms))
+        True
     """
-    activation = input_norms / input_norms.mean().clamp_min(1e-12)
-    gradient = gradient_norms.float() / gradient_norms.float().mean().clamp_min(1e-12)
-    return weight.abs().float() * (activation[None, :] + alpha * gradient)
+    gradient = gradient_norms.float()
+    ratio = alpha * input_norms.mean() / gradient.mean().clamp_min(1e-12)
+    return weight.abs().float() * (input_norms[None, :] + ratio * gradient)
 
 
 def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -51,21 +57,6 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
         dropped = torch.topk(scores, n_drop, dim=1, largest=False).indices
         mask.scatter_(1, dropped, False)
     return mask
-
-
-def layer_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep-mask with the ``round(sparsity · size)`` lowest scores of the whole matrix dropped (rows may differ).
-
-    Example:
-        >>> layer_mask(torch.tensor([[4.0, 1.0], [3.0, 2.0]]), sparsity=0.5)
-        tensor([[ True, False],
-                [ True, False]])
-    """
-    n_drop = round(sparsity * scores.numel())
-    mask = torch.ones(scores.numel(), dtype=torch.bool)
-    if n_drop:
-        mask[torch.topk(scores.flatten(), n_drop, largest=False).indices] = False
-    return mask.reshape(scores.shape)
 
 
 def n_m_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -10,7 +10,9 @@ from hemorrhage_hf.corpus import calibration_windows
 from hemorrhage_hf.errors import CorpusError, ModificationError, SpecError
 from hemorrhage_hf.modify import apply_modification, parse_spec
 from hemorrhage_hf.modify.architecture import decoder_blocks
-from hemorrhage_hf.modify.prune_ops import gradient_scores, n_m_mask, row_mask, wanda_scores
+from hemorrhage_hf.modify.calibration import mean_token_loss, split_held_out
+from hemorrhage_hf.modify.prune_ops import n_m_mask, row_mask
+from hemorrhage_hf.modify.pruning import ALPHA_CANDIDATES, HELD_OUT_SHARE, WeightPruning
 from hemorrhage_hf.modify.scaling import Migration
 from hemorrhage_hf.modify.scaling_ops import awq_scales, quantized_weight_error, scaled_output_error
 
@@ -26,11 +28,13 @@ SPECS = [
     "magnitude-50",
     "wanda-50",
     "gradient-50",
+    "gradient-50-a0.5",
     "wanda-12.5",
     "2:4-wanda",
     "4:8-wanda",
     "2:4-magnitude",
     "2:4-gradient",
+    "2:4-gradient-a0",
     "heads-25",
     "channels-25",
     "layers-4",
@@ -63,6 +67,7 @@ def test_every_spec_round_trips_through_its_canonical_form(spec):
         ("awq-wanda-50", "needs a quantization spec"),
         ("4:4-wanda", "1 ≤ N < M"),
         ("0:4-magnitude", "1 ≤ N < M"),
+        ("wanda-50-a1", "only gradient-aware pruning takes a gradient weight"),
         ("int4-g0", "group size must be a positive integer"),
         ("kv9", "KV-cache bits must be between 2 and 8"),
         ("kv4-g0", "group size must be a positive integer"),
@@ -94,6 +99,7 @@ def _assert_unchanged(model, before):
         ("wanda-50", (1, 16), "calibration too short"),
         ("awq-int4-g32", (2, 64), "calibration too short"),
         ("2:128-wanda", (4, 64), "N:M group of 128 is wider than layer"),
+        ("gradient-50", (1, 256), "needs at least 2 sequences"),
         ("heads-10", (4, 64), "would remove 0 of the 2 query heads"),
         ("layers-4", (4, 64), "would leave no layer"),
         ("expand-dup-9", None, "inserts more layers than the model's 4"),
@@ -162,19 +168,44 @@ def test_n_m_mask_keeps_the_top_n_of_every_group_of_m(m, n_fraction, groups, tai
     assert mask[:, groups * m :].all()
 
 
-def test_gradient_score_with_zero_alpha_ranks_like_wanda():
-    generator = torch.Generator().manual_seed(0)
-    weight, norms, gradients = (
-        torch.randn(8, 16, generator=generator),
-        torch.rand(16, generator=generator),
-        torch.rand(8, 16, generator=generator),
-    )
-    assert torch.equal(
-        row_mask(gradient_scores(weight, norms, gradients, 0.0), 0.5), row_mask(wanda_scores(weight, norms), 0.5)
-    )
-    assert not torch.equal(
-        row_mask(gradient_scores(weight, norms, gradients, 5.0), 0.5), row_mask(wanda_scores(weight, norms), 0.5)
-    )
+PRUNING_CALIBRATION = torch.randint(0, 64, (8, 48), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize(("pattern", "sparsity", "n_m"), [("50", 0.5, None), ("2:4", None, (2, 4))])
+def test_gradient_pruning_with_alpha_zero_is_wanda_bit_for_bit(pattern, sparsity, n_m):
+    model = tiny_llama(n_layers=2, hidden=64)
+    wanda = apply_modification(model, WeightPruning("wanda", sparsity, n_m), calibration=PRUNING_CALIBRATION)
+
+    def gradient(alpha):
+        return apply_modification(
+            model, WeightPruning("gradient", sparsity, n_m, alpha), calibration=PRUNING_CALIBRATION
+        )
+
+    assert all(torch.equal(a, b) for a, b in zip(gradient(0.0).parameters(), wanda.parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(gradient(2.0).parameters(), wanda.parameters(), strict=True))
+
+
+def test_gradient_pruning_drops_exactly_half_of_every_row():
+    model = tiny_llama(n_layers=2, hidden=64)
+    pruned = apply_modification(model, "gradient-50", calibration=PRUNING_CALIBRATION)
+    for layer in pruned.model.layers:
+        for linear in (module for module in layer.modules() if isinstance(module, torch.nn.Linear)):
+            assert ((linear.weight == 0).sum(1) == linear.in_features // 2).all()
+
+
+def test_alpha_is_chosen_on_held_out_sequences_where_alpha_zero_is_wanda():
+    model = tiny_llama(n_layers=2, hidden=64)
+    pruned = apply_modification(model, "gradient-50", calibration=PRUNING_CALIBRATION)
+    record = pruned.config.hemorrhage_pruning_alpha
+    fit, held_out = split_held_out(PRUNING_CALIBRATION, HELD_OUT_SHARE)
+    assert (record["fit_sequences"], record["held_out_sequences"]) == (6, 2) and record["candidates"][0] == 0
+    assert record["candidates"] == list(ALPHA_CANDIDATES) and record["alpha"] in ALPHA_CANDIDATES
+    # Candidate 0 is Wanda calibrated on the fit sequences alone, measured on the held-out ones.
+    wanda = apply_modification(model, "wanda-50", calibration=fit)
+    assert record["held_out_loss"][0] == mean_token_loss(wanda, held_out)
+    # The model returned is the chosen candidate, and no candidate did better on the held-out sequences.
+    assert mean_token_loss(pruned, held_out) == record["held_out_loss"][ALPHA_CANDIDATES.index(record["alpha"])]
+    assert mean_token_loss(pruned, held_out) == min(record["held_out_loss"])
 
 
 def test_scale_migration_keeps_the_function_before_rounding():
