@@ -344,9 +344,12 @@ def describe_threshold(rules: dict) -> str:
     fitted, crossing = rules["breakpoint"], rules["tolerance"]
     if fitted["strength"] is not None:
         low, high = fitted["interval_levels"]
+        refits = [refit["level"] for refit in fitted.get("leave_one_out_levels", []) if refit["level"] is not None]
         text = (
             f"breakpoint at level {fitted['level']:.3g} (95 % {low:.3g}–{high:.3g}, between "
-            f"{fitted['level_before']['level']} and {fitted['level_after']['level'] if fitted['level_after'] else '—'})"
+            f"{fitted['level_before']['level']} and {fitted['level_after']['level'] if fitted['level_after'] else '—'}"
+            f"; smooth-curve bootstrap p = {fitted['p_value']:.3g}"
+            + (f"; one level left out: {min(refits):.3g}–{max(refits):.3g})" if refits else ")")
         )
     else:
         text = f"no breakpoint ({fitted['reason']})"
@@ -368,11 +371,12 @@ def sweep_table(result: SweepResult) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep_curve(result: SweepResult, curve: Curve, threshold: dict, path: Path) -> None:
+def sweep_curve_figure(result: SweepResult, curve: Curve, threshold: dict):
     """The curve with error bars, the breakpoint (line + 95 % band) and the tolerance line and crossing.
 
-    Identity levels are left out: the unmodified model's point (32 bits, say) would stretch the axis, and its
-    damage is zero by construction.
+    Levels are joined as the tolerance rule interpolates them (linearly in ln damage), so the drawn curve meets
+    the tolerance line exactly at the crossing level reported. Identity levels are left out: the unmodified
+    model's point (32 bits, say) would stretch the axis, and its damage is zero by construction.
     """
     plt = pyplot()
     points = [
@@ -381,10 +385,12 @@ def plot_sweep_curve(result: SweepResult, curve: Curve, threshold: dict, path: P
         if y is not None and math.isfinite(y) and (y > 0 or not curve.log_scale)
     ]
     figure, axis = plt.subplots(figsize=(7, 4.2))
+    color = "#b22222"
     if points:
         xs, ys, errors = zip(*points)
         errors = [error if error is not None and math.isfinite(error) else 0.0 for error in errors]
-        axis.errorbar(xs, ys, yerr=errors, marker="o", color="#b22222", capsize=3, label=curve.label)
+        axis.errorbar(xs, ys, yerr=errors, fmt="o", color=color, capsize=3)
+        axis.plot(*result.curve_path(curve), color=color, label=curve.label)
     if curve.log_scale:
         axis.set_yscale("log")
     if result.family.log_strength:
@@ -402,18 +408,25 @@ def plot_sweep_curve(result: SweepResult, curve: Curve, threshold: dict, path: P
     if measured:
         tolerance_value = curve.value_at_damage(measured[0], crossing["tolerance"])
         axis.axhline(tolerance_value, color="#555555", linestyle="--", label=f"tolerance {tolerance_value:.3g}")
-    if crossing.get("crossing_level") is not None:
-        axis.axvline(
-            crossing["crossing_level"],
-            color="#555555",
-            linestyle=":",
-            label=f"crosses tolerance at {crossing['crossing_level']:.3g}",
-        )
+        if crossing.get("crossing_level") is not None:
+            axis.plot(
+                [crossing["crossing_level"]],
+                [tolerance_value],
+                marker="D",
+                color="#555555",
+                linestyle="none",
+                label=f"crosses tolerance at {crossing['crossing_level']:.3g}",
+            )
     axis.set_xlabel(f"{result.family.name} level")
     axis.set_ylabel(curve.label)
     axis.set_title(f"{curve.label} vs {result.family.name}")
     axis.legend(fontsize=8)
-    _save_figure(figure, path)
+    return figure
+
+
+def plot_sweep_curve(result: SweepResult, curve: Curve, threshold: dict, path: Path) -> None:
+    """Save :func:`sweep_curve_figure` as a PNG."""
+    _save_figure(sweep_curve_figure(result, curve, threshold), path)
 
 
 # ---- tasks and decodings ----

@@ -109,6 +109,8 @@ class Curve:
     log_scale: bool
     #: the figure value a damage of ``d`` corresponds to, for drawing the tolerance line
     value_at_damage: Callable[[dict, float], float] = lambda figures, damage: damage
+    #: the figure whose standard error is the damage's, when it is not ``key`` (an accuracy drop's paired error)
+    error_key: str | None = None
 
 
 MODEL_CURVES = (
@@ -132,6 +134,7 @@ def task_curve(task: str) -> Curve:
         0.02,
         False,
         lambda f, d: f[f"{task}_accuracy_reference"] - d,
+        f"{task}_accuracy_drop",
     )
 
 

@@ -10,9 +10,10 @@ logits for every level in one pass (:func:`hemorrhage_hf.measurement.decoding.de
 
 Per level the sweep keeps the report's figures (KL, PPL ratio, top-1 agreement, …) and, for tasks, accuracy of
 both models, drop and flips. Per curve it applies both rules of :mod:`hemorrhage_hf.sweep.threshold` to the curve's
-*damage* (PPL ratio − 1; KL; 1 − agreement; accuracy drop). The sweep's threshold is the fitted breakpoint of the
-first curve that has one, in that order (the paper reads its thresholds on perplexity; for decoding: total variation,
-JS, agreement), else the first curve's tolerance crossing.
+*damage* (PPL ratio − 1; KL; 1 − agreement; accuracy drop), the breakpoint fit weighing each level by the damage's
+standard error there (the block error where measured), and records ``s0`` refitted with each level left out. The
+sweep's threshold is the fitted breakpoint of the first curve that has one, in that order (the paper reads its
+thresholds on perplexity; for decoding: total variation, JS, agreement), else the first curve's tolerance crossing.
 
 Each level records its figures and its wall time (``seconds``; a decoding sweep's one shared pass is split evenly
 over its levels). Levels are listed from the weakest to the strongest modification. Strength is the level's number,
@@ -137,11 +138,19 @@ class SweepResult:
                 continue
             damage = [_damage(curve, entry["figures"]) for entry in measured]
             tolerance = self.tolerances.get(curve.key, curve.tolerance)
-            breakpoint_ = fit_breakpoint(strengths, damage).to_dict()
+            breakpoint_ = fit_breakpoint(strengths, damage, _errors(curve, measured, damage)).to_dict()
             crossing = tolerance_crossing(strengths, damage, tolerance).to_dict()
             if breakpoint_["strength"] is not None:
                 breakpoint_["level"] = self.scale.level(breakpoint_["strength"])
                 breakpoint_["interval_levels"] = sorted(self.scale.level(s) for s in breakpoint_["interval"])
+            level_at = {entry["strength"]: entry["level"] for entry in measured}
+            breakpoint_["leave_one_out_levels"] = [
+                {
+                    "left_out": level_at[refit["left_out"]],
+                    "level": None if refit["strength"] is None else self.scale.level(refit["strength"]),
+                }
+                for refit in breakpoint_["leave_one_out"]
+            ]
             for rule, below, above in (
                 (breakpoint_, "below_index", "above_index"),
                 (crossing, "last_within_index", "first_beyond_index"),
@@ -178,6 +187,8 @@ class SweepResult:
                     "level": fitted["level"],
                     "interval": fitted["interval_levels"],
                     "growth": fitted["growth"],
+                    "p_value": fitted["p_value"],
+                    "leave_one_out": fitted["leave_one_out_levels"],
                     "level_before": fitted["level_before"],
                     "level_after": fitted["level_after"],
                 }
@@ -205,6 +216,26 @@ class SweepResult:
             for entry in self.levels
             if entry["spec"] is not None
         ]
+
+    def curve_path(self, curve: Curve, steps: int = 32) -> tuple[list[float], list[float]]:
+        """(levels, figure values) joining consecutive modified levels the way the tolerance rule interpolates:
+        linearly in strength and in ln damage (linearly in damage where a side has none). Drawn through these
+        points, the curve crosses the tolerance line exactly at the crossing level the rule reports."""
+        measured = [entry for entry in self.levels if entry["spec"] is not None and curve.key in entry["figures"]]
+        xs: list[float] = []
+        ys: list[float] = []
+        for left, right in zip(measured, measured[1:]):
+            low, high = _damage(curve, left["figures"]), _damage(curve, right["figures"])
+            if not (math.isfinite(low) and math.isfinite(high)):
+                continue
+            logarithmic = low > 0 and high > 0
+            for t in [i / steps for i in range(steps + 1)]:
+                damage = (
+                    math.exp((1 - t) * math.log(low) + t * math.log(high)) if logarithmic else low + t * (high - low)
+                )
+                xs.append(self.scale.level((1 - t) * left["strength"] + t * right["strength"]))
+                ys.append(curve.value_at_damage(left["figures"], damage))
+        return xs, ys
 
     def to_dict(self) -> dict:
         return json_safe(
@@ -261,6 +292,16 @@ class SweepResult:
                     written[curve.key] = output_dir / f"sweep_{curve.key}.png"
                     plot_sweep_curve(self, curve, thresholds[curve.key], written[curve.key])
         return written
+
+
+def _errors(curve: Curve, measured: list[dict], damage: list[float]) -> list[float] | None:
+    """Each level's standard error of ``curve``'s damage, or None unless every level with a finite damage has one
+    (collapsed levels, left out of the fit anyway, need none)."""
+    errors = [figure_error(entry["figures"], curve.error_key or curve.key) for entry in measured]
+    errors = [error if isinstance(error, (int, float)) and math.isfinite(error) else math.nan for error in errors]
+    if any(math.isnan(error) for error, value in zip(errors, damage) if math.isfinite(value)):
+        return None
+    return errors
 
 
 def _damage(curve: Curve, figures: dict) -> float:

@@ -2,17 +2,29 @@
 
 import csv
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import SCALE, shared_data_path, tiny_llama
 
+from hemorrhage_hf import render
 from hemorrhage_hf.cli import main
 from hemorrhage_hf.corpus import make_windows, tokenize_corpus
 from hemorrhage_hf.errors import SpecError
 from hemorrhage_hf.models import load_tokenizer
 from hemorrhage_hf.modify.calibration import CalibrationSettings
-from hemorrhage_hf.sweep.runner import FAMILIES, StrengthScale, SweepOptions, level_value, resolve_family, run_sweep
+from hemorrhage_hf.sweep.runner import (
+    FAMILIES,
+    MODEL_CURVES,
+    StrengthScale,
+    SweepOptions,
+    SweepResult,
+    level_value,
+    resolve_family,
+    run_sweep,
+)
 from hemorrhage_hf.tasks.scoring import load_task
 
 
@@ -45,6 +57,52 @@ def test_bad_levels_fail_before_any_model_runs():
     ):
         with pytest.raises(SpecError, match=message):
             run_sweep(None, None, [], family, levels)
+
+
+#: PPL ratios of a Wanda sweep of SmolLM2 on WikiText-2, 0-90 % (a collapse from 60 % on).
+WANDA_RATIOS = (1.0, 1.004, 1.058, 1.200, 1.594, 2.564, 7.32, 45.2, 1835, 1998)
+
+
+def wanda_like_sweep(ratio_errors=None) -> SweepResult:
+    family = resolve_family("sparsity:wanda")
+    levels = []
+    for index, ratio in enumerate(WANDA_RATIOS):
+        level = str(10 * index)
+        figures = {"ppl_ratio": ratio, "kl_mean": math.log(ratio), "top1_agreement": 1 / ratio}
+        if ratio_errors is not None:
+            figures["ppl_ratio_error_block"] = ratio_errors[index]
+        spec = family.spec(level)
+        levels.append({"level": level, "spec": spec, "strength": None if spec is None else 10.0 * index})
+        levels[-1].update(figures=figures, seconds=1.0)
+    return SweepResult(family, levels, {}, MODEL_CURVES)
+
+
+def test_the_plotted_curve_meets_the_tolerance_line_at_the_crossing_it_reports(monkeypatch, tmp_path):
+    """The crossing is interpolated in ln(PPL ratio − 1); the plot draws the ratio itself, so straight segments
+    between the points would meet the 1.1 line at another level than the one printed."""
+    result = wanda_like_sweep()
+    rules = result.thresholds()["ppl_ratio"]
+    crossing = rules["tolerance"]["crossing_level"]
+    assert 20 < crossing < 30
+    drawn = []
+    monkeypatch.setattr(render, "_save_figure", lambda figure, path: drawn.append(figure))
+    render.plot_sweep_curve(result, MODEL_CURVES[0], rules, tmp_path / "curve.png")
+    line = max(drawn[0].axes[0].get_lines(), key=lambda line: len(line.get_xdata()))
+    xs, ys = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+    inside = (xs >= 20) & (xs <= 30)  # the segment holding the crossing, on the plot's log axis
+    assert math.exp(np.interp(crossing, xs[inside], np.log(ys[inside]))) == pytest.approx(1.1, abs=1e-3)
+
+
+def test_the_breakpoint_weighs_levels_by_their_errors_and_reports_leave_one_out_levels(tmp_path):
+    ratios = np.array(WANDA_RATIOS)
+    weighted = wanda_like_sweep(list(0.01 * ratios)).to_dict()["thresholds"]["ppl_ratio"]["breakpoint"]
+    unweighted = wanda_like_sweep().to_dict()["thresholds"]["ppl_ratio"]["breakpoint"]
+    assert weighted["weighted"] and not unweighted["weighted"]
+    refits = weighted["leave_one_out_levels"]
+    assert [refit["left_out"] for refit in refits] == [
+        str(level) for level in range(10, 10 * weighted["n_points"] + 1, 10)
+    ]
+    assert all(refit["level"] is None or 10 <= refit["level"] <= 90 for refit in refits)
 
 
 def test_tiny_bits_sweep_writes_everything_and_resumes(tmp_path):
