@@ -9,7 +9,8 @@ Prints, measured side by side in one run on the same calibration tokens and the 
   kv:       mean KL and PPL ratio of KV-cache quantization at 8, 4 and 3 bits;
   gradient: WikiText-2 perplexity of Wanda and of gradient-aware pruning (α chosen on held-out calibration
             sequences), 50 % and 2:4, once per calibration seed (--seeds), with the ratio PPL(gradient)/PPL(wanda)
-            per seed and its mean ± standard deviation over the seeds.
+            per seed and its mean ± standard deviation over the seeds. Seeds may run in separate processes
+            (--seeds 0 --save s0.json, ...) and be summarised together with --summarize s0.json s1.json ...
 
 Times scale with the number of calibration tokens (one forward pass per layer step, plus one backward pass per
 sequence for gradient-aware pruning); pass the issue's 128 × 512 with --calibration-sequences 128, or a smaller
@@ -65,7 +66,7 @@ def timed(reference, spec, calibration):
 
 
 def gradient_against_wanda(reference, tokenizer, windows, seeds: list[int], sequences: int, length: int) -> dict:
-    """Wanda and gradient-aware pruning on the same calibration draw, once per seed; the ratio's spread over seeds."""
+    """Wanda and gradient-aware pruning on the same calibration draw, once per seed."""
     rows: dict[str, dict] = {pattern: {"seeds": {}} for pattern in GRADIENT}
     for seed in seeds:
         calibration = calibration_windows(
@@ -89,16 +90,32 @@ def gradient_against_wanda(reference, tokenizer, windows, seeds: list[int], sequ
                 f"  ratio {row['ratio']:.4f}  α {row['alpha']:g}  {seconds:6.1f} s",
                 flush=True,
             )
-    for row in rows.values():
+    return rows
+
+
+def spread_over_seeds(runs: list[dict]) -> dict:
+    """Per pattern, mean, standard deviation, min and max over every seed of ``runs`` of both perplexities and
+    their ratio."""
+    summary = {}
+    for pattern in GRADIENT:
+        seeds = {seed: row for run in runs for seed, row in run[pattern]["seeds"].items()}
+        summary[pattern] = {"seeds": sorted(seeds, key=int), "alphas": [seeds[seed]["alpha"] for seed in seeds]}
         for key in ("wanda_ppl", "gradient_ppl", "ratio"):
-            values = [entry[key] for entry in row["seeds"].values()]
-            row[key] = {
+            values = [row[key] for row in seeds.values()]
+            summary[pattern][key] = {
                 "mean": statistics.fmean(values),
                 "sd": statistics.stdev(values) if len(values) > 1 else None,
                 "min": min(values),
                 "max": max(values),
             }
-    return rows
+        ratio = summary[pattern]["ratio"]
+        print(
+            f"{pattern:4s} PPL(gradient)/PPL(wanda) over {len(values)} seeds: {ratio['mean']:.4f} ± "
+            f"{ratio['sd'] or 0:.4f} (sd; {ratio['min']:.4f}–{ratio['max']:.4f}); α chosen "
+            + ", ".join(f"{alpha:g}" for alpha in summary[pattern]["alphas"]),
+            flush=True,
+        )
+    return summary
 
 
 def main() -> None:
@@ -109,6 +126,10 @@ def main() -> None:
     parser.add_argument("--group", default="pruning,scaling,expansion,kv")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seeds", default="0,1,2", help="calibration seeds of the gradient group")
+    parser.add_argument("--save", default=None, metavar="FILE", help="also write the results as JSON to FILE")
+    parser.add_argument(
+        "--summarize", nargs="+", default=None, metavar="FILE", help="only summarise earlier --save files"
+    )
     parser.add_argument(
         "--time-only",
         default=None,
@@ -116,6 +137,13 @@ def main() -> None:
         help="only time applying these comma-separated specs on the calibration (no evaluation)",
     )
     args = parser.parse_args()
+    if args.summarize:
+        runs = []
+        for name in args.summarize:
+            with open(name, encoding="utf-8") as handle:
+                runs.append(json.load(handle)["gradient"])
+        spread_over_seeds(runs)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     reference, tokenizer = load_model("default")
@@ -153,6 +181,7 @@ def main() -> None:
         results["gradient"] = gradient_against_wanda(
             reference, tokenizer, windows, seeds, args.calibration_sequences, args.calibration_length
         )
+        results["gradient_spread"] = spread_over_seeds([results["gradient"]])
     if "pruning" in groups:
         results["dense_ppl"] = perplexity(reference, windows)
         for pattern, specs in PRUNING.items():
@@ -201,6 +230,9 @@ def main() -> None:
         )
     results["load_average_end"] = os.getloadavg()[0]
     print(json.dumps(results, indent=2))
+    if args.save:
+        with open(args.save, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
 
 
 if __name__ == "__main__":

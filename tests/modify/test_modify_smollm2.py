@@ -81,8 +81,10 @@ def test_awq_scaling_cuts_int4_kl_by_a_third_and_never_raises_int8_kl(smollm2, c
     plain, _ = kl("int4-g64")
     scaled, modified = kl("awq-int4-g64")
     assert scaled <= 0.7 * plain, (plain, scaled)
-    record = modified.config.hemorrhage_scaling
-    assert len(record["groups"]) == 30 * 3 and all(g["error"] <= g["error_unscaled"] for g in record["groups"].values())
+    # One searched group per attention input, MLP input and down projection of each of the 30 layers. (Each group's
+    # searched error is at most its unscaled one by construction: the search keeps "unscaled" among its choices, so
+    # only the measured KL above says whether scaling helps.)
+    assert len(modified.config.hemorrhage_scaling["groups"]) == 30 * 3
     plain_int8, _ = kl("int8")
     scaled_int8, _ = kl("awq-int8")
     assert scaled_int8 <= plain_int8, (plain_int8, scaled_int8)
