@@ -1,9 +1,10 @@
-# Two entry points: `make demo` (install + the main job on the embedded default) and `make test`.
+# Two entry points: `make demo` (install + the main job on the embedded default) and `make test`;
+# `make check` lints and checks the formatting (ruff, configured in pyproject.toml).
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 OUT ?= hemorrhage-report
 
-.PHONY: install demo test
+.PHONY: install demo test check
 
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 install:
@@ -25,3 +26,7 @@ demo: install
 # wheel, without this Makefile, those tests skip instead.
 test: install
 	HEMORRHAGE_REQUIRE_SHARED_DATA=1 $(PYTHON) -m pytest $(PYTEST_ARGS)
+
+check:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .

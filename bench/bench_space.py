@@ -67,7 +67,11 @@ def main() -> None:
     results["sweeps"] = []
     for family in args.families.split(","):
         levels = default_sweep_levels(family, cache.limits)
-        seconds = _timed(lambda: run_threshold_sweep(cache, DEFAULT_MODEL_LABEL, family, levels, sample_text()))
+        seconds = _timed(
+            lambda family=family, levels=levels: run_threshold_sweep(
+                cache, DEFAULT_MODEL_LABEL, family, levels, sample_text()
+            )
+        )
         results["sweeps"].append({"family": family, "levels": levels, "seconds": round(seconds, 1)})
     print(json.dumps(results, indent=2))
 

@@ -21,15 +21,30 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _final_mode(path: Path) -> int:
+    """The permissions the written file gets: an existing file's own, else what the umask gives a new file.
+
+    (The temporary file is created 0600; left so, a report or a rewritten model card would be unreadable to others.)
+    """
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it replaces ``path``, on error it is removed."""
+    """Yield a temporary path to write; on success it replaces ``path`` (keeping ``path``'s permissions, or giving a
+    new file the umask's), on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(handle)
     try:
         yield Path(temporary)
+        os.chmod(temporary, _final_mode(path))
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -40,8 +40,14 @@ from huggingface_hub.utils import yaml_dump
 from .atomic import atomic_path
 from .corpus import PYTHON_DOCS
 from .errors import HemorrhageError
-from .measurement.report import COLLAPSE_PPL_RATIO, COLLAPSE_TOP1_AGREEMENT, SEVERITY_KL_BANDS, HemorrhageReport
-from .models import DEFAULT_MODEL_LABEL
+from .measurement.report import (
+    COLLAPSE_PPL_RATIO,
+    COLLAPSE_TOP1_AGREEMENT,
+    SEVERITY_KL_BANDS,
+    SHIPPING,
+    HemorrhageReport,
+    grade_boundary_note,
+)
 from .render import comparison_rows, delta_p_reading, modification_lines, task_rows
 
 # The templates live in the repository's model_cards/; hemorrhage_hf/model_cards links there, and a wheel holds a copy.
@@ -52,7 +58,6 @@ SECTION_START = (
     "<!-- hemorrhage-hf:start (written by `hemorrhage-hf card`; edits between these markers are replaced) -->"
 )
 SECTION_END = "<!-- hemorrhage-hf:end -->"
-DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TASK_TYPE = "text-generation"
 TASK_NAME = "Hemorrhage versus the base model"
 
@@ -99,22 +104,33 @@ class CardOptions:
 
 
 def base_model_id(report: HemorrhageReport) -> str | None:
-    """The Hub id of the report's reference model, when it has one (the embedded SmolLM2 maps to its Hub id)."""
+    """The Hub id of the report's reference model, when it is one.
+
+    The embedded ``default`` model has none: its weights are the Q4_1 GGUF of SmolLM2-135M-Instruct dequantized,
+    not the weights the Hub id names, so the card does not claim that id (``--base-model`` sets one explicitly).
+    """
     reference = report.metadata.get("reference") or ""
-    if reference == DEFAULT_MODEL_LABEL:
-        return DEFAULT_BASE_MODEL
     return reference if _HUB_ID.fullmatch(reference) else None
 
 
 def dataset_identity(corpus: str) -> tuple[str, str]:
-    """(type, name) for the model-index from a report's corpus label: the Python docs, a dataset or a file."""
+    """(type, name) for the model-index from a report's corpus label: the Python docs, a dataset or a file.
+
+    The type is a name, never a path: a `datasets` id (``wikitext/wikitext-2-raw-v1:test`` → ``wikitext``), or for
+    a local file its name without extensions (pass ``--dataset-type`` to name the Hub dataset it came from).
+
+    Example:
+        >>> dataset_identity("/data/wikitext-2-raw/wiki.valid.raw")
+        ('wiki', 'wikitext-2-raw/wiki.valid.raw')
+        >>> dataset_identity("wikitext/wikitext-2-raw-v1:test")
+        ('wikitext', 'wikitext/wikitext-2-raw-v1:test')
+    """
     if corpus == PYTHON_DOCS:
         return PYTHON_DOCS, "Python documentation prose (pydoc_data.topics)"
     path = Path(corpus)
     if path.is_absolute() or path.suffix:
-        short = "/".join(path.parts[-2:])
-        return short, short
-    return corpus, corpus
+        return path.name.split(".")[0] or path.name, "/".join(path.parts[-2:])
+    return corpus.split("/")[0].split(":")[0], corpus
 
 
 def severity_legend() -> str:
@@ -205,6 +221,8 @@ def render_section(report: HemorrhageReport, options: CardOptions | None = None)
             window=meta.get("window", "?"),
             stride=meta.get("stride", "?"),
             severity=report.severity,
+            shipping=SHIPPING[report.severity],
+            boundary_note=grade_boundary_note(figures),
             rows=comparison_rows(report, CARD_TABLE_KEYS)[:-1],
             delta_p_reading=delta_p_reading(figures),
             non_finite_tokens=figures.get("non_finite_tokens"),

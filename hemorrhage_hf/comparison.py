@@ -1,10 +1,12 @@
 """The one-call entry point shared by the CLI, the `evaluate` metric and the Space: resolve both models (names,
-paths or objects), check they tokenize alike, cut the text into windows, and :func:`~hemorrhage_hf.measurement.engine.measure`.
+paths or objects), check they tokenize alike, cut the text into windows, and
+:func:`~hemorrhage_hf.measurement.engine.measure`.
 
 Example:
     >>> from hemorrhage_hf.comparison import MeasureOptions, TextSource, compare
     >>> source = TextSource(max_tokens=1024, window=256)
-    >>> report = compare("default", modification="int8", source=source, options=MeasureOptions(progress=False))  # doctest: +SKIP
+    >>> options = MeasureOptions(progress=False)
+    >>> report = compare("default", modification="int8", source=source, options=options)  # doctest: +SKIP
     >>> report.severity  # doctest: +SKIP
     'none'
 """
@@ -33,7 +35,7 @@ from .llamacpp.engine import ENGINE_NAME, ENGINES, TORCH_ENGINE, LlamaCppModel, 
 from .measurement.engine import LogitsModel, is_logits_model, measure
 from .measurement.refcache import DEFAULT_TOP_K, ReferenceCache
 from .measurement.report import HemorrhageReport
-from .models import DEFAULT_MODEL, DEFAULT_MODEL_LABEL, assert_same_tokenizer, load_model, load_tokenizer
+from .models import assert_same_tokenizer, load_model, load_tokenizer, model_label
 from .modify import apply_modification, describe_model, parse_spec
 from .modify.calibration import CalibrationSettings
 
@@ -42,7 +44,7 @@ ModelLike = str | PreTrainedModel | LogitsModel
 
 def _label(model: ModelLike) -> str:
     if isinstance(model, str):
-        return DEFAULT_MODEL_LABEL if model == DEFAULT_MODEL else model
+        return model_label(model)
     return getattr(model, "name_or_path", None) or type(model).__name__
 
 
@@ -145,7 +147,8 @@ class LoadOptions:
     def model(
         self, model: ModelLike, tokenizer: PreTrainedTokenizerBase | None = None
     ) -> tuple[PreTrainedModel | LogitsModel, PreTrainedTokenizerBase | None]:
-        """(model, its tokenizer); for a model object, the given tokenizer, else one loaded from its name if it has one."""
+        """(model, its tokenizer); for a model object, the given tokenizer, else one loaded from its name if it has
+        one."""
         if self.runs_in_llamacpp(model):
             loaded, own_tokenizer = load_llamacpp_model(model)
             return loaded, tokenizer or own_tokenizer
@@ -171,10 +174,10 @@ class MeasureOptions:
     from the same forward passes into ``report.variants``; see :func:`~hemorrhage_hf.measurement.engine.measure`.
 
     Example:
-        >>> MeasureOptions(layers=True, sequential=True)
+        >>> MeasureOptions(layers=True, sequential=True)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        hemorrhage_hf.errors.HemorrhageError: sequential mode keeps only a top-k cache of the reference: it cannot compare layers
+        hemorrhage_hf.errors.HemorrhageError: sequential mode keeps only a top-k cache of the reference: ...
     """
 
     batch_size: int = 1

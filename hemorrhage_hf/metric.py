@@ -17,7 +17,10 @@ from .tasks.flips import compare_answers
 
 METRIC_NAME = "hemorrhage"
 # The whole loader script; evaluate picks the first EvaluationModule subclass in its namespace.
-METRIC_SCRIPT = '"""The hemorrhage metric; its implementation lives in hemorrhage_hf.metric."""\n\nfrom hemorrhage_hf.metric import Hemorrhage  # noqa: F401\n'
+METRIC_SCRIPT = (
+    '"""The hemorrhage metric; its implementation lives in hemorrhage_hf.metric."""\n\n'
+    "from hemorrhage_hf.metric import Hemorrhage  # noqa: F401\n"
+)
 
 _CITATION = """\
 @article{ma2025hemorrhage,

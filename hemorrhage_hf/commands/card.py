@@ -9,8 +9,9 @@ from pathlib import Path
 from ..errors import HemorrhageError
 
 EPILOG = """examples:
-  hemorrhage-hf report --reference default --modification int4-g64 --layers --output out/
-  hemorrhage-hf card out/report.json --readme my-model/README.md --model-name my-model-int4
+  hemorrhage-hf report --reference my-model --modified my-model-int4 --output out/
+  hemorrhage-hf tasks --reference my-model --modified my-model-int4 --task piqa --limit 200 --output out/
+  hemorrhage-hf card out/report.json --readme my-model-int4/README.md --model-name my-model-int4 --tasks out/tasks.json
   hemorrhage-hf card out/report.json            # print the section only
 """
 
@@ -40,7 +41,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--tasks",
         metavar="JSON",
-        help="task results: a JSON list of compare_answers() results, each with a 'task' name",
+        help="tasks.json written by `hemorrhage-hf tasks` (or a JSON list of compare_answers() results, each "
+        "with a 'task' name)",
     )
     parser.add_argument("--no-plots", action="store_true", help="do not copy the report's PNG plots next to the card")
     parser.set_defaults(func=run)
@@ -56,6 +58,18 @@ def _read_json(path: str, what: str):
         raise HemorrhageError(f"{file} is not valid JSON: {error}") from error
 
 
+def task_results(data, source: str) -> list[dict]:
+    """The task results of a ``tasks.json`` written by `hemorrhage-hf tasks` (``{"tasks": {name: figures}}``), or
+    of a JSON list of :func:`~hemorrhage_hf.tasks.flips.compare_answers` results each with a ``"task"`` name."""
+    if isinstance(data, dict) and isinstance(data.get("tasks"), dict):
+        return [{"task": name, **figures} for name, figures in data["tasks"].items()]
+    if isinstance(data, list):
+        return data
+    raise HemorrhageError(
+        f"{source} holds neither the tasks.json that `hemorrhage-hf tasks` writes nor a JSON list of task results"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from ..cards import CardOptions, copy_plots, render_section, threshold_from_sweep, write_card
     from ..measurement.report import HemorrhageReport
@@ -64,9 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if report_path.is_dir():
         report_path = report_path / "report.json"
     report = HemorrhageReport.load(report_path)
-    tasks = _read_json(args.tasks, "task results") if args.tasks else []
-    if not isinstance(tasks, list):
-        raise HemorrhageError(f"{args.tasks} must hold a JSON list of task results")
+    tasks = task_results(_read_json(args.tasks, "task results"), args.tasks) if args.tasks else []
     options = CardOptions(
         model_name=args.model_name,
         base_model=args.base_model,

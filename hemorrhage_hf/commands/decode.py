@@ -19,7 +19,8 @@ from .common import (
 EPILOG = """examples:
   hemorrhage-hf decode --reference default --decoding temperature=0.7 --decoding top_p=0.9 --output out/
   hemorrhage-hf decode --reference default --modification int4-g64 --decoding none --output out/
-  hemorrhage-hf decode --reference default --decoding typical_p=0.5 --reference-decoding temperature=0.8 --greedy --output out/
+  hemorrhage-hf decode --reference default --decoding typical_p=0.5 --reference-decoding temperature=0.8 --greedy \\
+      --output out/
 
 a decoding is name=value[,name=value...] with temperature, top_k, top_p, typical_p, repetition_penalty; "none" is the
 plain softmax. Each --decoding runs on the modified model when one is given, else on the reference model.
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     from ..comparison import resolve_pair
     from ..corpus import tokenize_corpus
     from ..measurement.decoding import Decoding, corpus_prompts, decoding_divergence, generation_divergence
-    from ..models import load_model
+    from ..measurement.engine import run_environment
+    from ..models import load_model, model_label
     from ..render import decoding_table
 
     decodings = [Decoding.parse(spec) for spec in args.decoding]
@@ -123,9 +125,10 @@ def run(args: argparse.Namespace) -> int:
         for decoding in decodings
     ]
     output = {
-        "reference": args.reference,
+        "reference": model_label(args.reference),
         "modified": args.modified or args.modification or "(same model)",
         "corpus": corpus_label,
+        **run_environment(),
         "distributions": distributions,
         "generations": generations,
     }

@@ -125,7 +125,7 @@ def parse_tolerances(arguments: list[str]) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     from ..corpus import tokenize_corpus
     from ..errors import HemorrhageError
-    from ..models import load_model
+    from ..models import load_model, model_label
     from ..render import sweep_table
     from ..sweep.runner import SweepOptions, resolve_family, run_sweep
     from ..tasks.scoring import parse_task_argument
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         output_dir=args.output,
         metadata={
-            "reference": args.reference,
+            "reference": model_label(args.reference),
             "corpus": corpus_label,
             "window": args.window,
             "stride": args.stride or args.window,

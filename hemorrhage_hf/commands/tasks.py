@@ -1,4 +1,5 @@
-"""``hemorrhage-hf tasks``: task accuracy of a reference and a modified model, the drop, and the answers that flipped."""
+"""``hemorrhage-hf tasks``: task accuracy of a reference and a modified model, the drop, and the answers that
+flipped."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from .common import (
 )
 
 EPILOG = """examples:
-  hemorrhage-hf tasks --reference default --modification int4-g64 --task arc-easy=data/arc/ARC-Easy --limit 200 --output out/
-  hemorrhage-hf tasks --reference default --modified ./pruned --task piqa=data/piqa --task lambada=data/lambada --output out/
+  hemorrhage-hf tasks --reference default --modification int4-g64 --task arc-easy=data/arc/ARC-Easy --limit 200 \\
+      --output out/
+  hemorrhage-hf tasks --reference default --modified ./pruned --task piqa=data/piqa --task lambada=data/lambada \\
+      --output out/
 
 tasks: lambada (greedy last word), arc-easy, arc-challenge, piqa, hellaswag (log-likelihood of each choice,
   normalised by its length in characters). NAME alone loads the usual `datasets` id (needs the Hub).
@@ -57,6 +60,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..atomic import write_json
     from ..comparison import resolve_pair
+    from ..measurement.engine import run_environment
+    from ..models import model_label
     from ..render import tasks_table
     from ..tasks.scoring import parse_task_argument, task_hemorrhage
 
@@ -77,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
             ),
         }
     output = {
-        "reference": args.reference,
-        "modified": args.modified or f"{args.reference} + {args.modification}",
+        "reference": model_label(args.reference),
+        "modified": args.modified or f"{model_label(args.reference)} + {args.modification}",
+        **run_environment(),
         "tasks": results,
     }
     path = Path(args.output) / "tasks.json"

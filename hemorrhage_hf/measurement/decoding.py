@@ -118,7 +118,8 @@ class Decoding:
 def process_logits(
     decoding: Decoding, input_ids: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:
-    """Processed fp32 logits ``[n, vocab]`` of ``logits[rows, positions]``, each seeing the tokens up to its position."""
+    """Processed fp32 logits ``[n, vocab]`` of ``logits[rows, positions]``, each seeing the tokens up to its
+    position."""
     selected = logits[rows, positions].float()
     processors = decoding.processors()
     if decoding.position_independent:

@@ -288,7 +288,8 @@ def model_outputs(
 
 class ReferenceSource(Protocol):
     """Supplies the reference side of each batch: the live model (:class:`LiveReference`) or a cache of its outputs
-    (:class:`hemorrhage_hf.measurement.refcache.ReferenceCache`), so a sweep of K modified models costs K + 1 passes, not 2K."""
+    (:class:`hemorrhage_hf.measurement.refcache.ReferenceCache`), so a sweep of K modified models costs K + 1 passes,
+    not 2K."""
 
     def begin(self, windows: Sequence[Window], *, batch_size: int, layers: bool, attention: bool) -> None:
         """Start a pass over ``windows``; raise where this source cannot serve it."""
@@ -320,6 +321,25 @@ class LiveReference:
         return {}
 
 
+def run_environment() -> dict:
+    """What ran the measurement: tool, torch and transformers versions, and torch's CPU thread count.
+
+    Example:
+        >>> sorted(run_environment())
+        ['threads', 'tool', 'torch', 'transformers']
+    """
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "tool": f"hemorrhage-hf {__version__}",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
 @torch.no_grad()  # not inference_mode: quanto and torchao tensors fail under it
 def measure(
     reference: PreTrainedModel | LogitsModel | ReferenceSource,
@@ -338,7 +358,8 @@ def measure(
     """Measure how much ``modified`` bled relative to ``reference`` on ``windows``.
 
     Args:
-        reference: the reference model, or a :class:`~hemorrhage_hf.measurement.refcache.ReferenceCache` of its outputs on these
+        reference: the reference model, or a :class:`~hemorrhage_hf.measurement.refcache.ReferenceCache` of its
+        outputs on these
             windows (KL is then a lower bound over its top-k bins plus a tail bin; the other figures are exact).
             Either model may be a :class:`LogitsModel` (llama.cpp), which yields logits only (no ``layers``).
         windows: token windows from :func:`hemorrhage_hf.corpus.tokenize_corpus` (both models see exactly these).
@@ -394,7 +415,7 @@ def measure(
     report = HemorrhageReport.build(
         tokens.finish(),
         layers=layer_accumulator.finish() if layer_accumulator is not None else None,
-        metadata={**(metadata or {}), **source.metadata()},
+        metadata={**run_environment(), **(metadata or {}), **source.metadata()},
     )
     for name, accumulator in variant_tokens.items():
         variant_metadata = {**report.metadata, "modified": f"{report.metadata.get('modified', 'modified')} + {name}"}

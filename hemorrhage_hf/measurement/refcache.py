@@ -14,7 +14,8 @@ for everything else, the same bins for both models. Merging bins never raises KL
 so cached KL is a **lower bound** of the full KL; the mean tail mass says how much of the distribution was merged.
 
 On disk (folder ``<cache_dir()>/reference-cache/<key>/``): ``header.json`` plus ``shard-wNNNNNNN.safetensors`` files,
-each holding consecutive windows from window NNNNNNN on. The header names the model fingerprint (a SHA-256 of its weights and config), the
+each holding consecutive windows from window NNNNNNN on. The header names the model fingerprint (a SHA-256 of its
+weights and config), the
 windows fingerprint (their token ids and scored positions), k, the batch size, and each shard's window range and
 SHA-256. The key is derived from all of these, so a rerun with the same model, corpus and windows finds its cache,
 and an interrupted build resumes after the last complete shard. Shards are checked against their checksums before
@@ -61,7 +62,8 @@ from .divergence import TokenStatistics, concatenate_row_chunks, kl_divergence, 
 from .engine import Batch, batch_windows, is_logits_model, model_outputs
 
 CACHE_FORMAT = "hemorrhage-hf reference cache"
-CACHE_VERSION = 3  # 2: float64 tails; 3: entries built in the row chunks that read them. A cache must come from the code that reads it
+# 2: float64 tails; 3: entries built in the row chunks that read them. A cache must come from the code that reads it.
+CACHE_VERSION = 3
 DEFAULT_TOP_K = 64
 DEFAULT_SHARD_TOKENS = 16384
 #: Tails smaller than this are summed exactly over the vocabulary (see :func:`coarse_grain`).
@@ -107,7 +109,8 @@ def coarse_kl(
 def reference_entries(logits: torch.Tensor, targets: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     """What the cache keeps of reference logits ``[n, vocab]`` at positions whose true next tokens are ``targets``.
 
-    The log-probabilities and top-1 are computed exactly as :func:`hemorrhage_hf.measurement.divergence.token_statistics` does,
+    The log-probabilities and top-1 are computed exactly as
+    :func:`hemorrhage_hf.measurement.divergence.token_statistics` does,
     in the same row chunks as :func:`cached_token_statistics`, so cached and live runs give bit-identical NLL,
     agreement and Δp, and a model measured against its own cache gives a KL of exactly 0.
     """
@@ -130,7 +133,8 @@ def _reference_chunk_entries(logits: torch.Tensor, targets: torch.Tensor, *, k: 
 
 def cached_token_statistics(entries: dict[str, torch.Tensor], modified_logits: torch.Tensor) -> TokenStatistics:
     """:class:`TokenStatistics` of modified logits ``[n, vocab]`` against cached reference entries of the same tokens,
-    in chunks of rows as :func:`~hemorrhage_hf.measurement.divergence.token_statistics` does, so memory stays flat in ``n``."""
+    in chunks of rows as :func:`~hemorrhage_hf.measurement.divergence.token_statistics` does, so memory stays flat in
+    ``n``."""
     names = list(entries)
 
     def chunk_statistics(logits: torch.Tensor, *values: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -219,7 +223,8 @@ class CacheKey:
 
 
 class ReferenceCache:
-    """An opened, complete reference cache; pass it to :func:`hemorrhage_hf.measurement.engine.measure` as the reference.
+    """An opened, complete reference cache; pass it to :func:`hemorrhage_hf.measurement.engine.measure` as the
+    reference.
 
     Build one with :meth:`build` (which resumes a partial one), or reopen a folder with :meth:`open`.
 
@@ -367,7 +372,7 @@ class ReferenceCache:
             self._shard_index = index
         return self._shard
 
-    # --- the ReferenceSource protocol of hemorrhage_hf.measurement.engine ------------------------------------------------------
+    # --- the ReferenceSource protocol of hemorrhage_hf.measurement.engine ---
 
     def begin(self, windows: Sequence[Window], *, batch_size: int, layers: bool, attention: bool) -> None:
         if layers or attention:

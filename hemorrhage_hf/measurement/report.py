@@ -47,6 +47,40 @@ COLLAPSE_TOP1_AGREEMENT = 0.25
 KL_PERCENTILES = (0.1, 1, 5, 10, 50, 90, 95, 99, 99.9)
 
 
+#: What each grade means for shipping the modified model in place of its reference.
+SHIPPING = {
+    "none": "safe to ship: its predictions differ from the reference's by rounding noise",
+    "mild": "fit to ship for most uses; run the tasks you care about (`hemorrhage-hf tasks`) to confirm",
+    "moderate": "not safe to ship unchecked: predictions noticeably differ; ship only if your own tasks hold up",
+    "severe": "do not ship: it often disagrees with the reference",
+    "collapse": "broken: do not ship",
+}
+#: A KL mean closer than this fraction to a grade boundary is flagged: another sample of text could change the grade.
+BOUNDARY_MARGIN = 0.1
+
+
+def grade_boundary_note(figures: dict) -> str | None:
+    """A warning when the KL mean lies near a grade boundary (within its 95 % interval or 10 % of the boundary).
+
+    Example:
+        >>> grade_boundary_note({"kl_mean": 0.095, "kl_mean_error": 0.002, "severity": "mild"})
+        'KL mean 0.095 ± 0.002 lies near the mild/moderate boundary (0.1): the grade could change with more text'
+        >>> grade_boundary_note({"kl_mean": 0.05, "kl_mean_error": 0.002, "severity": "mild"}) is None
+        True
+    """
+    kl, error = figures.get("kl_mean"), figures.get("kl_mean_error") or 0.0
+    if figures.get("severity") == "collapse" or not isinstance(kl, (int, float)) or not math.isfinite(kl):
+        return None
+    grades = [grade for grade, _ in SEVERITY_KL_BANDS] + ["severe"]
+    for index, (_, boundary) in enumerate(SEVERITY_KL_BANDS):
+        if abs(kl - boundary) <= max(1.96 * error, BOUNDARY_MARGIN * boundary):
+            return (
+                f"KL mean {kl:.3g} ± {error:.1g} lies near the {grades[index]}/{grades[index + 1]} boundary "
+                f"({boundary:g}): the grade could change with more text"
+            )
+    return None
+
+
 def severity_grade(*, kl_mean: float, ppl_ratio: float, top1_agreement: float, non_finite_tokens: int) -> str:
     """The grade of the table in this module's docstring."""
     if non_finite_tokens > 0 or not ppl_ratio < COLLAPSE_PPL_RATIO or top1_agreement < COLLAPSE_TOP1_AGREEMENT:
@@ -190,7 +224,8 @@ class HemorrhageReport:
     """Everything measured in one comparison. ``figures`` is flat; ``layers`` is None unless asked for.
 
     ``variants`` holds reports of transformed copies of the modified model's logits measured in the same pass
-    (e.g. ``"calibrated"``: :func:`~hemorrhage_hf.measurement.engine.measure`'s ``modified_variants``); they are not serialised.
+    (e.g. ``"calibrated"``: :func:`~hemorrhage_hf.measurement.engine.measure`'s ``modified_variants``); they are not
+    serialised.
     """
 
     figures: dict
@@ -217,7 +252,8 @@ class HemorrhageReport:
 
     @classmethod
     def from_dict(cls, data: dict) -> HemorrhageReport:
-        """Inverse of :meth:`to_dict`; per-token arrays are not saved, so ``tokens`` is None (non-finite figures stay null)."""
+        """Inverse of :meth:`to_dict`; per-token arrays are not saved, so ``tokens`` is None (non-finite figures stay
+        null)."""
         if not isinstance(data, dict) or "severity" not in data:
             raise HemorrhageError("not a hemorrhage report: it has no 'severity' figure")
         layer_keys = LayerFigures(layer_map=[], cosine_distance=[], relative_l2=[]).to_dict().keys()

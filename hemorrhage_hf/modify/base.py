@@ -66,7 +66,8 @@ class Modification(ABC):
         """Modify ``model`` in place and return it. ``calibration`` is a ``[n, seq_len]`` LongTensor of token ids."""
 
     def restore(self, model: PreTrainedModel) -> PreTrainedModel:
-        """Re-install what the saved weights cannot carry, on a model reloaded from a checkpoint of this modification."""
+        """Re-install what the saved weights cannot carry, on a model reloaded from a checkpoint of this
+        modification."""
         return model
 
     #: False where the result cannot be saved as a checkpoint that reloads to the same model; then says why.

@@ -31,7 +31,8 @@ KINDS = ("dup", "identity")
 
 
 def insertion_points(n_layers: int, count: int) -> list[int]:
-    """The last layer of each of ``count`` consecutive, near-equal groups of ``n_layers`` (copied and inserted after)."""
+    """The last layer of each of ``count`` consecutive, near-equal groups of ``n_layers`` (copied and inserted
+    after)."""
     return [round((group + 1) * n_layers / count) - 1 for group in range(count)]
 
 

@@ -51,7 +51,9 @@ class WeightQuantization(Modification):
         """The Linear layers to quantize, after refusing a group size wider than any of them."""
         linears = target_linears(model)
         if self.group_size is not None:
-            too_narrow = {name: l.in_features for name, l in linears.items() if l.in_features < self.group_size}
+            too_narrow = {
+                name: linear.in_features for name, linear in linears.items() if linear.in_features < self.group_size
+            }
             if too_narrow:
                 name, width = next(iter(too_narrow.items()))
                 raise ModificationError(

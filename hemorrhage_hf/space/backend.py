@@ -206,9 +206,8 @@ def token_kl_html(first_piece: str, pieces: list[str], kl: np.ndarray, finite: n
             spans.append(f'<span style="background:#000;color:#fff" title="NaN/inf logits">{html.escape(piece)}</span>')
             continue
         alpha = min(max(value, 0.0) / KL_COLOUR_SATURATION, 1.0) ** 0.5 * 0.85
-        spans.append(
-            f'<span style="background:rgba(178,34,34,{alpha:.3f})" title="KL {value:.4f} nats">{html.escape(piece)}</span>'
-        )
+        style = f"background:rgba(178,34,34,{alpha:.3f})"
+        spans.append(f'<span style="{style}" title="KL {value:.4f} nats">{html.escape(piece)}</span>')
     legend = (
         f"<p style='font-size:0.85em'>Shade = KL(P_ref ‖ P_mod) of the two models' predictions of that token "
         f"(√ scale, full red at {KL_COLOUR_SATURATION:g} nats or more). Hover a token for its value.</p>"

@@ -18,10 +18,10 @@ import gradio as gr
 import pandas
 
 from ..cards import CardOptions, render_section, threshold_from_sweep, update_card_text
-from ..render import comparison_rows
 from ..errors import HemorrhageError
 from ..measurement.report import HemorrhageReport
 from ..modify import known_specs, parse_spec
+from ..render import comparison_rows
 from ..sweep.runner import FAMILIES
 from .backend import ModelCache, default_sweep_levels, run_comparison, run_threshold_sweep
 
@@ -114,7 +114,10 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
         report = comparison.report
         report_data = report.to_dict()
         generations = [comparison.generations.get(key, "") for key in GENERATION_LABELS]
-        severity = f"### Severity: **{report.severity}**  \n{report.metadata['modified']}, {report.figures['n_tokens']} scored tokens"
+        severity = (
+            f"### Severity: **{report.severity}**  \n"
+            f"{report.metadata['modified']}, {report.figures['n_tokens']} scored tokens"
+        )
         return (
             severity,
             [list(row) for row in comparison_rows(report)],

@@ -17,7 +17,8 @@ thresholds on perplexity; for decoding: total variation, JS, agreement), else th
 
 Each level records its figures and its wall time (``seconds``; a decoding sweep's one shared pass is split evenly
 over its levels). Levels are listed from the weakest to the strongest modification. Strength is the level's number,
-negated when the levels decrease (bits), on a log scale for ``top_k``; ``n:m`` levels count as the sparsity 100·(1 − n/m).
+negated when the levels decrease (bits), on a log scale for ``top_k``; ``n:m`` levels count as the sparsity 100·(1 −
+n/m).
 
 Output (``save``): ``sweep.json`` (everything), ``sweep.csv`` (one row per level), ``sweep_<figure>.png`` (one
 curve per figure, threshold and tolerance marked). ``sweep.json`` is rewritten after every level, and a rerun into
@@ -53,7 +54,7 @@ from ..llamacpp.export import GgufLevels
 from ..llamacpp.types import parse_types
 from ..measurement import distributed
 from ..measurement.decoding import Decoding, decoding_divergence
-from ..measurement.engine import measure
+from ..measurement.engine import measure, run_environment
 from ..measurement.refcache import DEFAULT_TOP_K, ReferenceCache, model_fingerprint, windows_fingerprint
 from ..modify import apply_modification, linear_footprint, parse_spec
 from ..modify.calibration import CalibrationSettings
@@ -410,7 +411,7 @@ def run_sweep(
     writes = output_dir is not None and distributed.is_main_process()
     started = time.perf_counter()
     curves = (DECODING_CURVES if family.kind == "decoding" else MODEL_CURVES) + tuple(task_curve(t.name) for t in tasks)
-    result = SweepResult(family, [], dict(metadata or {}), curves, dict(options.tolerances))
+    result = SweepResult(family, [], {**run_environment(), **(metadata or {})}, curves, dict(options.tolerances))
 
     def record(level: str, spec: str | None, figures: dict, seconds: float, **extra) -> None:
         strength = None if spec is None else scale.strength(level)

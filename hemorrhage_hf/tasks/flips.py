@@ -7,8 +7,8 @@ answer that became another wrong answer is counted too.
 Example:
     >>> from hemorrhage_hf.tasks.flips import compare_answers
     >>> result = compare_answers(reference=[0, 1, 2, 3], modified=[0, 2, 2, 1], gold=[0, 1, 3, 1])
-    >>> result["flip_rate"], result["correct_to_incorrect"], result["incorrect_to_correct"], result["wrong_to_other_wrong"]
-    (0.5, 1, 1, 0)
+    >>> [result[key] for key in ("flip_rate", "correct_to_incorrect", "incorrect_to_correct", "wrong_to_other_wrong")]
+    [0.5, 1, 1, 0]
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ six-line text format, optionally ``.bz2``, LAMBADA ``{"text"}`` jsonl), a folder
 
 Example:
     >>> from hemorrhage_hf.tasks.scoring import parse_hellaswag_text
-    >>> lines = ["Roof shingle removal: A man is sitting on a roof. he", "3", "is wrapping skis.", "is ripping tiles off.",
-    ...          "is holding a cube.", "starts pulling up roofing on a roof."]
+    >>> lines = ["Roof shingle removal: A man is sitting on a roof. he", "3", "is wrapping skis.",
+    ...          "is ripping tiles off.", "is holding a cube.", "starts pulling up roofing on a roof."]
     >>> item = parse_hellaswag_text(lines)[0]
     >>> item.gold, item.choices[3]
     (3, ' starts pulling up roofing on a roof.')

@@ -1,4 +1,4 @@
-"""Issue 7: data-parallel measurement under `accelerate launch` (2 CPU processes, gloo) gives the single-process
+"""Data-parallel measurement under `accelerate launch` (2 CPU processes, gloo) gives the single-process
 report byte for byte; the sequential (one model at a time) mode gives the same exact figures and a KL bound.
 
 The launcher gives each process one thread (OMP_NUM_THREADS=1), and CPU kernels round differently with another
@@ -11,12 +11,26 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from hemorrhage_hf.comparison import MeasureOptions, TextSource, compare
 from hemorrhage_hf.errors import HemorrhageError
 from hemorrhage_hf.measurement.distributed import shard_bounds
+
+
+def accelerate_launcher() -> str:
+    """The `accelerate` script of this interpreter's environment: a virtual environment that is not activated is
+    not on PATH, and another environment's launcher would run another Python."""
+    beside = Path(sys.executable).with_name("accelerate")
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("accelerate")
+    if found is None:
+        pytest.fail(f"no accelerate launcher beside {sys.executable} nor on PATH: install accelerate")
+    return found
+
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # what the launcher gives each of its processes
 
@@ -35,7 +49,7 @@ def test_shards_cover_every_window_once_on_batch_boundaries(n_windows, batch_siz
 
 @pytest.mark.heavy
 def test_two_processes_give_the_single_process_report_byte_for_byte(tmp_path, wikitext_text):
-    accelerate = shutil.which("accelerate")
+    accelerate = accelerate_launcher()
     assert accelerate, "accelerate's launcher is installed with the package"
     text_file = tmp_path / "t.txt"
     text_file.write_text(wikitext_text[:20_000], encoding="utf-8")
@@ -87,7 +101,10 @@ def test_two_processes_give_the_single_process_report_byte_for_byte(tmp_path, wi
     assert (tmp_path / "two" / "report.json").read_bytes() == single
     assert b'"n_tokens": 595' in single  # 5 windows of the first 600 tokens, each window's first token unscored
     default_threads = json.loads((tmp_path / "default_threads" / "report.json").read_text())
+    assert default_threads["metadata"].pop("threads") >= 1 and json.loads(single)["metadata"]["threads"] == 1
     for name, value in json.loads(single).items():
+        if name == "metadata":
+            value.pop("threads")
         assert default_threads[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
@@ -95,7 +112,7 @@ def test_two_processes_give_the_single_process_report_byte_for_byte(tmp_path, wi
 def test_two_processes_sweep_like_one(tmp_path, wikitext_text):
     """A cached sweep under `accelerate launch`: each process caches and measures its share; the figures of every
     level equal the single-process sweep's, and the parallel-built cache covers every token once."""
-    accelerate = shutil.which("accelerate")
+    accelerate = accelerate_launcher()
     text_file = tmp_path / "t.txt"
     text_file.write_text(wikitext_text[:20_000], encoding="utf-8")
     arguments = [
