@@ -2,7 +2,7 @@
 
 Prints, measured in one run with the Space's own limits (SpaceLimits defaults):
   compare cold / warm  = first comparison (load the model, modify it, measure, plot, generate) / the same request
-                         again (model, modified copy and calibration cached), with and without decoding calibration
+                         again (model, modified copy and correction cached), with and without decoding correction
   sweep seconds        = the Threshold tab's default sweep of each family given, on the default text
 
 Usage: python bench/bench_space.py [--families bits,temperature,sparsity:wanda] [--new-tokens 32]
@@ -30,7 +30,7 @@ def _timed(function) -> float:
     return time.perf_counter() - started
 
 
-def compare_cold_warm(spec: str, new_tokens: int, calibrate: bool) -> dict:
+def compare_cold_warm(spec: str, new_tokens: int, correct: bool) -> dict:
     cache = ModelCache()
     text = sample_text()
 
@@ -42,13 +42,13 @@ def compare_cold_warm(spec: str, new_tokens: int, calibrate: bool) -> dict:
             text,
             prompt="What does the Python `len` function do?",
             max_new_tokens=new_tokens,
-            calibrate=calibrate,
+            correct=correct,
         )
 
     cold, warm = _timed(request), _timed(request)
     return {
         "spec": spec,
-        "calibrate": calibrate,
+        "correct": correct,
         "cold_s": round(cold, 2),
         "warm_s": round(warm, 2),
         "cold_over_warm": round(cold / warm, 2),
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--families", default="bits,temperature,sparsity:wanda")
     args = parser.parse_args()
-    results = {"compare": [compare_cold_warm(args.spec, args.new_tokens, calibrate) for calibrate in (False, True)]}
+    results = {"compare": [compare_cold_warm(args.spec, args.new_tokens, correct) for correct in (False, True)]}
     cache = ModelCache()
     cache.reference(DEFAULT_MODEL_LABEL)  # loading is the compare's cost, not the sweep's
     results["sweeps"] = []

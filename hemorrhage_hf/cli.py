@@ -28,7 +28,7 @@ COMMANDS = {
     "card": "write a report into a model card (Markdown section + model-index eval results)",
     "sweep": "measure a modification at several strengths and find its robustness threshold",
     "decode": "measure how decoding changes shift next-token distributions and generations",
-    "calibrate": "fit a decoding calibration (a LogitsProcessor) that pulls a modified model back to its reference",
+    "correct": "fit a decoding correction (a LogitsProcessor) that pulls a modified model back to its reference",
     "quantize": "quantize a model with a spec and save the checkpoint",
     "prune": "prune a model with a spec and save the checkpoint",
     "expand": "insert decoder layers (duplicated, or identity-initialised) and save the checkpoint",

@@ -170,7 +170,7 @@ class MeasureOptions:
     loaded here, modified in place), then the modified model runs against the cache. Peak memory halves; KL becomes
     the cache's lower bound (stated in the report with k and the tail mass); layer statistics are not available.
 
-    ``modified_variants`` (name → logit transform, e.g. a decoding correction's ``calibrate_sequence``) are measured
+    ``modified_variants`` (name → logit transform, e.g. a decoding correction's ``correct_sequence``) are measured
     from the same forward passes into ``report.variants``; see :func:`~hemorrhage_hf.measurement.engine.measure`.
 
     Example:

@@ -27,3 +27,7 @@ class ModificationError(HemorrhageError):
 
 class BackendError(HemorrhageError):
     """A quantization backend is not installed, refuses the options, or failed (the message names it and its fix)."""
+
+
+class CorrectionError(HemorrhageError):
+    """A decoding correction cannot be fitted, loaded or applied as asked."""

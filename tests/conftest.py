@@ -74,11 +74,13 @@ def tiny_llama(
     return LlamaForCausalLM(config).eval()
 
 
-def pair_that_does_not_carry(validation_every: int) -> tuple:
+def pair_that_does_not_carry() -> tuple:
     """(reference, modified, ids): tiny Llamas where the modification damages the embeddings of the tokens the fit
-    windows read and barely touches those of the windows a calibration fit holds out (every ``validation_every``-th,
-    reading only tokens 32..63), so what a fit learns does not carry to them."""
+    share's documents read and barely touches those of the documents a correction fit holds out (its select and
+    report shares, reading only tokens 32..63), so what a fit learns does not carry to them."""
     import copy
+
+    from hemorrhage_hf.correction.fit import share_of_documents
 
     reference = tiny_llama()
     with torch.no_grad():
@@ -88,6 +90,7 @@ def pair_that_does_not_carry(validation_every: int) -> tuple:
     with torch.no_grad():
         modified.model.embed_tokens.weight[:32] += 0.05 * torch.randn(32, 32, generator=noise)
         modified.model.embed_tokens.weight[32:] += 0.001 * torch.randn(32, 32, generator=noise)
-    ids = torch.randint(0, 32, (10, 40), generator=torch.Generator().manual_seed(0))
-    ids[validation_every - 1 :: validation_every] += 32
+    ids = torch.randint(0, 32, (10, 48), generator=torch.Generator().manual_seed(0))
+    held_out = [share > 0 for share in share_of_documents([47] * 10, seed=0)]  # each row is a document
+    ids[held_out] += 32
     return reference, modified, ids

@@ -85,10 +85,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def space_url():
-    """The Space served on 127.0.0.1 for this module, with tiny generation limits and a short calibration fit."""
+    """The Space served on 127.0.0.1 for this module, with tiny generation limits and a short correction fit."""
     from hemorrhage_hf.space import build_demo, launch
 
-    demo = build_demo(ModelCache(limits=SpaceLimits(new_tokens=4, calibration_iterations=8)))
+    demo = build_demo(ModelCache(limits=SpaceLimits(new_tokens=4, correction_iterations=8)))
     _, url, _ = launch(demo, port=_free_port(), prevent_thread_lock=True, quiet=True)
     yield url
     demo.close()
@@ -107,7 +107,7 @@ def test_api_compare_then_card_section(space_url, tmp_path):
         tokens_html,
         reference_text,
         modified_text,
-        calibrated_text,
+        corrected_text,
         verdict,
         report,
     ) = client.predict(DEFAULT_MODEL_LABEL, "int4-g64", TEXT, "Name a colour.", 4, True, api_name="/compare")
@@ -121,9 +121,9 @@ def test_api_compare_then_card_section(space_url, tmp_path):
     for png in (layer_plot, kl_plot):
         assert Path(png).read_bytes()[:4] == b"\x89PNG"
     assert tokens_html.count('title="KL ') == report["n_tokens"]  # each scored token; the first is context only
-    assert reference_text and modified_text and calibrated_text
-    # The calibration's own held-out check (fitted on the Python docs, never on this text) is shown with it.
-    assert verdict.startswith("Decoding calibration: the calibration") and "held-out KL" in verdict
+    assert reference_text and modified_text and corrected_text
+    # The correction's own held-out check (fitted on the Python docs, never on this text) is shown with it.
+    assert verdict.startswith("Decoding correction (fitted and checked on Python docs") and "held-out KL" in verdict
 
     card, section = client.predict("smollm2-int4", api_name="/card_section")
     assert card.startswith("---\nmodel-index:\n- name: smollm2-int4\n") and section in card
@@ -188,7 +188,7 @@ def test_page_runs_a_comparison_in_chromium(space_url):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(space_url)
             page.fill("#text textarea", TEXT)
-            page.check("#calibrate input[type=checkbox]")
+            page.check("#correct input[type=checkbox]")
             page.click("#compare-button")
             table = page.locator("#figures-table")
             expect(table).to_contain_text("KL mean (nats)", timeout=240_000)
@@ -198,7 +198,7 @@ def test_page_runs_a_comparison_in_chromium(space_url):
             expect(plot).to_be_visible()
             assert plot.evaluate("image => image.complete && image.naturalWidth") > 400
             expect(page.locator("#token-kl span[title^='KL ']").first).to_be_visible()
-            expect(page.locator("#calibration-verdict")).to_contain_text("held-out KL")
+            expect(page.locator("#correction-verdict")).to_contain_text("held-out KL")
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=ARTIFACTS / "space-compare.png", full_page=True)
         finally:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from ..measurement import distributed
 from ..render import SUMMARY_ROWS
-from .calibrate import CALIBRATED, load_calibration, save_calibrated_report, side_by_side_table
 from .common import (
     add_calibration_arguments,
     add_device_map_argument,
@@ -24,6 +23,7 @@ from .common import (
     load_options,
     text_from_arguments,
 )
+from .correct import CORRECTED, load_correction, save_corrected_report, side_by_side_table
 
 #: Tokens measured unless --max-tokens says otherwise: 16 windows of 512, about a minute on 2 CPU cores for a
 #: 135 M-parameter model; the whole of a long text can take hours.
@@ -87,11 +87,11 @@ def add_parser(subparsers) -> None:
         help="reference tokens kept per position in --sequential mode (default: %(default)s)",
     )
     parser.add_argument(
-        "--calibration",
+        "--correction",
         metavar="DIR",
-        help="also measure the modified model corrected by this decoding calibration (from `hemorrhage-hf "
-        "calibrate`), from the same forward passes: its report goes to OUTPUT/calibrated/, and a side-by-side table "
-        "to the console and OUTPUT/calibration_comparison.md",
+        help="also measure the modified model corrected by this decoding correction (from `hemorrhage-hf "
+        "correct`), from the same forward passes: its report goes to OUTPUT/corrected/, and a side-by-side table "
+        "to the console and OUTPUT/correction_comparison.md",
     )
     add_calibration_arguments(parser)
     add_gate_arguments(parser, [key for key, _, _ in SUMMARY_ROWS])
@@ -116,9 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from ..render import console_table
 
     text, corpus_label = text_from_arguments(args)
-    calibration = (
-        load_calibration(args.calibration) if args.calibration else None
-    )  # bad folders fail before models load
+    correction = load_correction(args.correction) if args.correction else None  # bad folders fail before models load
     if not args.quiet:
         print(measurement_plan(args, corpus_label), file=sys.stderr)
     report = compare(
@@ -143,15 +141,15 @@ def run(args: argparse.Namespace) -> int:
             sequential=args.sequential,
             top_k=args.top_k,
             progress=not args.quiet,
-            modified_variants={CALIBRATED: calibration.calibrate_sequence} if calibration else None,
+            modified_variants={CORRECTED: correction.correct_sequence} if correction else None,
         ),
     )
     if not distributed.is_main_process():
         return 0  # under `accelerate launch` every process holds the merged report; the first one writes it
     written = report.save(Path(args.output), plots=not args.no_plots)
     print(console_table(report))
-    if calibration is not None:
-        written.update(save_calibrated_report(report, Path(args.output), plots=not args.no_plots))
+    if correction is not None:
+        written.update(save_corrected_report(report, Path(args.output), plots=not args.no_plots))
         print("\n" + side_by_side_table(report))
     print("\nwrote " + ", ".join(str(path) for path in written.values()))
     return check_gates([*args.fail_above, *args.fail_below], report.figures)

@@ -3,7 +3,7 @@ trained on the KL itself over much more text than the other families can keep.
 
 Pruning changes the final hidden state in ways a linear map barely undoes (SmolLM2 ``wanda-50``, held out: a
 linear map of the state fitted on 131k tokens removes 8 % of the KL, this network fitted on 262k 19.8 %;
-BENCHMARKS.md, "Decoding calibration"). A network needs hundreds of thousands of predictions, and a prediction's
+BENCHMARKS.md, "Decoding correction"). A network needs hundreds of thousands of predictions, and a prediction's
 logits are 4 bytes × vocabulary (both models in fp16; 196 KB for SmolLM2): so the fit keeps, per prediction, only
 what the KL needs of the two models (:class:`StateData`, 2 × hidden + 1 numbers)::
 
@@ -187,7 +187,7 @@ class StateNetwork(nn.Module):
         network cut to 128 directions kept almost all it removed (wanda-50, held out, 262k fit tokens: 21.5 % →
         21.2 % of the KL, where the principal directions of ``Δh`` itself kept 21.0 %) for two thirds of its
         generation overhead, where a network trained at rank 128 removes less (BENCHMARKS.md, "Decoding
-        calibration").
+        correction").
         """
         change = self(states)
         root, inverse_root = _matrix_roots(output_metric(states + change, head))
@@ -277,7 +277,7 @@ def fit_state_network(
     progress: bool = True,
 ) -> NetworkFit:
     """Train a :class:`StateNetwork` on ``fit`` minimising the mean KL, with AdamW and a one-cycle learning rate
-    (the recipe of BENCHMARKS.md, "Decoding calibration"), and judge it on ``validation``. A ``write_rank`` below
+    (the recipe of BENCHMARKS.md, "Decoding correction"), and judge it on ``validation``. A ``write_rank`` below
     ``rank`` cuts the trained network's write to that many directions (:meth:`StateNetwork.cut_write`) before
     it is judged: what the processor costs a generation step scales with it.
 
@@ -360,7 +360,7 @@ def _train(
         torch.enable_grad(),
         tqdm(
             total=epochs * steps_per_epoch,
-            desc="calibration: training state_network",
+            desc="correction: training state_network",
             unit="step",
             disable=not progress,
         ) as bar,
@@ -383,7 +383,7 @@ def _train(
 
 def read_tokens(token_counts: torch.Tensor, excluded: set[int], *, hidden_size: int, seed: int = 0) -> torch.Tensor:
     """The :data:`READ_TOKENS` tokens (at least ``hidden_size + 1``) the processor reads the state from: those the
-    calibration text used least (``token_counts``, ``[vocab]``), ties at random, never one of ``excluded``.
+    fit text used least (``token_counts``, ``[vocab]``), ties at random, never one of ``excluded``.
 
     Rare tokens are the ones earlier processors leave alone (a repetition penalty changes the scores of tokens
     already in the text; generation bans special tokens), and SmolLM2's least-used tokens pin the state down about

@@ -1,4 +1,4 @@
-"""Pure tensor functions of decoding calibration: the correction of next-token scores, its loss, and its fit.
+"""Pure tensor functions of decoding correction: the correction of next-token scores, its loss, and its fit.
 
 A correction maps the modified model's scores ``z`` (``[..., vocab]``) and the token each position has just seen
 (``previous_ids``, ``[...]``) to corrected scores. Each family adds one term; a family that is absent, or present
@@ -57,7 +57,7 @@ NETWORK_TENSORS = (
 #: linear map of the state wants almost none.
 SHRINKAGES = (1 / 256, 1 / 64, 1 / 16, 1 / 4, 1.0, 4.0)
 #: Rank of the low-rank biases. For the state bias, 32 kept 27 % of the KL off held-out int4-g64 text, 8 kept 24 %,
-#: 64 kept 28 % for twice the size and per-step cost (BENCHMARKS.md, "Decoding calibration").
+#: 64 kept 28 % for twice the size and per-step cost (BENCHMARKS.md, "Decoding correction").
 DEFAULT_RANK = 32
 
 
@@ -75,7 +75,7 @@ class CorrectionParameters:
     vocab_size: int
     log_inverse_temperature: torch.Tensor | None = None  # [] ; 0 is the identity
     entropy_slope: torch.Tensor | None = None  # [] ; 0 is the identity
-    entropy_center: torch.Tensor | None = None  # [] ; the mean entropy on calibration text (a constant, not fitted)
+    entropy_center: torch.Tensor | None = None  # [] ; the mean entropy on fit text (a constant, not fitted)
     token_bias: torch.Tensor | None = None  # [vocab]
     previous_token_factors: torch.Tensor | None = None  # [vocab, rank]; zero rows for tokens never seen
     previous_token_basis: torch.Tensor | None = None  # [rank, vocab]
@@ -312,7 +312,7 @@ def apply_correction(
 
 
 def state_network_term(scores: torch.Tensor, parameters: CorrectionParameters) -> torch.Tensor:
-    """What the state network adds to ``scores`` (``[..., vocab]``): read, map, write (calibration_network).
+    """What the state network adds to ``scores`` (``[..., vocab]``): read, map, write (correction_network).
 
     A row where an earlier processor banned one of the read tokens (a score of -inf) gets no network correction:
     its state can no longer be read exactly."""
@@ -356,7 +356,7 @@ class HiddenStateFactors:
     same head) regressed on the modified one, shrunk towards zero, then cut to the ``r`` directions that carry most
     of its fit. On SmolLM2 int4-g64 this keeps more on held-out text than minimising the KL over the same factors
     did (27 % against 22 % of the KL removed, rank 32 against 8, which overfitted at 32) in seconds instead of
-    minutes (BENCHMARKS.md, "Decoding calibration").
+    minutes (BENCHMARKS.md, "Decoding correction").
     """
 
     reader: torch.Tensor  # [vocab, hidden]
@@ -386,42 +386,47 @@ class HiddenStateFactors:
 
     def regress(
         self,
-        data: CalibrationData,
+        data: PairedLogits,
         modified: torch.Tensor,
         *,
         rank: int,
+        select: PairedLogits | None = None,
         shrinkages: tuple[float, ...] = SHRINKAGES,
         chunk_size: int = 1024,
     ) -> HiddenStateFactors:
         """The rank-``rank`` affine map of the hidden state on this head, fitted to ``data``, whose modified
         states ``modified`` (``[N, hidden]``, :meth:`read_rows` of its modified logits) the caller has read already.
 
-        The shrinkage (> 0), a multiple of the mean variance of the hidden state, is chosen among ``shrinkages`` on
-        the last fifth of ``data`` after fitting on the rest, then the map is fitted again on all of it. Two identical
-        models give a zero map, exactly.
+        The shrinkage (> 0), a multiple of the mean variance of the hidden state, is the one among ``shrinkages``
+        whose map, fitted on ``data``, leaves the least KL on ``select`` (other documents); without ``select``, on
+        the last fifth of ``data`` after fitting on the rest. The map is then fitted on all of ``data``. Two
+        identical models give a zero map, exactly.
         """
         hidden_size = self.output_embeddings.shape[1]
         if not 0 < rank <= hidden_size:
             raise ValueError(f"the state_bias rank must be in 1..{hidden_size} (the hidden size), got {rank}")
         wanted = self.read_rows(data.reference_logits, chunk_size)
-        split = len(data) - len(data) // 5
+        if select is None:
+            split = len(data) - len(data) // 5
+            fit_rows, check, check_states = slice(0, split), data.rows(slice(split, None)), modified[split:]
+        else:
+            fit_rows, check, check_states = slice(None), select, self.read_rows(select.modified_logits, chunk_size)
 
         def solve(rows: slice, shrinkage: float) -> HiddenStateFactors:
             first, second, offset = _reduced_rank_ridge(modified[rows], wanted[rows], rank, shrinkage)
             return replace(self, first=first, second=second, offset=offset)
 
-        def validation_loss(shrinkage: float) -> float:
-            state = solve(slice(0, split), shrinkage)
+        def check_loss(shrinkage: float) -> float:
+            state = solve(fit_rows, shrinkage)
             total = 0.0
-            for start in range(split, len(data), chunk_size):
-                rows = slice(start, min(start + chunk_size, len(data)))
-                shift = (modified[rows] @ state.first @ state.second.T + state.offset) @ state.output_embeddings.T
-                reference = log_probs(data.reference_logits[rows].float())
-                total += kl_divergence(reference, log_probs(data.modified_logits[rows].float() + shift)).sum().item()
+            for start, chunk in zip(range(0, len(check), chunk_size), check.chunks(chunk_size)):
+                states = check_states[start : start + chunk_size]
+                shift = (states @ state.first @ state.second.T + state.offset) @ state.output_embeddings.T
+                total += kl_divergence(chunk.reference_logprobs, log_probs(chunk.modified_logits + shift)).sum().item()
             return total
 
-        best = min(shrinkages, key=validation_loss) if len(shrinkages) > 1 else shrinkages[0]
-        return solve(slice(0, len(data)), best)
+        best = min(shrinkages, key=check_loss) if len(shrinkages) > 1 else shrinkages[0]
+        return solve(slice(None), best)
 
     def read(self, scores: torch.Tensor) -> torch.Tensor:
         """The final hidden states ``[..., hidden]`` behind ``scores`` (up to the head's bias, if it has one)."""
@@ -476,7 +481,7 @@ def _reduced_rank_ridge(
 
 
 class Chunk(NamedTuple):
-    """Some positions of :class:`CalibrationData`, in fp32, as a fit and its check read them."""
+    """Some positions of :class:`PairedLogits`, in fp32, as a fit and its check read them."""
 
     reference_logprobs: torch.Tensor
     modified_logits: torch.Tensor
@@ -485,7 +490,7 @@ class Chunk(NamedTuple):
 
 
 @dataclass
-class CalibrationData:
+class PairedLogits:
     """Aligned next-token logits of the two models at N positions. They are kept in fp16 (4 bytes × vocabulary per
     position) because a fit revisits them many times; both models' logits are rounded alike, so two identical
     models still give identical data. The modified model's entropies never change during a fit: they are kept."""
@@ -501,16 +506,20 @@ class CalibrationData:
     @classmethod
     def from_logits(
         cls, reference_logits: torch.Tensor, modified_logits: torch.Tensor, previous_ids: torch.Tensor
-    ) -> CalibrationData:
+    ) -> PairedLogits:
         return cls(_to_half(reference_logits), _to_half(modified_logits), entropy(modified_logits), previous_ids)
 
     @classmethod
-    def concatenate(cls, parts: list[CalibrationData]) -> CalibrationData:
+    def concatenate(cls, parts: list[PairedLogits]) -> PairedLogits:
         return cls(*(torch.cat([getattr(part, f.name) for part in parts]) for f in fields(cls)))
+
+    def rows(self, rows: slice) -> PairedLogits:
+        """The positions ``rows``."""
+        return PairedLogits(*(getattr(self, f.name)[rows] for f in fields(self)))
 
     def with_modified_logits(
         self, transform: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = 1024
-    ) -> CalibrationData:
+    ) -> PairedLogits:
         """The same positions with the modified logits replaced by ``transform`` of them (fp32 in, kept in fp16),
         e.g. corrected by a family fitted before the others."""
         modified, modified_entropy = [], []
@@ -539,7 +548,7 @@ def _to_half(logits: torch.Tensor) -> torch.Tensor:
 def _correction_terms(
     parameters: CorrectionParameters,
     state: HiddenStateFactors | None,
-    data: CalibrationData,
+    data: PairedLogits,
     hidden: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``apply_correction`` of all of ``data`` as ``scores · scale + bias + factors @ basis``: per-position scale
@@ -569,7 +578,7 @@ class _CorrectedScoresLoss(torch.autograd.Function):
     every chunk until its backward; this keeps none, and the fit runs 1.6–1.9 times as fast (BENCHMARKS.md)."""
 
     @staticmethod
-    def forward(ctx, data: CalibrationData, chunk_size: int, scale, bias, factors, basis):
+    def forward(ctx, data: PairedLogits, chunk_size: int, scale, bias, factors, basis):
         loss = scale.new_zeros(())
         scale_gradient, factors_gradient = torch.empty_like(scale), torch.empty_like(factors)
         bias_gradient, basis_gradient = torch.zeros_like(bias), torch.zeros_like(basis)
@@ -593,13 +602,14 @@ class _CorrectedScoresLoss(torch.autograd.Function):
 
 
 def fit_correction(
-    data: CalibrationData,
+    data: PairedLogits,
     families: Iterable[str],
     *,
     output_embeddings: torch.Tensor | None = None,
     rank: int = DEFAULT_RANK,
     regularization: float = 1e-4,
     max_iterations: int = 40,
+    select: PairedLogits | None = None,
     chunk_size: int = 1024,
     seed: int = 0,
 ) -> CorrectionParameters:
@@ -608,7 +618,8 @@ def fit_correction(
     :meth:`CorrectionParameters.penalty` with full-batch L-BFGS.
 
     ``output_embeddings`` (``[vocab, hidden]``, the modified model's output head) is needed by the ``state_bias``
-    family only. Two identical models give a zero state map and zero gradients: the fit returns the identity exactly.
+    family only; ``select`` (positions of other documents), where given, chooses its shrinkage. Two identical models
+    give a zero state map and zero gradients: the fit returns the identity exactly.
     """
     families = tuple(families)
     vocab_size = data.modified_logits.shape[-1]
@@ -629,7 +640,7 @@ def fit_correction(
         # The modified model's states never change during the fit: read once, for the regression and the L-BFGS.
         head = HiddenStateFactors.on_head(output_embeddings.to(data.modified_logits.device))
         hidden = head.read_rows(data.modified_logits, chunk_size)
-        state = head.regress(data, hidden, rank=rank, chunk_size=chunk_size)
+        state = head.regress(data, hidden, rank=rank, select=select, chunk_size=chunk_size)
 
     trainable = parameters.trainable()
     if trainable:
@@ -648,7 +659,7 @@ def fit_correction(
 
 
 def _minimise_kl(
-    data: CalibrationData,
+    data: PairedLogits,
     parameters: CorrectionParameters,
     state: HiddenStateFactors | None,
     hidden: torch.Tensor | None,
@@ -689,7 +700,7 @@ def _minimise_kl(
 
 @torch.no_grad()
 def kl_before_after(
-    data: CalibrationData, parameters: CorrectionParameters, chunk_size: int = 1024
+    data: PairedLogits, parameters: CorrectionParameters, chunk_size: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-position KL(P_ref ‖ P_mod) without and with the correction."""
     before, after = [], []

@@ -1,7 +1,7 @@
-"""Text a model writes itself, after short prompts cut from calibration text: more text for the ``state_network``.
+"""Text a model writes itself, after short prompts cut from fit text: more text for the ``state_network``.
 
-The state network is short of text, and in-domain text runs out (BENCHMARKS.md, "Decoding calibration"). The
-reference's own samples are text whose next-token distributions the calibration must follow by construction. On
+The state network is short of text, and in-domain text runs out (BENCHMARKS.md, "Decoding correction"). The
+reference's own samples are text whose next-token distributions the correction must follow by construction. On
 SmolLM2 ``wanda-50`` (held-out WikiText-2 articles, rank 128, scratch runs of session 14), adding 128 windows of 512
 tokens the reference sampled after 32-token WikiText-2 prompts (65,408 predictions) to 131,072 fit tokens of
 WikiText-2 took the KL removed from 15.8 % to 17.5 %, as did 65,536 more tokens of WikiText-2; 65,536 tokens of
@@ -29,7 +29,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from ..corpus import Window
 from ..errors import CorpusError
 
-#: Tokens of calibration text each sample starts from: enough to set a topic, few enough that the sample is the
+#: Tokens of fit text each sample starts from: enough to set a topic, few enough that the sample is the
 #: model's own text (the prompt is not scored).
 PROMPT_TOKENS = 32
 #: Samples generated together: the batch amortises the per-step overhead of ``generate`` on a CPU.
@@ -51,7 +51,7 @@ def sample_windows(
 
     Each window starts with ``prompt_tokens`` tokens cut at a seeded random place of ``prompts_from`` and goes on
     with tokens sampled from the model's full distribution (temperature 1, no top-k or top-p: the distribution a
-    calibration towards this model follows); only the sampled tokens are scored. The global random state is left
+    correction towards this model follows); only the sampled tokens are scored. The global random state is left
     as it was.
     """
     if tokens <= 0:
@@ -63,14 +63,14 @@ def sample_windows(
         )
     sources = [w.input_ids for w in prompts_from if len(w.input_ids) >= prompt_tokens]
     if not sources:
-        raise CorpusError(f"no calibration window has the {prompt_tokens} tokens a sample's prompt needs")
+        raise CorpusError(f"no fit window has the {prompt_tokens} tokens a sample's prompt needs")
     count = math.ceil(tokens / (window - prompt_tokens))
     prompts = _prompts(sources, count, prompt_tokens, seed)
     config = _sampling_config(model, window - prompt_tokens)
     samples = []
     with (
         torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []),
-        tqdm(total=count, desc="calibration: sampling the reference", unit="window", disable=not progress) as bar,
+        tqdm(total=count, desc="correction: sampling the reference", unit="window", disable=not progress) as bar,
     ):
         torch.manual_seed(seed)
         for start in range(0, count, batch_size):

@@ -36,7 +36,7 @@ from .divergence import TokenStatistics, cosine_distance, js_divergence, relativ
 from .report import HemorrhageReport, LayerFigures, TokenArrays
 
 #: ``transform(input_ids [B, T], logits [B, T, V]) -> logits [B, T, V]``, applied to the modified model's logits
-#: (e.g. :meth:`hemorrhage_hf.correction.processor.DecodingCalibration.calibrate_sequence`).
+#: (e.g. :meth:`hemorrhage_hf.correction.processor.DecodingCorrection.correct_sequence`).
 LogitTransform = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

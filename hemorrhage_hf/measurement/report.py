@@ -224,7 +224,7 @@ class HemorrhageReport:
     """Everything measured in one comparison. ``figures`` is flat; ``layers`` is None unless asked for.
 
     ``variants`` holds reports of transformed copies of the modified model's logits measured in the same pass
-    (e.g. ``"calibrated"``: :func:`~hemorrhage_hf.measurement.engine.measure`'s ``modified_variants``); they are not
+    (e.g. ``"corrected"``: :func:`~hemorrhage_hf.measurement.engine.measure`'s ``modified_variants``); they are not
     serialised.
     """
 

@@ -39,7 +39,7 @@ from ..modify import parse_spec
 from ..modify.calibration import CalibrationSettings
 
 if TYPE_CHECKING:
-    from ..correction.processor import DecodingCalibration
+    from ..correction.processor import DecodingCorrection
     from ..sweep.runner import SweepResult
 
 DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct"
@@ -61,12 +61,13 @@ class SpaceLimits:
     sweep_levels: int = 6
     sweep_tokens: int = 256
     cached_modified_models: int = 2
-    #: Python-docs tokens a decoding calibration is fitted on, in windows of ``calibration_fit_window``: one window
-    #: in five is held out to check it, so 400 in 80s is about the least the fit accepts (256 + 64 tokens). Fitting
-    #: is the slow part of a first request with calibration (tens of seconds on 2 CPU cores); it is cached.
-    calibration_fit_tokens: int = 400
-    calibration_fit_window: int = 80
-    calibration_iterations: int = 40
+    #: Python-docs tokens a decoding correction reads, in windows of ``correction_fit_window``, split 3 : 1 : 1 into
+    #: fit, select and report shares by document: 400 in 80s is about the least the fit accepts (256 + 64 + 64
+    #: tokens). Fitting is the slow part of a first request with correction (tens of seconds on 2 CPU cores); it is
+    #: cached.
+    correction_fit_tokens: int = 400
+    correction_fit_window: int = 80
+    correction_iterations: int = 40
     #: Calibration data for modifications that need it (Wanda, AWQ...): the fewest tokens the registry accepts
     #: (``MIN_CALIBRATION_TOKENS``), so one request stays interactive.
     calibration: CalibrationSettings = field(
@@ -99,7 +100,7 @@ class ModelCache:
         self.limits = limits or SpaceLimits()
         self._references: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
         self._modified: OrderedDict[tuple[str, str], PreTrainedModel] = OrderedDict()
-        self._calibrations: OrderedDict[tuple[str, str], DecodingCalibration] = OrderedDict()
+        self._corrections: OrderedDict[tuple[str, str], DecodingCorrection] = OrderedDict()
         self._lock = threading.Lock()
         #: Reference caches of threshold sweeps live for this process only (visitor texts are not kept).
         self.reference_cache_root = Path(tempfile.mkdtemp(prefix="hemorrhage-space-refcache-"))
@@ -134,38 +135,40 @@ class ModelCache:
             _evict_oldest(self._modified, self.limits.cached_modified_models)
             return modified
 
-    def calibration(self, label: str, spec: str) -> DecodingCalibration:
-        """A decoding calibration of ``spec`` towards the labelled model, fitted on the fly on the Python docs.
+    def correction(self, label: str, spec: str) -> DecodingCorrection:
+        """A decoding correction of ``spec`` towards the labelled model, fitted on the fly on the Python docs.
 
-        It is fitted on the corpus's first tokens (never on the visitor's text); its own held-out check is in
-        ``summary``. Fitted calibrations are cached like modified models.
+        It is fitted on Python docs, never on the visitor's text, and checked on Python docs it never used
+        (``summary``): the visitor's text, of another kind, may gain less or lose. Fitted corrections are cached like
+        modified models.
         """
         from ..corpus import python_docs_text
-        from ..correction.processor import CalibrationWarning, DecodingCalibration
+        from ..correction.fit import LogitFitOptions
+        from ..correction.processor import CorrectionWarning, DecodingCorrection
 
         spec = parse_spec(spec).spec
         reference, tokenizer = self.reference(label)
         modified = self.modified(label, spec)
         key = (label, spec)
         with self._lock:
-            if key not in self._calibrations:
+            if key not in self._corrections:
                 with warnings.catch_warnings():
-                    # A calibration that does not help is shown with its verdict, not raised as a warning.
-                    warnings.simplefilter("ignore", CalibrationWarning)
-                    self._calibrations[key] = DecodingCalibration.fit(
+                    # A correction that does not help is shown with its verdict, not raised as a warning.
+                    warnings.simplefilter("ignore", CorrectionWarning)
+                    self._corrections[key] = DecodingCorrection.fit(
                         reference,
                         modified,
                         python_docs_text(),
                         tokenizer=tokenizer,
-                        window=self.limits.calibration_fit_window,
-                        max_tokens=self.limits.calibration_fit_tokens,
-                        max_iterations=self.limits.calibration_iterations,
+                        window=self.limits.correction_fit_window,
+                        max_tokens=self.limits.correction_fit_tokens,
+                        logit_fit=LogitFitOptions(max_iterations=self.limits.correction_iterations),
                         progress=False,
                         metadata={"reference": label, "modification": spec, "text": PYTHON_DOCS},
                     )
-                _evict_oldest(self._calibrations, self.limits.cached_modified_models)
-            self._calibrations.move_to_end(key)
-            return self._calibrations[key]
+                _evict_oldest(self._corrections, self.limits.cached_modified_models)
+            self._corrections.move_to_end(key)
+            return self._corrections[key]
 
 
 def _evict_oldest(cache: OrderedDict, size: int) -> None:
@@ -256,10 +259,10 @@ class Comparison:
     report: HemorrhageReport
     token_html: str
     plots: dict[str, Path]
-    #: "reference", "modified" and, with calibration, "calibrated" continuations of the prompt
+    #: "reference", "modified" and, with correction, "corrected" continuations of the prompt
     generations: dict[str, str]
-    #: the decoding calibration's verdict on its own held-out text, when one was used
-    calibration_verdict: str = ""
+    #: the decoding correction's verdict on its own held-out text, when one was used
+    correction_verdict: str = ""
 
 
 def run_comparison(
@@ -272,12 +275,12 @@ def run_comparison(
     max_new_tokens: int = 32,
     limits: SpaceLimits | None = None,
     attention: bool = True,
-    calibrate: bool = False,
+    correct: bool = False,
     output_dir: Path | None = None,
     on_step: Callable[[float, str], None] = lambda fraction, description: None,
 ) -> Comparison:
     """Measure ``spec`` applied to the labelled model on ``text``; plot it; generate from ``prompt`` with both,
-    and with ``calibrate`` also with the modified model under a decoding calibration (fitted on first use).
+    and with ``correct`` also with the modified model under a decoding correction (fitted on first use).
 
     ``on_step(fraction_done, description)`` is told as each stage starts (the Space's progress bar).
     """
@@ -322,15 +325,15 @@ def run_comparison(
         prompt_ids = chat_input_ids(tokenizer, prompt)
         generations["reference"] = greedy_generation(reference, tokenizer, prompt_ids, max_new_tokens)
         generations["modified"] = greedy_generation(modified, tokenizer, prompt_ids, max_new_tokens)
-        if calibrate:
-            on_step(0.8, "fitting the decoding calibration")
-            calibration = cache.calibration(model_label, modification.spec)
-            verdict = calibration.summary.verdict()
-            generations["calibrated"] = greedy_generation(
-                modified, tokenizer, prompt_ids, max_new_tokens, LogitsProcessorList([calibration])
+        if correct:
+            on_step(0.8, "fitting the decoding correction")
+            correction = cache.correction(model_label, modification.spec)
+            verdict = correction.summary.verdict()
+            generations["corrected"] = greedy_generation(
+                modified, tokenizer, prompt_ids, max_new_tokens, LogitsProcessorList([correction])
             )
     return Comparison(
-        report=report, token_html=token_html, plots=plots, generations=generations, calibration_verdict=verdict
+        report=report, token_html=token_html, plots=plots, generations=generations, correction_verdict=verdict
     )
 
 

@@ -50,7 +50,7 @@ SUGGESTED_SPECS = (
 )
 MITIGATIONS = "awq-… and smooth-… (activation-aware scaling), gradient-… (gradient-aware pruning)"
 FIGURE_HEADERS = ["figure", "reference", "modified"]
-GENERATION_LABELS = {"reference": "Reference", "modified": "Modified", "calibrated": "Modified + decoding calibration"}
+GENERATION_LABELS = {"reference": "Reference", "modified": "Modified", "corrected": "Modified + decoding correction"}
 
 INTRO = """# Model hemorrhage
 Pick a model and a modification and watch how much it bleeds: both models read the same text, and every
@@ -99,7 +99,7 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
     model_labels = list(cache.allow_list)
 
     @_gradio_errors
-    def compare(model_label, spec, text, prompt, new_tokens, calibrate, progress=gr.Progress()):
+    def compare(model_label, spec, text, prompt, new_tokens, correct, progress=gr.Progress()):
         comparison = run_comparison(
             cache,
             model_label,
@@ -108,7 +108,7 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
             prompt=prompt,
             max_new_tokens=int(new_tokens),
             limits=limits,
-            calibrate=calibrate,
+            correct=correct,
             on_step=lambda fraction, description: progress(fraction, desc=description),
         )
         report = comparison.report
@@ -125,7 +125,9 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
             str(comparison.plots["KL distribution"]),
             comparison.token_html,
             *generations,
-            comparison.calibration_verdict and f"Decoding calibration: {comparison.calibration_verdict}.",
+            comparison.correction_verdict
+            and f"Decoding correction (fitted and checked on Python docs; other text may gain less): "
+            f"{comparison.correction_verdict}.",
             report_data,
             report_data,
         )
@@ -184,12 +186,13 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
                         label="New tokens (greedy)",
                         scale=1,
                     )
-                    calibrate = gr.Checkbox(
+                    correct = gr.Checkbox(
                         False,
-                        label="Decoding calibration",
+                        label="Decoding correction",
                         scale=1,
-                        elem_id="calibrate",
-                        info="mitigation for the generations, fitted on the Python docs on first use (slow once)",
+                        elem_id="correct",
+                        info="mitigation for the generations, fitted on the Python docs on first use (slow once); "
+                        "its gains hold for text like the Python docs, other prompts may gain less",
                     )
                 run = gr.Button("Compare", variant="primary", elem_id="compare-button")
                 severity = gr.Markdown(elem_id="severity")
@@ -217,7 +220,7 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
                         )
                         for key, title in GENERATION_LABELS.items()
                     ]
-                calibration_verdict = gr.Markdown(elem_id="calibration-verdict")
+                correction_verdict = gr.Markdown(elem_id="correction-verdict")
                 with gr.Accordion("Report (JSON)", open=False):
                     report_json = gr.JSON()
             with gr.Tab("Threshold", id="threshold"):
@@ -264,7 +267,7 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
         heavy = dict(concurrency_id="cpu", concurrency_limit=1)
         run.click(
             compare,
-            [model, spec, text, prompt, new_tokens, calibrate],
+            [model, spec, text, prompt, new_tokens, correct],
             [
                 severity,
                 table,
@@ -272,7 +275,7 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
                 kl_plot,
                 tokens,
                 *generation_boxes,
-                calibration_verdict,
+                correction_verdict,
                 report_json,
                 report_state,
             ],

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import pair_that_does_not_carry, tiny_llama
 
+from hemorrhage_hf.correction.fit import LogitFitOptions, NetworkOptions, collect, keep_if_helping
 from hemorrhage_hf.correction.network import (
     OutputHead,
     StateData,
@@ -15,17 +16,13 @@ from hemorrhage_hf.correction.network import (
     read_tokens,
     vocabulary_tensors,
 )
-from hemorrhage_hf.correction.ops import CalibrationData, CorrectionParameters, state_network_term
-from hemorrhage_hf.correction.processor import (
-    VALIDATION_EVERY,
-    CalibrationError,
-    CalibrationWarning,
-    DecodingCalibration,
-    _keep_if_helping,
-)
+from hemorrhage_hf.correction.ops import CorrectionParameters, PairedLogits, state_network_term
+from hemorrhage_hf.correction.processor import CorrectionWarning, DecodingCorrection
+from hemorrhage_hf.errors import CorrectionError
 from hemorrhage_hf.measurement.divergence import kl_divergence, log_probs
 
-NETWORK = {"network_rank": 16, "network_width": 64}
+NETWORK = NetworkOptions(rank=16, width=64)
+TRAINED_LONGER = NetworkOptions(rank=16, width=64, epochs=5)
 
 
 def _random_head(vocab: int, hidden: int, generator: torch.Generator) -> OutputHead:
@@ -107,7 +104,9 @@ def test_the_output_metric_is_the_kls_hessian_in_the_state():
         return kl_divergence(log_probs(scores), log_probs(scores + shift @ weight.T))
 
     hessians = [
-        torch.autograd.functional.hessian(lambda shift: kl_from(state, shift), torch.zeros(hidden, dtype=torch.float64))
+        torch.autograd.functional.hessian(
+            lambda shift, state=state: kl_from(state, shift), torch.zeros(hidden, dtype=torch.float64)
+        )
         for state in states
     ]
     torch.testing.assert_close(output_metric(states.float(), head), torch.stack(hessians).mean(0), rtol=1e-4, atol=1e-5)
@@ -163,9 +162,11 @@ def test_the_least_used_tokens_are_read():
 def test_the_network_undoes_on_held_out_windows_what_the_linear_state_map_cannot():
     reference, modified = _pruned_mlp_pair()
     ids = torch.randint(0, 64, (200, 40), generator=torch.Generator().manual_seed(0))
-    linear = DecodingCalibration.fit(reference, modified, ids, families=("state_bias",), rank=32, progress=False)
-    network = DecodingCalibration.fit(
-        reference, modified, ids, families=("state_network",), network_epochs=5, progress=False, **NETWORK
+    linear = DecodingCorrection.fit(
+        reference, modified, ids, families=("state_bias",), logit_fit=LogitFitOptions(rank=32), progress=False
+    )
+    network = DecodingCorrection.fit(
+        reference, modified, ids, families=("state_network",), network=TRAINED_LONGER, progress=False
     )
     assert network.families == ("state_network",)
     assert network.summary.network["kept"] and network.summary.network["fit_tokens"] == 160 * 39
@@ -179,13 +180,13 @@ def test_the_network_undoes_on_held_out_windows_what_the_linear_state_map_cannot
 def test_the_fit_leaves_the_network_out_when_it_does_not_help_on_held_out_windows():
     """The modification damages the embeddings of the tokens the fit windows read and barely touches those of the
     held-out windows: what the network learns does not carry, and the fit drops it and says so."""
-    reference, modified, ids = pair_that_does_not_carry(VALIDATION_EVERY)
-    with pytest.warns(CalibrationWarning, match="state_network was left out"):
-        calibration = DecodingCalibration.fit(
-            reference, modified, ids, families=("state_network",), progress=False, **NETWORK
+    reference, modified, ids = pair_that_does_not_carry()
+    with pytest.warns(CorrectionWarning, match="state_network was left out"):
+        correction = DecodingCorrection.fit(
+            reference, modified, ids, families=("state_network",), network=NETWORK, progress=False
         )
-    assert calibration.families == () and calibration.is_identity()
-    assert calibration.summary.network["kept"] is False and not calibration.summary.network["helps"]
+    assert correction.families == () and correction.is_identity()
+    assert correction.summary.network["kept"] is False and not correction.summary.network["helps"]
 
 
 def test_families_fitted_around_the_network_are_kept_only_if_they_help_on_held_out_windows():
@@ -195,38 +196,37 @@ def test_families_fitted_around_the_network_are_kept_only_if_they_help_on_held_o
     generator = torch.Generator().manual_seed(0)
     modified_logits = torch.randn(count, vocab, generator=generator) * 3
     difference = torch.randn(vocab, generator=generator)
-    validation = CalibrationData.from_logits(
+    validation = PairedLogits.from_logits(
         modified_logits + difference, modified_logits, torch.zeros(count, dtype=torch.long)
     )
     network_only = CorrectionParameters.identity(("state_network",), vocab_size=vocab, network_shape=(4, 8))
     helping = CorrectionParameters.identity(("token_bias", "state_network"), vocab_size=vocab, network_shape=(4, 8))
     helping.token_bias = difference.clone()
-    kept, note = _keep_if_helping(helping, network_only, validation, ["token_bias"])
+    kept, note = keep_if_helping(helping, network_only, validation, ["token_bias"])
     assert kept is helping and note is None
     hurting = CorrectionParameters.identity(("token_bias", "state_network"), vocab_size=vocab, network_shape=(4, 8))
     hurting.token_bias = -difference
-    kept, note = _keep_if_helping(hurting, network_only, validation, ["token_bias"])
+    kept, note = keep_if_helping(hurting, network_only, validation, ["token_bias"])
     assert kept is network_only and note.startswith("left out token_bias: fitted around the state_network")
 
 
 def test_saved_network_reloads_and_corrects_the_same(tmp_path):
     reference, modified = _pruned_mlp_pair()
     ids = torch.randint(0, 64, (40, 40), generator=torch.Generator().manual_seed(0))
-    calibration = DecodingCalibration.fit(
+    correction = DecodingCorrection.fit(
         reference,
         modified,
         ids,
         families=("token_bias", "state_network"),
-        network_write_rank=8,
+        network=NetworkOptions(rank=16, width=64, write_rank=8),
         progress=False,
-        **NETWORK,
     )
-    loaded = DecodingCalibration.from_pretrained(calibration.save_pretrained(tmp_path), vocab_size=64)
+    loaded = DecodingCorrection.from_pretrained(correction.save_pretrained(tmp_path), vocab_size=64)
     assert loaded.families == ("token_bias", "state_network")
     assert (loaded.parameters.network_shape, loaded.parameters.network_write_rank) == ((16, 64), 8)
-    assert loaded.summary.network == calibration.summary.network
+    assert loaded.summary.network == correction.summary.network
     scores = torch.randn(3, 64) * 10
-    assert torch.equal(loaded(ids[:3], scores), calibration(ids[:3], scores))
+    assert torch.equal(loaded(ids[:3], scores), correction(ids[:3], scores))
     assert not torch.equal(loaded(ids[:3], scores), scores)
 
 
@@ -239,8 +239,8 @@ def test_bfloat16_models_fit_the_network_their_rounded_scores_are_not_taken_for_
     exact = torch.addmm(head.bias, states, head.weight.T)
     torch.testing.assert_close(head.training_scores(states), exact, rtol=0, atol=0.02 * exact.abs().max().item())
     ids = torch.randint(0, 64, (200, 40), generator=torch.Generator().manual_seed(0))
-    network = DecodingCalibration.fit(
-        reference, modified, ids, families=("state_network",), network_epochs=5, progress=False, **NETWORK
+    network = DecodingCorrection.fit(
+        reference, modified, ids, families=("state_network",), network=TRAINED_LONGER, progress=False
     )
     assert network.summary.network["kept"] and network.summary.kl_reduction > 0.5, network.summary.verdict()
 
@@ -262,9 +262,9 @@ def test_a_model_that_changes_its_scores_after_the_head_is_refused():
     model = Gemma2ForCausalLM(config).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # scores well into the soft cap's bend
-    ids = torch.randint(0, 64, (10, 40), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(CalibrationError, match="changes them after its head"):
-        DecodingCalibration.fit(model, copy.deepcopy(model), ids, families=("state_network",), progress=False)
+    ids = torch.randint(0, 64, (10, 48), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CorrectionError, match="changes them after its head"):
+        DecodingCorrection.fit(model, copy.deepcopy(model), ids, families=("state_network",), progress=False)
 
 
 def test_collecting_states_keeps_memory_flat_window_after_window():
@@ -272,7 +272,6 @@ def test_collecting_states_keeps_memory_flat_window_after_window():
     allocation, the resident size grew by 24 MiB a window at SmolLM2's vocabulary (glibc's heap fragmented)."""
     psutil = pytest.importorskip("psutil")
     from hemorrhage_hf.corpus import make_windows
-    from hemorrhage_hf.correction.processor import _collect
 
     reference, modified = tiny_llama(vocab_size=49152, hidden=64), tiny_llama(vocab_size=49152, hidden=64, seed=1)
     windows = make_windows(torch.randint(0, 49152, (512 * 21,), generator=torch.Generator().manual_seed(0)), window=512)
@@ -282,9 +281,9 @@ def test_collecting_states_keeps_memory_flat_window_after_window():
         def update(self, count: int) -> None:
             resident.append(psutil.Process().memory_info().rss)
 
-    _, states = _collect(
+    states = collect(
         reference, modified, windows, 1, RecordingBar(), head=OutputHead.of(modified), keep_logits=False
-    )
+    ).states
     assert len(states) == sum(window.n_scored for window in windows)
     # glibc gives freed memory back now and then: a flat heap saws between +0 and +180 MiB (each window's
     # temporaries), a fragmented one never comes back down. So the lowest readings of two stretches compare.

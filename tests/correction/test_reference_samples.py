@@ -6,9 +6,10 @@ import torch
 from conftest import tiny_llama
 
 from hemorrhage_hf.corpus import Window, make_windows
-from hemorrhage_hf.correction.processor import CalibrationError, DecodingCalibration
+from hemorrhage_hf.correction.fit import NetworkOptions
+from hemorrhage_hf.correction.processor import DecodingCorrection
 from hemorrhage_hf.correction.reference_samples import sample_windows
-from hemorrhage_hf.errors import CorpusError
+from hemorrhage_hf.errors import CorpusError, CorrectionError
 
 
 def _source_windows(count: int = 2, length: int = 40, seed: int = 0) -> list[Window]:
@@ -24,7 +25,7 @@ def _spans(windows: list[Window], length: int) -> set[tuple[int, ...]]:
     }
 
 
-def test_samples_continue_prompts_cut_from_the_calibration_text_and_score_only_what_was_sampled():
+def test_samples_continue_prompts_cut_from_the_correction_text_and_score_only_what_was_sampled():
     model, sources = tiny_llama(), _source_windows()
     samples = sample_windows(model, sources, tokens=100, window=48, prompt_tokens=8, batch_size=2, progress=False)
     assert [len(w.input_ids) for w in samples] == [48, 48, 48]  # ceil(100 / 40) windows
@@ -69,32 +70,39 @@ def test_bad_sampling_requests_are_refused():
     model, sources = tiny_llama(), _source_windows()
     with pytest.raises(CorpusError, match="leave nothing to sample"):
         sample_windows(model, sources, tokens=10, window=8, prompt_tokens=8)
-    with pytest.raises(CorpusError, match="no calibration window has the 64 tokens"):
+    with pytest.raises(CorpusError, match="no fit window has the 64 tokens"):
         sample_windows(model, sources, tokens=10, window=96, prompt_tokens=64)
     ids = torch.randint(0, 64, (8, 96), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(CalibrationError, match="add state_network"):
-        DecodingCalibration.fit(
-            model, tiny_llama(seed=1), ids, families=("temperature",), sampled_tokens=64, progress=False
+    with pytest.raises(CorrectionError, match="add state_network"):
+        DecodingCorrection.fit(
+            model,
+            tiny_llama(seed=1),
+            ids,
+            families=("temperature",),
+            network=NetworkOptions(sampled_tokens=64),
+            progress=False,
         )
-    with pytest.raises(CalibrationError, match="0 or more"):
-        DecodingCalibration.fit(
-            model, tiny_llama(seed=1), ids, families=("state_network",), sampled_tokens=-1, progress=False
+    with pytest.raises(CorrectionError, match="0 or more"):
+        DecodingCorrection.fit(
+            model,
+            tiny_llama(seed=1),
+            ids,
+            families=("state_network",),
+            network=NetworkOptions(sampled_tokens=-1),
+            progress=False,
         )
 
 
-def test_fit_adds_the_samples_to_the_networks_fit_and_holds_out_only_calibration_text():
+def test_fit_adds_the_samples_to_the_networks_fit_and_holds_out_only_fit_text():
     reference, modified = tiny_llama(), tiny_llama(seed=1)
     ids = torch.randint(0, 64, (10, 96), generator=torch.Generator().manual_seed(0))
-    options = {
-        "families": ("state_network",),
-        "network_rank": 8,
-        "network_width": 16,
-        "network_epochs": 1,
-        "window": 96,
-        "progress": False,
-    }
-    plain = DecodingCalibration.fit(reference, modified, ids, **options).summary
-    with_samples = DecodingCalibration.fit(reference, modified, ids, sampled_tokens=200, **options).summary
+    shape = {"rank": 8, "width": 16, "epochs": 1}
+    options = {"families": ("state_network",), "window": 96, "progress": False}
+    plain = DecodingCorrection.fit(reference, modified, ids, network=NetworkOptions(**shape), **options).summary
+    with_samples = DecodingCorrection.fit(
+        reference, modified, ids, network=NetworkOptions(**shape, sampled_tokens=200), **options
+    ).summary
     assert plain.sampled_tokens == 0 and with_samples.sampled_tokens == 4 * (96 - 32)  # ceil(200 / 64) windows
     assert with_samples.fit_tokens == plain.fit_tokens + with_samples.sampled_tokens
-    assert (with_samples.validation_tokens, with_samples.kl_before) == (plain.validation_tokens, plain.kl_before)
+    assert (with_samples.report_tokens, with_samples.kl_before) == (plain.report_tokens, plain.kl_before)
+    assert with_samples.network["validation_tokens"] == plain.network["validation_tokens"] == plain.select_tokens

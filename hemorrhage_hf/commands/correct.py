@@ -1,4 +1,4 @@
-"""``hemorrhage-hf calibrate``: fit a decoding calibration of a modified model towards its reference and save it."""
+"""``hemorrhage-hf correct``: fit a decoding correction of a modified model towards its reference and save it."""
 
 from __future__ import annotations
 
@@ -8,42 +8,40 @@ from pathlib import Path
 
 from .common import add_model_arguments, add_text_arguments, load_options, text_from_arguments
 
-#: Name of the calibrated variant in a report (``report --calibration``) and of its output subfolder.
-CALIBRATED = "calibrated"
+#: Name of the corrected variant in a report (``report --correction``) and of its output subfolder.
+CORRECTED = "corrected"
 
 EPILOG = """examples:
-  hemorrhage-hf calibrate default --modification int4-g64 --output int4-calibration/
-  hemorrhage-hf calibrate default ./my-pruned-model --text-file my-domain.txt --output pruned-calibration/
-  hemorrhage-hf calibrate default --modification wanda-50 --families state_network \
-      --text-file a-few-hundred-thousand-tokens.txt --sampled-tokens 131072 --output wanda-calibration/
-  hemorrhage-hf report --reference default --modification int4-g64 --calibration int4-calibration/ --output out/
+  hemorrhage-hf correct default --modification int4-g64 --output int4-correction/
+  hemorrhage-hf correct default ./my-pruned-model --text-file my-domain.txt --output pruned-correction/
+  hemorrhage-hf correct default --modification wanda-50 --families state_network \
+      --text-file a-few-hundred-thousand-tokens.txt --sampled-tokens 131072 --output wanda-correction/
+  hemorrhage-hf report --reference default --modification int4-g64 --correction int4-correction/ --output out/
 
 use it in Python:
   from transformers import LogitsProcessorList
-  from hemorrhage_hf.correction.processor import DecodingCalibration
-  calibration = DecodingCalibration.from_pretrained("int4-calibration/", vocab_size=model.config.vocab_size)
-  model.generate(**inputs, logits_processor=LogitsProcessorList([calibration]))
+  from hemorrhage_hf.correction.processor import DecodingCorrection
+  correction = DecodingCorrection.from_pretrained("int4-correction/", vocab_size=model.config.vocab_size)
+  model.generate(**inputs, logits_processor=LogitsProcessorList([correction]))
 """
 
 
 def add_parser(subparsers) -> None:
+    from ..correction.fit import DEFAULT_FAMILIES, DEFAULT_MAX_TOKENS, LOGIT_MAX_TOKENS, NETWORK_MAX_TOKENS
     from ..correction.network import DEFAULT_EPOCHS, DEFAULT_NETWORK_RANK, DEFAULT_NETWORK_WIDTH
-    from ..correction.ops import FAMILIES
-    from ..correction.processor import (
-        DEFAULT_FAMILIES,
-        DEFAULT_MAX_TOKENS,
-        DEFAULT_RANK,
-        LOGIT_MAX_TOKENS,
-        NETWORK_MAX_TOKENS,
-    )
+    from ..correction.ops import DEFAULT_RANK, FAMILIES
 
     parser = subparsers.add_parser(
-        "calibrate",
-        help="fit a decoding calibration (a LogitsProcessor) that pulls a modified model back to its reference",
-        description="Run the reference and the modified model over calibration text and fit a correction of the "
-        "modified model's next-token scores that minimises KL(reference ‖ corrected modified). One window in five "
-        "is held out; the command reports the KL there with and without the correction and warns when it does not "
-        "help. Writes calibration.safetensors and calibration_config.json into --output.",
+        "correct",
+        help="fit a decoding correction (a LogitsProcessor) that pulls a modified model back to its reference",
+        description="Run the reference and the modified model over fit text and fit a correction of the "
+        "modified model's next-token scores that minimises KL(reference ‖ corrected modified). The text is split by "
+        "document (WikiText-style articles, else contiguous parts) into fit, select and report shares, 3 : 1 : 1: "
+        "the families are fitted on the first, every choice is made on the second, and the command reports the KL "
+        "and PPL ratio on the third, documents the fit never used, with and without the correction. Those gains "
+        "hold for text like the fit text: fit on text like the one you will generate. Exits 1, with a warning, when "
+        "the correction does not help there or raises the PPL ratio. Writes correction.safetensors and "
+        "correction_config.json into --output.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -67,7 +65,7 @@ def add_parser(subparsers) -> None:
         "numbers)",
     )
     add_model_arguments(parser)
-    fit = parser.add_argument_group("correction")
+    fit = parser.add_argument_group("correction families")
     fit.add_argument(
         "--families",
         default=",".join(DEFAULT_FAMILIES),
@@ -96,28 +94,29 @@ def add_parser(subparsers) -> None:
         metavar="N",
         help="L-BFGS iterations of the families fitted around the closed-form state_bias (default: 40)",
     )
-    fit.add_argument(
+    network = parser.add_argument_group("state_network family (opt-in; NetworkOptions)")
+    network.add_argument(
         "--network-rank",
         type=int,
         default=DEFAULT_NETWORK_RANK,
         metavar="R",
         help=f"state_network: directions of the hidden state it reads and writes (default: {DEFAULT_NETWORK_RANK})",
     )
-    fit.add_argument(
+    network.add_argument(
         "--network-width",
         type=int,
         default=DEFAULT_NETWORK_WIDTH,
         metavar="H",
         help=f"state_network: hidden units (default: {DEFAULT_NETWORK_WIDTH})",
     )
-    fit.add_argument(
+    network.add_argument(
         "--network-epochs",
         type=int,
         default=DEFAULT_EPOCHS,
         metavar="E",
-        help=f"state_network: passes over the calibration text (default: {DEFAULT_EPOCHS})",
+        help=f"state_network: passes over the fit text (default: {DEFAULT_EPOCHS})",
     )
-    fit.add_argument(
+    network.add_argument(
         "--network-write-rank",
         type=int,
         default=None,
@@ -125,7 +124,7 @@ def add_parser(subparsers) -> None:
         help="state_network: after training, cut its write to the K directions of its change that "
         "move the KL most; the processor's cost per token scales with K (default: the rank, no cut)",
     )
-    fit.add_argument(
+    network.add_argument(
         "--sampled-tokens",
         type=int,
         default=0,
@@ -134,7 +133,7 @@ def add_parser(subparsers) -> None:
         "the text, to the network's fit (more text for it when yours runs out; default: 0)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder for the saved calibration")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder for the saved correction")
     parser.set_defaults(func=run)
 
 
@@ -152,7 +151,8 @@ def _families_argument(value: str) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     from ..comparison import resolve_pair
-    from ..correction.processor import CalibrationWarning, DecodingCalibration
+    from ..correction.fit import LogitFitOptions, NetworkOptions
+    from ..correction.processor import CorrectionWarning, DecodingCorrection
     from ..errors import HemorrhageError
 
     if (args.modified is None) == (args.modification is None):
@@ -172,8 +172,8 @@ def run(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens,
     }
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", CalibrationWarning)
-        calibration = DecodingCalibration.fit(
+        warnings.simplefilter("always", CorrectionWarning)
+        correction = DecodingCorrection.fit(
             reference,
             modified,
             text,
@@ -183,63 +183,59 @@ def run(args: argparse.Namespace) -> int:
             stride=args.stride,
             max_tokens=args.max_tokens,
             batch_size=args.batch_size,
-            rank=args.rank,
-            regularization=args.regularization,
-            max_iterations=args.max_iterations,
-            network_rank=args.network_rank,
-            network_width=args.network_width,
-            network_epochs=args.network_epochs,
-            network_write_rank=args.network_write_rank,
-            sampled_tokens=args.sampled_tokens,
+            logit_fit=LogitFitOptions(args.rank, args.regularization, args.max_iterations),
+            network=NetworkOptions(
+                args.network_rank, args.network_width, args.network_epochs, args.network_write_rank, args.sampled_tokens
+            ),
             metadata=metadata,
             progress=not args.quiet,
         )
-    folder = calibration.save_pretrained(Path(args.output))
-    print(f"{calibration!r}: {calibration.summary.verdict()}")
+    folder = correction.save_pretrained(Path(args.output))
+    print(f"{correction!r}: {correction.summary.verdict()}")
     print(f"wrote {folder}")
-    return 1 if any(issubclass(w.category, CalibrationWarning) for w in caught) else 0
+    return 1 if any(issubclass(w.category, CorrectionWarning) for w in caught) else 0
 
 
-def load_calibration(folder: str):
-    from ..correction.processor import DecodingCalibration
+def load_correction(folder: str):
+    from ..correction.processor import DecodingCorrection
 
-    return DecodingCalibration.from_pretrained(folder)
+    return DecodingCorrection.from_pretrained(folder)
 
 
 def _comparison_rows(report) -> list[tuple[str, str, str]]:
     from ..render import summary_rows
 
-    calibrated = dict(summary_rows(report.variants[CALIBRATED]))
-    return [(label, value, calibrated[label]) for label, value in summary_rows(report)]
+    corrected = dict(summary_rows(report.variants[CORRECTED]))
+    return [(label, value, corrected[label]) for label, value in summary_rows(report)]
 
 
 def side_by_side_table(report) -> str:
-    """The report's summary rows for the modified model without and with its calibration, as console text."""
-    rows = [("", "uncalibrated", CALIBRATED), *_comparison_rows(report)]
+    """The report's summary rows for the modified model without and with its correction, as console text."""
+    rows = [("", "uncorrected", CORRECTED), *_comparison_rows(report)]
     widths = [max(len(row[column]) for row in rows) for column in range(3)]
     return "\n".join(
         f"{label:<{widths[0]}}  {plain:>{widths[1]}}  {fixed:>{widths[2]}}" for label, plain, fixed in rows
     )
 
 
-def save_calibrated_report(report, output: Path, *, plots: bool) -> dict[str, Path]:
-    """The calibrated variant's full report in ``output/calibrated/`` and a side-by-side Markdown table."""
+def save_corrected_report(report, output: Path, *, plots: bool) -> dict[str, Path]:
+    """The corrected variant's full report in ``output/corrected/`` and a side-by-side Markdown table."""
     from ..atomic import atomic_write_text
 
     written = {
-        f"{CALIBRATED}_{key}": path
-        for key, path in report.variants[CALIBRATED].save(output / CALIBRATED, plots=plots).items()
+        f"{CORRECTED}_{key}": path
+        for key, path in report.variants[CORRECTED].save(output / CORRECTED, plots=plots).items()
     }
     lines = [
-        "# Decoding calibration: side by side",
+        "# Decoding correction: side by side",
         "",
         f"- **Modified:** {report.metadata.get('modified', '?')}",
         f"- **Corpus:** {report.metadata.get('corpus', '?')}",
         "",
-        "| figure | uncalibrated | calibrated |",
+        "| figure | uncorrected | corrected |",
         "|---|---|---|",
     ]
     lines += [f"| {label} | {plain} | {fixed} |" for label, plain, fixed in _comparison_rows(report)]
-    written["calibration_comparison"] = output / "calibration_comparison.md"
-    atomic_write_text(written["calibration_comparison"], "\n".join(lines) + "\n")
+    written["correction_comparison"] = output / "correction_comparison.md"
+    atomic_write_text(written["correction_comparison"], "\n".join(lines) + "\n")
     return written

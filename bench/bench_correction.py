@@ -1,35 +1,32 @@
-"""Benchmark of decoding calibration on SmolLM2: held-out KL and PPL-ratio reduction, and generation overhead.
+"""Benchmark of the decoding correction on SmolLM2: KL and PPL-ratio reduction on documents no fit used, and
+generation overhead.
 
 For each modification, measured in one run:
-  quality  : KL(P_ref ‖ P_mod) mean and PPL ratio on held-out text, without and with the calibration, from one
-             measure() pass (the calibrated figures come from the same modified logits), and the in-domain fit's
-             seconds (collecting both models' predictions included). Two settings:
-               in-domain     fit on the first --fit-tokens of WikiText-2 (valid), judge on its last --held-out-tokens
-                             (disjoint articles);
-               cross-domain  fit on the prose of Python's docs, judge on the same WikiText-2 slice.
-             --extra-fit-text adds other texts to the in-domain fit (the first --extra-fit-tokens of each),
-             --sampled-tokens the reference's own samples (fit's sampled_tokens; state_network only).
-             --fit-dtype bf16 runs both models in bfloat16 during the fit (what `calibrate --dtype bf16` does);
-             the held-out figures are always those of the fp32 models.
-             kl_reduction_error is the paired standard error (both sides are scored on the same predictions);
-             --save DIR keeps each in-domain fit in DIR/<modification> (save_pretrained).
-  families : (--families-table) held-out KL reduction of each candidate correction family, fitted on the same
-             in-domain predictions (the fit's fp16 store, same held-out tokens).
+  quality  : KL(P_ref ‖ P_mod) mean and PPL ratio without and with the correction, on the report share of
+             WikiText-2 (valid): its articles are split 3 : 1 : 1 into fit / select / report shares
+             (hemorrhage_hf.correction.fit.plan_shares), and no fit reads the report share's articles.
+               in-domain     fitted on WikiText-2 (its fit share; choices on its select share);
+               cross-domain  fitted on the prose of Python's docs, judged on the same WikiText-2 report share.
+             Both corrections are measured on the same report windows, in one measure() pass each (the corrected
+             figures come from the same modified logits); kl_reduction_error is the paired standard error of the
+             per-token difference. --fit-dtype bf16 runs both models in bfloat16 during the fits (what
+             `correct --dtype bf16` does); the judgement stays fp32. --save DIR keeps each in-domain fit in
+             DIR/<modification> (save_pretrained).
+  families : (--families-table) KL reduction of each candidate correction family on the report share, each fitted
+             on the same fit-share predictions.
   speed    : (--speed-only DTYPE) the fit's two costly parts in fp32 and in DTYPE, alternating: collecting both
              models' states on a window (what the state network's fit does on every window) and one training
              step's head product, forward and backward; the ratios of the medians.
   overhead : one greedy decoding step of the modified model (batch 1, KV cache, 256-token prompt) with and without
-             the calibration, in alternating pairs (median ratio and its quartiles); and the calibration call
-             alone on one step's scores.
+             the correction, in alternating pairs (median ratio and its quartiles); and the correction call alone on
+             one step's scores. --no-overhead skips it.
 
-Usage: python bench/bench_calibration.py [--modifications int4-g64,wanda-50] [--fit-tokens 16384]
-                                         [--held-out-tokens 4096] [--families entropy_temperature,token_bias,state_bias]
-                                         [--rank 32] [--network-rank 128] [--network-write-rank K]
-                                         [--max-iterations 40] [--fit-max-tokens 16384]
-                                         [--extra-fit-text python-docs,PATH,...] [--extra-fit-tokens 65536]
-                                         [--sampled-tokens 0] [--fit-dtype fp32] [--save DIR]
-                                         [--families-table] [--steps 32] [--pairs 16]
-                                         [--overhead-only] [--speed-only bf16]
+Usage: python bench/bench_correction.py [--modifications int4-g64,wanda-50] [--max-tokens 16384] [--window 512]
+                                        [--families entropy_temperature,token_bias,state_bias] [--rank 32]
+                                        [--network-rank 128] [--network-write-rank K] [--max-iterations 40]
+                                        [--sampled-tokens 0] [--fit-dtype fp32] [--save DIR] [--no-cross-domain]
+                                        [--families-table] [--steps 32] [--pairs 16] [--no-overhead]
+                                        [--overhead-only] [--speed-only bf16]
 """
 
 from __future__ import annotations
@@ -42,23 +39,24 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
-from hemorrhage_hf.corpus import load_corpus, python_docs_text, tokenize_corpus
-from hemorrhage_hf.correction.network import BATCH_SIZE, OutputHead
-from hemorrhage_hf.correction.ops import CorrectionParameters, fit_correction, kl_before_after
-from hemorrhage_hf.correction.processor import (
+from hemorrhage_hf.corpus import python_docs_text
+from hemorrhage_hf.correction.fit import (
     DEFAULT_FAMILIES,
     DEFAULT_MAX_TOKENS,
-    DEFAULT_NETWORK_RANK,
-    DEFAULT_NETWORK_WIDTH,
-    DEFAULT_RANK,
-    DecodingCalibration,
-    _collect,
-    _vocab_size,
+    LogitFitOptions,
+    NetworkOptions,
+    as_documents,
+    collect,
+    paired_standard_error,
+    plan_shares,
 )
+from hemorrhage_hf.correction.network import BATCH_SIZE, DEFAULT_NETWORK_RANK, DEFAULT_NETWORK_WIDTH, OutputHead
+from hemorrhage_hf.correction.ops import DEFAULT_RANK, CorrectionParameters, fit_correction, kl_before_after
+from hemorrhage_hf.correction.processor import DecodingCorrection
 from hemorrhage_hf.measurement.engine import measure
-from hemorrhage_hf.measurement.report import mean_and_error
 from hemorrhage_hf.models import DTYPES, load_model
 from hemorrhage_hf.modify import apply_modification, parse_spec
 from hemorrhage_hf.modify.calibration import CalibrationSettings
@@ -81,51 +79,39 @@ def modified_model(reference, tokenizer, spec: str):
     return apply_modification(reference, spec, calibration=calibration)
 
 
-def wiki_windows(tokenizer, *, window: int, fit_tokens: int, held_out_tokens: int):
-    ids = torch.tensor(tokenizer(WIKITEXT.read_text(encoding="utf-8"), add_special_tokens=False).input_ids)
-    if fit_tokens + held_out_tokens > len(ids):
-        raise SystemExit(f"WikiText-2 valid has {len(ids)} tokens; fit + held-out asks for more")
-    fit = [w for w in _cut(ids[:fit_tokens], window)]
-    held_out = [w for w in _cut(ids[-held_out_tokens:], window)]
-    return fit, held_out
-
-
-def _cut(ids: torch.Tensor, window: int):
-    from hemorrhage_hf.corpus import make_windows
-
-    return make_windows(ids, window=window)
-
-
-def quality(reference, modified, calibration: DecodingCalibration, held_out) -> dict:
+def quality(reference, modified, correction: DecodingCorrection, report_windows) -> dict:
     report = measure(
-        reference, modified, held_out, progress=False, modified_variants={"calibrated": calibration.calibrate_sequence}
+        reference,
+        modified,
+        report_windows,
+        progress=False,
+        modified_variants={"corrected": correction.correct_sequence},
     )
-    plain, calibrated = report.figures, report.variants["calibrated"].figures
+    plain, corrected = report.figures, report.variants["corrected"].figures
     # Both are measured on the same predictions, so the reduction's error is the paired difference's, far below
     # what the two means' own errors suggest.
-    _, difference_error = mean_and_error(report.variants["calibrated"].tokens.kl - report.tokens.kl)
+    difference_error = paired_standard_error(
+        torch.from_numpy(report.variants["corrected"].tokens.kl - report.tokens.kl)
+    )
     return {
-        "held_out_tokens": plain["n_tokens"],
+        "report_tokens": plain["n_tokens"],
         "kl_before": plain["kl_mean"],
-        "kl_before_error": plain["kl_mean_error"],
-        "kl_after": calibrated["kl_mean"],
-        "kl_after_error": calibrated["kl_mean_error"],
-        "kl_reduction": 1 - calibrated["kl_mean"] / plain["kl_mean"],
+        "kl_after": corrected["kl_mean"],
+        "kl_difference_error": difference_error,
+        "kl_reduction": 1 - corrected["kl_mean"] / plain["kl_mean"],
         "kl_reduction_error": difference_error / plain["kl_mean"],
         "ppl_ratio_before": plain["ppl_ratio"],
-        "ppl_ratio_after": calibrated["ppl_ratio"],
+        "ppl_ratio_after": corrected["ppl_ratio"],
         "top1_before": plain["top1_agreement"],
-        "top1_after": calibrated["top1_agreement"],
-        "fit_validation": calibration.summary.to_dict(),
+        "top1_after": corrected["top1_agreement"],
+        "fit_summary": correction.summary.to_dict(),
     }
 
 
 def families_table(reference, modified, fit_windows, held_out) -> list[dict]:
-    from tqdm.auto import tqdm
-
     with tqdm(total=len(fit_windows) + len(held_out), disable=True) as bar:
-        fit_data = _collect(reference, modified, fit_windows, 1, bar)
-        held_out_data = _collect(reference, modified, held_out, 1, bar)
+        fit_data = collect(reference, modified, fit_windows, 1, bar, head=None).logits
+        held_out_data = collect(reference, modified, held_out, 1, bar, head=None).logits
     rows = []
     for families in FAMILY_SETS:
         started = time.perf_counter()
@@ -142,7 +128,7 @@ def families_table(reference, modified, fit_windows, held_out) -> list[dict]:
                 "fit_seconds": fit_seconds,
                 "in_sample_reduction": 1 - fitted_after.mean().item() / fitted_before.mean().item(),
                 "held_out_reduction": 1 - after.mean().item() / before.mean().item(),
-                "held_out_reduction_error": (difference.std() / len(difference) ** 0.5).item() / before.mean().item(),
+                "held_out_reduction_error": paired_standard_error(difference) / before.mean().item(),
             }
         )
         print(json.dumps(rows[-1]), flush=True)
@@ -152,12 +138,11 @@ def families_table(reference, modified, fit_windows, held_out) -> list[dict]:
 def dtype_speed(reference, modified, windows, dtype: str, rounds: int) -> dict:
     """Seconds a window of collecting states and a training step's head product take in fp32 and in ``dtype``
     (a name of :data:`DTYPES`)."""
-    from tqdm.auto import tqdm
 
-    def collect(models, head: OutputHead) -> float:
+    def collect_states(models, head: OutputHead) -> float:
         with tqdm(disable=True) as bar:
             started = time.perf_counter()
-            _collect(*models, windows, 1, bar, head=head, keep_logits=False)
+            collect(*models, windows, 1, bar, head=head, keep_logits=False)
         return (time.perf_counter() - started) / len(windows)
 
     def train_step(head: OutputHead) -> float:
@@ -175,7 +160,7 @@ def dtype_speed(reference, modified, windows, dtype: str, rounds: int) -> dict:
     timings = {name: {"collect_window_s": [], "train_step_s": []} for name in sides}
     for _ in range(rounds):
         for name, models in sides.items():
-            timings[name]["collect_window_s"].append(collect(models, heads[name]))
+            timings[name]["collect_window_s"].append(collect_states(models, heads[name]))
             timings[name]["train_step_s"].append(train_step(heads[name]))
     medians = {
         name: {part: statistics.median(times) for part, times in parts.items()} for name, parts in timings.items()
@@ -191,8 +176,8 @@ def dtype_speed(reference, modified, windows, dtype: str, rounds: int) -> dict:
 
 
 @torch.inference_mode()
-def overhead(modified, calibration: DecodingCalibration, prompt_ids: torch.Tensor, steps: int, pairs: int) -> dict:
-    """Per-step time of greedy decoding with and without the calibration, and of the call alone.
+def overhead(modified, correction: DecodingCorrection, prompt_ids: torch.Tensor, steps: int, pairs: int) -> dict:
+    """Per-step time of greedy decoding with and without the correction, and of the call alone.
 
     The two decodings run in ``pairs`` back-to-back pairs, the first of each pair alternating, and the overhead is
     the median of the pairs' ratios with its interquartile range. The medians of each side taken separately (five
@@ -212,23 +197,23 @@ def overhead(modified, calibration: DecodingCalibration, prompt_ids: torch.Tenso
         return (time.perf_counter() - started) / steps
 
     decode(LogitsProcessorList())  # warm-up
-    plain, calibrated = [], []
-    sides = [(plain, LogitsProcessorList()), (calibrated, LogitsProcessorList([calibration]))]
+    plain, corrected = [], []
+    sides = [(plain, LogitsProcessorList()), (corrected, LogitsProcessorList([correction]))]
     for pair in range(pairs):
         for times, processors in sides[:: -1 if pair % 2 else 1]:
             times.append(decode(processors))
-    ratios = [with_calibration / without - 1 for with_calibration, without in zip(calibrated, plain)]
+    ratios = [with_correction / without - 1 for with_correction, without in zip(corrected, plain)]
     lower_quartile, _, upper_quartile = statistics.quantiles(ratios, n=4)
     scores = modified(prompt_ids).logits[:, -1].float()
     call = []
     for _ in range(200):
         started = time.perf_counter()
-        calibration(prompt_ids, scores)
+        correction(prompt_ids, scores)
         call.append(time.perf_counter() - started)
     step = statistics.median(plain)
     return {
         "step_s": step,
-        "step_with_calibration_s": statistics.median(calibrated),
+        "step_with_correction_s": statistics.median(corrected),
         "generate_overhead": statistics.median(ratios),
         "generate_overhead_quartiles": [lower_quartile, upper_quartile],
         "call_s": statistics.median(call),
@@ -239,8 +224,7 @@ def overhead(modified, calibration: DecodingCalibration, prompt_ids: torch.Tenso
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modifications", default="int4-g64,wanda-50")
-    parser.add_argument("--fit-tokens", type=int, default=16384)
-    parser.add_argument("--held-out-tokens", type=int, default=4096)
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens each fit reads")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--families", default=",".join(DEFAULT_FAMILIES))
     parser.add_argument("--rank", type=int, default=DEFAULT_RANK, help="rank of the low-rank families")
@@ -251,18 +235,6 @@ def main() -> None:
         help="cut the trained state_network's write to this many directions (default: no cut)",
     )
     parser.add_argument("--max-iterations", type=int, default=40, help="L-BFGS iterations of each fit")
-    parser.add_argument(
-        "--fit-max-tokens",
-        type=int,
-        default=DEFAULT_MAX_TOKENS,
-        help="tokens each fit uses, in windows drawn from all --fit-tokens (fit's max_tokens)",
-    )
-    parser.add_argument(
-        "--extra-fit-text",
-        default="",
-        help="comma-separated texts added to the in-domain fit: python-docs or UTF-8 file paths",
-    )
-    parser.add_argument("--extra-fit-tokens", type=int, default=65536, help="tokens taken from each extra text")
     parser.add_argument(
         "--sampled-tokens",
         type=int,
@@ -282,9 +254,10 @@ def main() -> None:
     )
     parser.add_argument("--families-table", action="store_true")
     parser.add_argument("--no-cross-domain", action="store_true")
+    parser.add_argument("--no-overhead", action="store_true")
     parser.add_argument("--progress", action="store_true", help="progress bars of each fit, on stderr")
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--pairs", type=int, default=16, help="decodings with and without the calibration")
+    parser.add_argument("--pairs", type=int, default=16, help="decodings with and without the correction")
     parser.add_argument(
         "--save", type=Path, help="keep each in-domain fit under SAVE/<modification> (save_pretrained), for later study"
     )
@@ -297,76 +270,69 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     reference, tokenizer = load_model("default")
-    fit_windows, held_out = wiki_windows(
-        tokenizer, window=args.window, fit_tokens=args.fit_tokens, held_out_tokens=args.held_out_tokens
-    )
+    wiki_text = WIKITEXT.read_text(encoding="utf-8")
+    shares = plan_shares(as_documents(wiki_text, tokenizer, window=args.window, stride=None), args.max_tokens, 0)
     families = tuple(args.families.split(","))
+    prompt = shares.report[0].input_ids[None, :256]
     if args.overhead_only:
         for spec in args.modifications.split(","):
             modified = modified_model(reference, tokenizer, spec)
-            identity = DecodingCalibration(
+            identity = DecodingCorrection(
                 CorrectionParameters.identity(
                     families,
-                    vocab_size=_vocab_size(modified),
+                    vocab_size=modified.get_output_embeddings().weight.shape[0],
                     network_shape=(args.network_rank, DEFAULT_NETWORK_WIDTH),
                     network_write_rank=args.network_write_rank,
                 )
             )
-            prompt = held_out[0].input_ids[None, :256]
             print(spec, "overhead", json.dumps(overhead(modified, identity, prompt, args.steps, args.pairs)))
         return
     if args.speed_only:
         for spec in args.modifications.split(","):
             speed = dtype_speed(
-                reference, modified_model(reference, tokenizer, spec), fit_windows[:8], args.speed_only, rounds=3
+                reference, modified_model(reference, tokenizer, spec), shares.fit[:8], args.speed_only, rounds=3
             )
             print(spec, "speed", json.dumps(speed))
         return
     results = {
-        "fit_tokens": args.fit_tokens,
+        "max_tokens": args.max_tokens,
         "fit_dtype": args.fit_dtype,
-        "held_out": f"last {args.held_out_tokens} tokens of WikiText-2 valid",
-        "extra_fit_text": {},
+        "report": f"{shares.tokens[2]} tokens of {shares.documents[2]} WikiText-2 valid articles no fit reads",
     }
-    for source in filter(None, args.extra_fit_text.split(",")):
-        extra = tokenize_corpus(tokenizer, load_corpus(source), window=args.window, max_tokens=args.extra_fit_tokens)
-        results["extra_fit_text"][source] = sum(window.n_scored for window in extra)  # fewer if the text is shorter
-        fit_windows += extra
+    fit_options = {
+        "tokenizer": tokenizer,
+        "families": families,
+        "window": args.window,
+        "max_tokens": args.max_tokens,
+        "logit_fit": LogitFitOptions(args.rank, max_iterations=args.max_iterations),
+        "network": NetworkOptions(
+            args.network_rank, write_rank=args.network_write_rank, sampled_tokens=args.sampled_tokens
+        ),
+        "progress": args.progress,
+    }
     for spec in args.modifications.split(","):
         modified = modified_model(reference, tokenizer, spec)
         row = results[spec] = {}
-        fit_options = {
-            "families": families,
-            "rank": args.rank,
-            "network_rank": args.network_rank,
-            "network_write_rank": args.network_write_rank,
-            "sampled_tokens": args.sampled_tokens,
-            "window": args.window,
-            "max_iterations": args.max_iterations,
-            "max_tokens": args.fit_max_tokens,
-            "progress": args.progress,
-        }
         fit_models = [
             model if args.fit_dtype == "fp32" else copy.deepcopy(model).to(DTYPES[args.fit_dtype])
             for model in (reference, modified)
         ]
         started = time.perf_counter()
-        in_domain = DecodingCalibration.fit(*fit_models, fit_windows, **fit_options)
+        in_domain = DecodingCorrection.fit(*fit_models, wiki_text, **fit_options)
         fit_seconds = time.perf_counter() - started
         if args.save:
             in_domain.save_pretrained(args.save / spec)
-        row["in_domain"] = {**quality(reference, modified, in_domain, held_out), "fit_seconds": fit_seconds}
+        row["in_domain"] = {**quality(reference, modified, in_domain, shares.report), "fit_seconds": fit_seconds}
         print(spec, "in-domain", json.dumps(row["in_domain"]), flush=True)
         if not args.no_cross_domain:
-            python_docs = tokenize_corpus(tokenizer, python_docs_text(), window=args.window, max_tokens=args.fit_tokens)
-            cross = DecodingCalibration.fit(*fit_models, python_docs, **fit_options)
-            row["cross_domain"] = quality(reference, modified, cross, held_out)
+            cross = DecodingCorrection.fit(*fit_models, python_docs_text(), **fit_options)
+            row["cross_domain"] = quality(reference, modified, cross, shares.report)
             print(spec, "cross-domain", json.dumps(row["cross_domain"]), flush=True)
         if args.families_table:
-            row["families"] = families_table(reference, modified, fit_windows, held_out)
-        prompt = held_out[0].input_ids[None, :256]
-        row["overhead"] = overhead(modified, in_domain, prompt, args.steps, args.pairs)
-        print(spec, "overhead", json.dumps(row["overhead"]), flush=True)
+            row["families"] = families_table(reference, modified, shares.fit, shares.report)
+        if not args.no_overhead:
+            row["overhead"] = overhead(modified, in_domain, prompt, args.steps, args.pairs)
+            print(spec, "overhead", json.dumps(row["overhead"]), flush=True)
         del modified
     print(json.dumps(results, indent=2))
 
