@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
 from hemorrhage_hf.corpus import python_docs_text
+from hemorrhage_hf.correction.corrections import CorrectionParameters
 from hemorrhage_hf.correction.fit import (
     DEFAULT_FAMILIES,
     DEFAULT_MAX_TOKENS,
@@ -54,7 +55,7 @@ from hemorrhage_hf.correction.fit import (
     plan_shares,
 )
 from hemorrhage_hf.correction.network import BATCH_SIZE, DEFAULT_NETWORK_RANK, DEFAULT_NETWORK_WIDTH, OutputHead
-from hemorrhage_hf.correction.ops import DEFAULT_RANK, CorrectionParameters, fit_correction, kl_before_after
+from hemorrhage_hf.correction.ops import DEFAULT_RANK, fit_correction, kl_before_after
 from hemorrhage_hf.correction.processor import DecodingCorrection
 from hemorrhage_hf.measurement.engine import measure
 from hemorrhage_hf.models import DTYPES, load_model

@@ -27,9 +27,10 @@ use it in Python:
 
 
 def add_parser(subparsers) -> None:
+    from ..correction.corrections import FAMILIES
     from ..correction.fit import DEFAULT_FAMILIES, DEFAULT_MAX_TOKENS, LOGIT_MAX_TOKENS, NETWORK_MAX_TOKENS
     from ..correction.network import DEFAULT_EPOCHS, DEFAULT_NETWORK_RANK, DEFAULT_NETWORK_WIDTH
-    from ..correction.ops import DEFAULT_RANK, FAMILIES
+    from ..correction.ops import DEFAULT_RANK
 
     parser = subparsers.add_parser(
         "correct",
@@ -59,7 +60,8 @@ def add_parser(subparsers) -> None:
     add_text_arguments(
         parser,
         max_tokens=None,
-        max_tokens_help="fit on at most N tokens, in windows drawn from all over the text (default: "
+        max_tokens_help="read at most N tokens over the fit, select and report shares, in windows drawn from all "
+        "over each (default: "
         f"{DEFAULT_MAX_TOKENS}, or {NETWORK_MAX_TOKENS} with state_network; both models' predictions are kept "
         f"meanwhile, 4 bytes × vocabulary per token for at most {LOGIT_MAX_TOKENS} tokens, the rest as 2 × hidden "
         "numbers)",
@@ -138,7 +140,7 @@ def add_parser(subparsers) -> None:
 
 
 def _families_argument(value: str) -> tuple[str, ...]:
-    from ..correction.ops import FAMILIES
+    from ..correction.corrections import FAMILIES
 
     families = tuple(name.strip() for name in value.split(",") if name.strip())
     unknown = [name for name in families if name not in FAMILIES]

@@ -24,7 +24,7 @@ import contextlib
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -34,6 +34,7 @@ from ..corpus import Window, make_windows, tokenize_documents
 from ..errors import CorpusError, CorrectionError, TokenizerMismatchError
 from ..measurement.engine import batch_windows, measure
 from ..measurement.report import mean_and_error
+from .corrections import CorrectionParameters, StateNetworkCorrection
 from .network import (
     DEFAULT_EPOCHS,
     DEFAULT_NETWORK_RANK,
@@ -44,7 +45,7 @@ from .network import (
     read_tokens,
     vocabulary_tensors,
 )
-from .ops import DEFAULT_RANK, CorrectionParameters, PairedLogits, fit_correction, kl_before_after, state_network_term
+from .ops import DEFAULT_RANK, PairedLogits, fit_correction, kl_before_after
 from .processor import CorrectionWarning, DecodingCorrection, FitSummary
 from .reference_samples import sample_windows
 
@@ -323,8 +324,8 @@ def fit_network(
     *,
     seed: int,
     progress: bool,
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """The state network's tensors in vocabulary space (none if it did not help on ``select``), and its summary."""
+) -> tuple[StateNetworkCorrection | None, dict]:
+    """The state network folded into vocabulary space (none if it did not help on ``select``), and its summary."""
     head = OutputHead.of(modified)
     network_fit = fit_state_network(
         fit,
@@ -340,9 +341,9 @@ def fit_network(
     kept = network_fit.helps or network_fit.epochs == 0  # untrained: the exact identity of equal models
     summary = {**network_fit.to_dict(), "kept": kept}
     if not kept:
-        return {}, summary
+        return None, summary
     tensors = vocabulary_tensors(network_fit.network, head, read_ids)
-    return {name: tensor.cpu() for name, tensor in tensors.items()}, summary
+    return StateNetworkCorrection(**{name: tensor.cpu() for name, tensor in tensors.items()}), summary
 
 
 def keep_if_helping(
@@ -366,19 +367,19 @@ def fit_logit_families(
     fit: PairedLogits,
     select: PairedLogits,
     families: list[str],
-    network: dict[str, torch.Tensor],
+    network: StateNetworkCorrection | None,
     modified: PreTrainedModel,
     options: LogitFitOptions,
     seed: int,
 ) -> tuple[CorrectionParameters, list[str]]:
     """``families`` fitted on ``fit`` around the network's correction, if any (they fit on the scores it
     corrected), and dropped again, with a note, if they do not help it on ``select``."""
-    network_only = CorrectionParameters(vocab_size=_vocab_size(modified), **network)
+    network_only = CorrectionParameters(_vocab_size(modified), [network] if network else [])
     corrected_fit, corrected_select = fit, select
     if network:
 
         def correct(logits: torch.Tensor) -> torch.Tensor:
-            return logits + state_network_term(logits, network_only)
+            return logits + network.term(logits)
 
         corrected_fit, corrected_select = fit.with_modified_logits(correct), select.with_modified_logits(correct)
     parameters = fit_correction(
@@ -391,7 +392,7 @@ def fit_logit_families(
         max_iterations=options.max_iterations,
         seed=seed,
     )
-    parameters = replace(parameters, **network)
+    parameters = parameters.with_families(network_only)
     if not network:
         return parameters, []
     parameters, note = keep_if_helping(parameters, network_only, select, families)
@@ -487,7 +488,7 @@ def fit_processor(
         text: a text (its WikiText-style articles are its documents; a text without them is cut into contiguous
             parts), a list of independent texts (these two need ``tokenizer``), a ``[n, length]`` LongTensor of
             token ids (a document per row), or windows (cut into contiguous parts).
-        families: corrections to fit, from :data:`~hemorrhage_hf.correction.ops.FAMILIES`.
+        families: corrections to fit, from :data:`~hemorrhage_hf.correction.corrections.FAMILIES`.
         window, stride: tokens per model input, and how far apart inputs start, when ``text`` is text.
         max_tokens: tokens read over the three shares, in windows drawn from all over each; by default
             :data:`DEFAULT_MAX_TOKENS`, or :data:`NETWORK_MAX_TOKENS` with the ``state_network``. The families
@@ -522,7 +523,7 @@ def fit_processor(
         with_logits=bool(logit_families),
         progress=progress,
     )
-    network_tensors, network_summary, notes = {}, None, []
+    network_correction, network_summary, notes = None, None, []
     if with_network:
         read_ids = read_tokens(
             _token_counts(shares.fit + shares.select, _vocab_size(modified)),
@@ -531,17 +532,17 @@ def fit_processor(
             seed=seed,
         )
         fit_states = StateData.concatenate([part for part in (fit.states, states_only.states) if part is not None])
-        network_tensors, network_summary = fit_network(
+        network_correction, network_summary = fit_network(
             fit_states, select.states, modified, read_ids, network, seed=seed, progress=progress
         )
         notes += [] if network_summary["kept"] else [_network_left_out(network_summary)]
     if logit_families:
         parameters, more_notes = fit_logit_families(
-            fit.logits, select.logits, logit_families, network_tensors, modified, logit_fit, seed
+            fit.logits, select.logits, logit_families, network_correction, modified, logit_fit, seed
         )
         notes += more_notes
     else:
-        parameters = CorrectionParameters(vocab_size=_vocab_size(modified), **network_tensors)
+        parameters = CorrectionParameters(_vocab_size(modified), [network_correction] if network_correction else [])
     summary = FitSummary(
         families=list(parameters.families),
         fit_tokens=shares.tokens[0] + sum(w.n_scored for w in plan.samples),

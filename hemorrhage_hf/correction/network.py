@@ -1,11 +1,11 @@
 """The ``state_network`` correction family: a small non-linear map of the modified model's final hidden state,
 trained on the KL itself over much more text than the other families can keep.
 
-Pruning changes the final hidden state in ways a linear map barely undoes (SmolLM2 ``wanda-50``, held out: a
-linear map of the state fitted on 131k tokens removes 8 % of the KL, this network fitted on 262k 19.8 %;
-BENCHMARKS.md, "Decoding correction"). A network needs hundreds of thousands of predictions, and a prediction's
-logits are 4 bytes × vocabulary (both models in fp16; 196 KB for SmolLM2): so the fit keeps, per prediction, only
-what the KL needs of the two models (:class:`StateData`, 2 × hidden + 1 numbers)::
+Pruning changes the final hidden state in ways a linear map barely undoes, and a non-linear map of the state
+learns much more of that change, given much more text (docs/correction-history.md). A network needs hundreds of
+thousands of predictions, and a prediction's logits are 4 bytes × vocabulary (both models in fp16; 196 KB for
+SmolLM2): so the fit keeps, per prediction, only what the KL needs of the two models (:class:`StateData`,
+2 × hidden + 1 numbers)::
 
     KL(P_ref ‖ softmax(h' Eᵀ + b)) = Σ p log p − p·b − h'·(Σ_v p_v E_v) + logsumexp(h' Eᵀ + b)
 
@@ -37,11 +37,11 @@ from tqdm.auto import tqdm
 from ..measurement.statistics import block_standard_error
 
 #: Bottleneck of the network: the directions of the hidden state it reads and writes. A full-width read and write
-#: would cost two [vocab × hidden] products a generation step (9 ms, 13 % of a SmolLM2 step on two cores) for a
-#: little more (wanda-50 held out: 22.0 % at full width, 19.7 % at 128, 17.3 % at 64; BENCHMARKS.md).
+#: would cost two [vocab × hidden] products a generation step, a large share of a small model's step, for a little
+#: more than a bottleneck trained as one keeps.
 DEFAULT_NETWORK_RANK = 128
 #: Scores the processor reads the state from (:func:`read_tokens`): any ``hidden + 1`` with independent output
-#: embeddings determine it; a few thousand make the read well-conditioned and cost 2 % of reading them all.
+#: embeddings determine it; a few thousand make the read well-conditioned and cost a small part of reading them all.
 READ_TOKENS = 4096
 #: Hidden units between the bottlenecks.
 DEFAULT_NETWORK_WIDTH = 1024
@@ -123,7 +123,7 @@ class OutputHead:
     weight: torch.Tensor  # [vocab, hidden]
     bias: torch.Tensor  # [vocab]; zeros for a head without bias
     #: The dtype the model computes its scores in, which training's ``[batch × vocab]`` products use too: in
-    #: bfloat16 they train the same network twice as fast on CPUs with bfloat16 matrix units (BENCHMARKS.md).
+    #: bfloat16 they train the same network about twice as fast on CPUs with bfloat16 matrix units.
     product_dtype: torch.dtype = torch.float32
 
     @classmethod
@@ -161,8 +161,7 @@ class StateNetwork(nn.Module):
     @torch.no_grad()
     def read_principal_directions(self, states: torch.Tensor) -> None:
         """Start the read at the ``rank`` principal directions of the standardised ``states``: from a random read
-        the network ended lower (wanda-50: 19.7 % of the held-out KL removed, against 17.3 % at
-        rank 64 and 18.8 % reading 256 directions at random; BENCHMARKS.md)."""
+        the network ended lower than from a random read of as many or more directions."""
         standardised = (states - self.mean) / self.scale
         directions = torch.linalg.svd(standardised, full_matrices=False).Vh[: self.read.out_features]
         self.read.weight.copy_(directions)
@@ -183,11 +182,9 @@ class StateNetwork(nn.Module):
         processor's ``[rank × vocab]`` product becomes ``[write_rank × vocab]``).
 
         "Most" is measured in the KL's own metric (:func:`output_metric`, ``F = G²``): the cut is the best rank-``k``
-        approximation of ``Δh G``, written back through ``G⁻¹``, ``Δh ← Δh G V Vᵀ G⁻¹``. A trained rank-256
-        network cut to 128 directions kept almost all it removed (wanda-50, held out, 262k fit tokens: 21.5 % →
-        21.2 % of the KL, where the principal directions of ``Δh`` itself kept 21.0 %) for two thirds of its
-        generation overhead, where a network trained at rank 128 removes less (BENCHMARKS.md, "Decoding
-        correction").
+        approximation of ``Δh G``, written back through ``G⁻¹``, ``Δh ← Δh G V Vᵀ G⁻¹``: it loses less of what the
+        network removes than a cut to the principal directions of ``Δh`` itself, and a network trained at the lower
+        rank removes less than one trained at the higher rank and cut.
         """
         change = self(states)
         root, inverse_root = _matrix_roots(output_metric(states + change, head))
@@ -277,7 +274,7 @@ def fit_state_network(
     progress: bool = True,
 ) -> NetworkFit:
     """Train a :class:`StateNetwork` on ``fit`` minimising the mean KL, with AdamW and a one-cycle learning rate
-    (the recipe of BENCHMARKS.md, "Decoding correction"), and judge it on ``validation``. A ``write_rank`` below
+    (docs/correction-history.md), and judge it on ``validation`` (the select share). A ``write_rank`` below
     ``rank`` cuts the trained network's write to that many directions (:meth:`StateNetwork.cut_write`) before
     it is judged: what the processor costs a generation step scales with it.
 

@@ -14,10 +14,10 @@ KL over much more text, and is kept only if it helps on documents the fit did no
 
 Example:
     >>> import torch
-    >>> from hemorrhage_hf.correction.ops import CorrectionParameters
+    >>> from hemorrhage_hf.correction.corrections import CorrectionParameters, TokenBias
     >>> from hemorrhage_hf.correction.processor import DecodingCorrection
     >>> bias = torch.tensor([0.0, 0.0, 5.0, 0.0])
-    >>> processor = DecodingCorrection(CorrectionParameters(vocab_size=4, token_bias=bias))
+    >>> processor = DecodingCorrection(CorrectionParameters(4, [TokenBias(bias)]))
     >>> processor(torch.tensor([[1]]), torch.zeros(1, 4))
     tensor([[0., 0., 5., 0.]])
 
@@ -47,7 +47,7 @@ from transformers import LogitsProcessor
 
 from ..atomic import atomic_path, atomic_write_text
 from ..errors import CorrectionError
-from .ops import CorrectionParameters, apply_correction
+from .corrections import CorrectionParameters
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -174,14 +174,14 @@ class DecodingCorrection(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         """One generation step: ``scores[batch, vocab]`` after reading ``input_ids[batch, length]``."""
-        return apply_correction(scores, input_ids[:, -1], self._parameters_for(scores))
+        return self._parameters_for(scores).apply(scores, input_ids[:, -1])
 
     def correct_sequence(self, input_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Whole sequences: ``logits[b, t]`` (predicting token t+1) is corrected as if generated after
         ``input_ids[b, t]``."""
         if logits.shape[:-1] != input_ids.shape:
             raise CorrectionError(f"logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)}")
-        return apply_correction(logits, input_ids.to(logits.device), self._parameters_for(logits))
+        return self._parameters_for(logits).apply(logits, input_ids.to(logits.device))
 
     def is_identity(self) -> bool:
         """All corrections at their identity values (what a fit on two identical models returns)."""
@@ -255,12 +255,8 @@ class DecodingCorrection(LogitsProcessor):
             tensors = load_file(str(weights_path))
         except SafetensorError as error:
             raise CorrectionError(f"{weights_path} is not a valid safetensors file: {error}") from error
-        known = set(CorrectionParameters.__dataclass_fields__) - {"vocab_size"}
-        unknown = sorted(set(tensors) - known)
-        if unknown:
-            raise CorrectionError(f"{weights_path} holds unknown tensors {unknown}")
-        parameters = CorrectionParameters(vocab_size=saved_vocab, **tensors)
         try:
+            parameters = CorrectionParameters.from_tensors(saved_vocab, tensors)
             parameters.validate()
         except ValueError as error:
             raise CorrectionError(f"{weights_path} does not match its config: {error}") from error

@@ -1,11 +1,8 @@
 """Text a model writes itself, after short prompts cut from fit text: more text for the ``state_network``.
 
-The state network is short of text, and in-domain text runs out (BENCHMARKS.md, "Decoding correction"). The
-reference's own samples are text whose next-token distributions the correction must follow by construction. On
-SmolLM2 ``wanda-50`` (held-out WikiText-2 articles, rank 128, scratch runs of session 14), adding 128 windows of 512
-tokens the reference sampled after 32-token WikiText-2 prompts (65,408 predictions) to 131,072 fit tokens of
-WikiText-2 took the KL removed from 15.8 % to 17.5 %, as did 65,536 more tokens of WikiText-2; 65,536 tokens of
-*Pride and Prejudice* instead took it to 16.7 %.
+The state network is short of text, and text like the one to correct for runs out. The reference's own samples are
+text whose next-token distributions the correction must follow by construction; per token they did about as much
+for the network as more in-domain text, and more than text of another kind (docs/correction-history.md).
 
 Example:
     >>> from hemorrhage_hf import load_model

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import pair_that_does_not_carry, tiny_llama
 
+from hemorrhage_hf.correction.corrections import CorrectionParameters, StateNetworkCorrection, TokenBias
 from hemorrhage_hf.correction.fit import LogitFitOptions, NetworkOptions, collect, keep_if_helping
 from hemorrhage_hf.correction.network import (
     OutputHead,
@@ -16,7 +17,7 @@ from hemorrhage_hf.correction.network import (
     read_tokens,
     vocabulary_tensors,
 )
-from hemorrhage_hf.correction.ops import CorrectionParameters, PairedLogits, state_network_term
+from hemorrhage_hf.correction.ops import PairedLogits
 from hemorrhage_hf.correction.processor import CorrectionWarning, DecodingCorrection
 from hemorrhage_hf.errors import CorrectionError
 from hemorrhage_hf.measurement.divergence import kl_divergence, log_probs
@@ -79,17 +80,17 @@ def test_the_network_folded_into_vocabulary_space_corrects_scores_as_it_corrects
     counts = torch.randint(0, 100, (vocab,), generator=generator)
     read_ids = read_tokens(counts, {0, 1}, hidden_size=hidden)
     assert len(read_ids) == 62 and not {0, 1} & set(read_ids.tolist())
-    parameters = CorrectionParameters(vocab_size=vocab, **vocabulary_tensors(network, head, read_ids))
+    parameters = CorrectionParameters(vocab, [StateNetworkCorrection(**vocabulary_tensors(network, head, read_ids))])
     parameters.validate()
     scores = states @ head.weight.T + head.bias + 3.0
     with torch.no_grad():
         expected = network(states) @ head.weight.T
-    torch.testing.assert_close(state_network_term(scores, parameters), expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(state_network_term(scores[:, -1], parameters), expected[:, -1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(parameters.network.term(scores), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(parameters.network.term(scores[:, -1]), expected[:, -1], rtol=1e-4, atol=1e-4)
     scores[0, 2, read_ids[0]] = -torch.inf
-    term = state_network_term(scores, parameters)
+    term = parameters.network.term(scores)
     assert not term[0, 2].any() and term[0, 1].abs().sum() > 0
-    assert parameters.network_shape == (4, 32) and not parameters.is_identity()
+    assert parameters.network.shape == (4, 32) and not parameters.is_identity()
 
 
 def test_the_output_metric_is_the_kls_hessian_in_the_state():
@@ -140,12 +141,12 @@ def test_cutting_the_write_keeps_the_change_that_moves_the_kl_most():
         principal = torch.linalg.svd(change, full_matrices=False).Vh[:3].T
         assert metric_error(cut(states)) < 0.9 * metric_error(change @ principal @ principal.T)
         assert metric_error(cut(states)) > 0.01 * metric_error(torch.zeros_like(change))  # a real cut
-    parameters = CorrectionParameters(vocab_size=64, **vocabulary_tensors(cut, head, torch.arange(40)))
-    parameters.validate()
-    assert parameters.network_shape == (rank, 32) and parameters.network_write_rank == 3
+    network = StateNetworkCorrection(**vocabulary_tensors(cut, head, torch.arange(40)))
+    CorrectionParameters(64, [network]).validate()
+    assert network.shape == (rank, 32) and network.write_rank == 3
     with torch.no_grad():
         torch.testing.assert_close(
-            state_network_term(states @ head.weight.T + head.bias, parameters),
+            network.term(states @ head.weight.T + head.bias),
             cut(states) @ head.weight.T,
             rtol=1e-4,
             atol=1e-4,
@@ -200,12 +201,10 @@ def test_families_fitted_around_the_network_are_kept_only_if_they_help_on_held_o
         modified_logits + difference, modified_logits, torch.zeros(count, dtype=torch.long)
     )
     network_only = CorrectionParameters.identity(("state_network",), vocab_size=vocab, network_shape=(4, 8))
-    helping = CorrectionParameters.identity(("token_bias", "state_network"), vocab_size=vocab, network_shape=(4, 8))
-    helping.token_bias = difference.clone()
+    helping = network_only.with_families([TokenBias(difference.clone())])
     kept, note = keep_if_helping(helping, network_only, validation, ["token_bias"])
     assert kept is helping and note is None
-    hurting = CorrectionParameters.identity(("token_bias", "state_network"), vocab_size=vocab, network_shape=(4, 8))
-    hurting.token_bias = -difference
+    hurting = network_only.with_families([TokenBias(-difference)])
     kept, note = keep_if_helping(hurting, network_only, validation, ["token_bias"])
     assert kept is network_only and note.startswith("left out token_bias: fitted around the state_network")
 
@@ -223,7 +222,7 @@ def test_saved_network_reloads_and_corrects_the_same(tmp_path):
     )
     loaded = DecodingCorrection.from_pretrained(correction.save_pretrained(tmp_path), vocab_size=64)
     assert loaded.families == ("token_bias", "state_network")
-    assert (loaded.parameters.network_shape, loaded.parameters.network_write_rank) == ((16, 64), 8)
+    assert (loaded.parameters.network.shape, loaded.parameters.network.write_rank) == ((16, 64), 8)
     assert loaded.summary.network == correction.summary.network
     scores = torch.randn(3, 64) * 10
     assert torch.equal(loaded(ids[:3], scores), correction(ids[:3], scores))
