@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..corpus import Window, make_windows, tokenize_documents
 from ..errors import CorpusError, CorrectionError, TokenizerMismatchError
 from ..measurement.engine import batch_windows, measure
-from ..measurement.report import mean_and_error
+from ..measurement.statistics import block_standard_error
 from .corrections import CorrectionParameters, StateNetworkCorrection
 from .network import (
     DEFAULT_EPOCHS,
@@ -403,8 +403,9 @@ def fit_logit_families(
 
 
 def paired_standard_error(difference: torch.Tensor) -> float:
-    """Standard error of the mean of per-token paired differences (``[N]``, in text order)."""
-    return mean_and_error(difference.double().cpu().numpy())[1]
+    """Batch-means standard error of the mean of per-token paired differences (``[N]``, in text order): neighbouring
+    tokens' differences are correlated, and the i.i.d. error would understate it."""
+    return block_standard_error(difference.double().cpu().numpy())
 
 
 def judge(
