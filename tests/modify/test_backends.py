@@ -13,6 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hemorrhage_hf.comparison import MeasureOptions, TextSource, compare
+from hemorrhage_hf.correction.processor import DecodingCalibration
 from hemorrhage_hf.corpus import make_windows
 from hemorrhage_hf.errors import BackendError, ModificationError, SpecError
 from hemorrhage_hf.integrations import HemorrhageQuantizer
@@ -176,6 +177,9 @@ def test_quantized_model_objects_work_in_the_metric_and_report(tiny, spec):
     distribution = BACKENDS[spec][2]
     assert f"{importlib.metadata.version(distribution)}" in markdown
     assert "bits per weight (measured)" in markdown
+    ids = tokenizer(TEXT * 6, return_tensors="pt").input_ids[0][:400].reshape(10, 40)
+    correction = DecodingCalibration.fit(reference, modified, ids, families=("temperature",), progress=False)
+    assert correction.summary.kl_before == pytest.approx(figures["kl_mean"], rel=0.5)
 
 
 def test_bad_backend_specs_are_refused(tiny, monkeypatch):
