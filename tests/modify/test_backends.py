@@ -13,8 +13,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hemorrhage_hf.comparison import MeasureOptions, TextSource, compare
-from hemorrhage_hf.correction.processor import DecodingCalibration
 from hemorrhage_hf.corpus import make_windows
+from hemorrhage_hf.correction.processor import DecodingCalibration
 from hemorrhage_hf.errors import BackendError, ModificationError, SpecError
 from hemorrhage_hf.integrations import HemorrhageQuantizer
 from hemorrhage_hf.measurement.engine import measure
