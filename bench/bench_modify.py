@@ -13,7 +13,7 @@ Prints, measured side by side in one run on the same calibration tokens and the 
             (--seeds 0 --save s0.json, ...) and be summarised together with --summarize s0.json s1.json ...
 
 Times scale with the number of calibration tokens (one forward pass per layer step, plus one backward pass per
-sequence for gradient-aware pruning); pass the issue's 128 × 512 with --calibration-sequences 128, or a smaller
+sequence for gradient-aware pruning); pass 128 × 512 with --calibration-sequences 128, or a smaller
 size to extrapolate from.
 
 Usage: python bench/bench_modify.py [--calibration-sequences 16] [--calibration-length 512] [--eval-tokens 4096]

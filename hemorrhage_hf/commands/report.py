@@ -25,8 +25,8 @@ from .common import (
 )
 from .correct import CORRECTED, load_correction, save_corrected_report, side_by_side_table
 
-#: Tokens measured unless --max-tokens says otherwise: 16 windows of 512, about a minute on 2 CPU cores for a
-#: 135 M-parameter model; the whole of a long text can take hours.
+#: Tokens measured unless --max-tokens says otherwise: 16 windows of 512, half a minute for SmolLM2 on 2 quiet CPU
+#: cores (BENCHMARKS.md); the whole of a long text can take hours.
 DEFAULT_MAX_TOKENS = 8192
 
 EPILOG = """examples:

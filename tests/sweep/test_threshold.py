@@ -10,7 +10,7 @@ from hemorrhage_hf.sweep.threshold import fit_breakpoint, tolerance_crossing
 
 LEVELS = np.arange(10.0, 95.0, 5.0)
 STEP = 5.0
-#: Smooth curves of ln y with no threshold: the issue's quadratic, a pure power law, a pure exponential.
+#: Smooth curves of ln y with no threshold: a quadratic, a pure power law, a pure exponential.
 SMOOTH = {
     "quadratic": 0.0005 * LEVELS**2,
     "power law": np.log(1e-3 * LEVELS**1.5),
