@@ -25,7 +25,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..corpus import PYTHON_DOCS
 from ..errors import HemorrhageError, SpecError
 from ..models import load_tokenizer
-from ..modify import Modification, apply_modification, parse_spec
+from ..modify import BackendQuantization, Modification, apply_modification, parse_spec
 from ..modify.base import on_runtime_state
 from ..modify.calibration import CalibrationSettings
 
@@ -49,6 +49,11 @@ class HemorrhageQuantConfig(QuantizationConfigMixin):
             raise SpecError(
                 f"{spec!r} is a {modification.family} spec; a quantization config takes quantization specs "
                 "(int4-g64, w8a8, awq-int4-g64...) — use HemorrhagePruner or `hemorrhage-hf prune` for pruning"
+            )
+        if isinstance(modification, BackendQuantization):
+            raise SpecError(
+                f"{spec!r} is made by {modification.distribution}: load with that library's own config "
+                "(BitsAndBytesConfig, TorchAoConfig...), or build it with apply_modification(model, spec)"
             )
         self.quant_method = QUANT_METHOD
         self.spec = modification.spec

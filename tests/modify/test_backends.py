@@ -14,9 +14,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hemorrhage_hf.comparison import MeasureOptions, TextSource, compare
 from hemorrhage_hf.corpus import make_windows
-from hemorrhage_hf.correction.processor import DecodingCalibration
+from hemorrhage_hf.correction.processor import DecodingCorrection
 from hemorrhage_hf.errors import BackendError, ModificationError, SpecError
 from hemorrhage_hf.integrations import HemorrhageQuantizer
+from hemorrhage_hf.integrations.transformers import HemorrhageQuantConfig
 from hemorrhage_hf.measurement.engine import measure
 from hemorrhage_hf.measurement.refcache import ReferenceCache
 from hemorrhage_hf.metric import _text_hemorrhage
@@ -177,9 +178,9 @@ def test_quantized_model_objects_work_in_the_metric_and_report(tiny, spec):
     distribution = BACKENDS[spec][2]
     assert f"{importlib.metadata.version(distribution)}" in markdown
     assert "bits per weight (measured)" in markdown
-    ids = tokenizer(TEXT * 6, return_tensors="pt").input_ids[0][:400].reshape(10, 40)
-    correction = DecodingCalibration.fit(reference, modified, ids, families=("temperature",), progress=False)
-    assert correction.summary.kl_before == pytest.approx(figures["kl_mean"], rel=0.5)
+    ids = tokenizer(TEXT * 6, return_tensors="pt").input_ids[0][:480].reshape(10, 48)
+    correction = DecodingCorrection.fit(reference, modified, ids, families=("temperature",), progress=False)
+    assert 0 < correction.summary.kl_before < 0.5
 
 
 def test_bad_backend_specs_are_refused(tiny, monkeypatch):
@@ -187,6 +188,9 @@ def test_bad_backend_specs_are_refused(tiny, monkeypatch):
         parse_spec("bnb-int3")
     with pytest.raises(BackendError, match="torchao 0.18 has no CPU path for int4"):
         parse_spec("torchao-int4wo-g64")
+    if installed("bitsandbytes"):  # transformers quantizes with the backend's own config, not through ours
+        with pytest.raises(SpecError, match="made by bitsandbytes: load with that library's own config"):
+            HemorrhageQuantConfig("bnb-nf4")
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "hqq" else real_find_spec(name))
     with pytest.raises(BackendError, match=r"hqq-int4-g64 needs hqq, which is not installed: pip install"):
