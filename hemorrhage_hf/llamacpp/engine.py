@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -87,6 +88,10 @@ class LlamaCppModel:
         from llama_cpp import _internals
 
         llama_cpp.llama_backend_init()
+        # llama-cpp-python prints every llama.cpp log line (hundreds per context) unless its logger says otherwise.
+        log = logging.getLogger("llama-cpp-python")
+        if log.level == logging.NOTSET:
+            log.setLevel(logging.ERROR)
         params = llama_cpp.llama_model_default_params()
         params.use_extra_bufts = repack_is_safe() if repack is None else repack
         try:
