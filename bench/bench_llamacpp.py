@@ -28,7 +28,7 @@ from pathlib import Path
 
 from hemorrhage_hf.comparison import LoadOptions, MeasureOptions, TextSource, compare
 from hemorrhage_hf.llamacpp.export import export_gguf
-from hemorrhage_hf.llamacpp.perplexity import llamacpp_kl_divergence
+from hemorrhage_hf.llamacpp.perplexity import llamacpp_base_logits, llamacpp_kl_divergence
 from hemorrhage_hf.models import cache_dir
 
 FIGURES = ("kl_mean", "top1_agreement", "ppl_ratio", "ppl_reference")
@@ -87,12 +87,15 @@ def main() -> None:
         Path(text_file).write_text(text, encoding="utf-8")
         sizes = f"{args.window},{args.chunks}"
         if not args.skip_agreement:
-            print(f"agreement: {args.chunks} chunks of {args.window} tokens of {args.text}")
+            base_logits = llamacpp_base_logits(
+                base, text_file, Path(folder) / "base.kld", window=args.window, chunks=args.chunks
+            )
+            print(f"agreement: {args.chunks} chunks of {args.window} tokens of {args.text}", flush=True)
             print("type     engine            KL mean    same top   PPL ratio   PPL ref")
             for gguf_type in types:
                 rows = {
                     "llama-perplexity": llamacpp_kl_divergence(
-                        base, files[gguf_type], text_file, window=args.window, chunks=args.chunks
+                        files[gguf_type], base_logits, window=args.window, chunks=args.chunks
                     ),
                     "llama.cpp engine": measure_once(
                         base, str(files[gguf_type]), text_file, args.window, args.chunks, "llama.cpp"

@@ -1,13 +1,14 @@
 """llama.cpp's own ``llama-perplexity --kl-divergence``, run and read back, to set hemorrhage-hf's figures beside it.
 
 ``llama-perplexity`` first stores the base model's logits over ``chunks`` chunks of ``window`` tokens of a text
-file (``--kl-divergence-base``), then compares a quantized model with them (``--kl-divergence``) and prints PPL of
-both, mean KLD and "same top p". :func:`llamacpp_kl_divergence` runs both steps and returns those figures under
-hemorrhage-hf's names, so a test or a benchmark can check one against the other on the same chunks.
+file (:func:`llamacpp_base_logits`), then compares a quantized model with them (:func:`llamacpp_kl_divergence`)
+and prints PPL of both, mean KLD and "same top p", returned here under hemorrhage-hf's names, so a test or a
+benchmark can check one against the other on the same chunks.
 
 Example:
-    >>> from hemorrhage_hf.llamacpp.perplexity import llamacpp_kl_divergence
-    >>> figures = llamacpp_kl_divergence("f32.gguf", "Q4_0.gguf", "wiki.test.raw", chunks=8)  # doctest: +SKIP
+    >>> from hemorrhage_hf.llamacpp.perplexity import llamacpp_base_logits, llamacpp_kl_divergence
+    >>> logits = llamacpp_base_logits("f32.gguf", "wiki.test.raw", "f32.kld", chunks=8)  # doctest: +SKIP
+    >>> figures = llamacpp_kl_divergence("Q4_0.gguf", logits, chunks=8)  # doctest: +SKIP
     >>> sorted(figures)  # doctest: +SKIP
     ['kl_mean', 'kl_mean_error', 'ppl_modified', 'ppl_ratio', 'ppl_reference', 'top1_agreement']
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from .engine import repack_is_safe
@@ -48,17 +48,25 @@ def llamacpp_perplexity(model: str | Path, text_file: str | Path, *, window: int
     return float(match.group(1))
 
 
+def llamacpp_base_logits(
+    base: str | Path, text_file: str | Path, output: str | Path, *, window: int = 512, chunks: int = 16
+) -> Path:
+    """``llama-perplexity --kl-divergence-base``: ``base``'s logits on the first ``chunks`` chunks, stored once for
+    any number of :func:`llamacpp_kl_divergence` comparisons."""
+    command = [find_program("llama-perplexity"), "-m", base, "-f", text_file, "--chunks", chunks]
+    command += ["--kl-divergence-base", output, *_common_arguments(window)]
+    run_program(command, what=f"llama-perplexity base logits of {base}")
+    return Path(output)
+
+
 def llamacpp_kl_divergence(
-    base: str | Path, model: str | Path, text_file: str | Path, *, window: int = 512, chunks: int = 16
+    model: str | Path, base_logits: str | Path, *, window: int = 512, chunks: int = 16
 ) -> dict[str, float]:
-    """llama.cpp's PPL of both models, PPL ratio, mean KLD (± its error) and same-top agreement (a fraction)."""
-    program = find_program("llama-perplexity")
-    with tempfile.TemporaryDirectory(prefix="hemorrhage-kld-") as folder:
-        logits = Path(folder) / "base.kld"
-        base_command = [program, "-m", base, "-f", text_file, "--chunks", chunks, "--kl-divergence-base", logits]
-        run_program(base_command + _common_arguments(window), what=f"llama-perplexity base logits of {base}")
-        command = [program, "-m", model, "--kl-divergence-base", logits, "--kl-divergence", "--chunks", chunks]
-        output = run_program(command + _common_arguments(window), what=f"llama-perplexity --kl-divergence on {model}")
+    """llama.cpp's PPL of both models, PPL ratio, mean KLD (± its error) and same-top agreement (a fraction) of
+    ``model`` against logits stored by :func:`llamacpp_base_logits`."""
+    command = [find_program("llama-perplexity"), "-m", model, "--kl-divergence-base", base_logits]
+    command += ["--kl-divergence", "--chunks", chunks, *_common_arguments(window)]
+    output = run_program(command, what=f"llama-perplexity --kl-divergence on {model}")
     figures = {}
     for name, pattern in _FIGURES.items():
         match = re.search(pattern, output)

@@ -172,13 +172,14 @@ def test_a_tokenizer_that_cuts_text_differently_is_refused(f32_gguf):
 @pytest.mark.heavy
 def test_figures_match_llama_perplexity_kl_divergence(f32_gguf, q4_0_gguf, tmp_path):
     """Same file, same chunks: mean KL within 2 %, same-top within 0.5 points, reference PPL within 0.5 %."""
-    from hemorrhage_hf.llamacpp.perplexity import llamacpp_kl_divergence
+    from hemorrhage_hf.llamacpp.perplexity import llamacpp_base_logits, llamacpp_kl_divergence
 
     window, chunks = 512, 2 * SCALE
     text = shared_data_path("wikitext-2-raw/wiki.valid.raw").read_text(encoding="utf-8")[: 12_000 * chunks]
     text_file = tmp_path / "wiki.txt"
     text_file.write_text(text, encoding="utf-8")
-    theirs = llamacpp_kl_divergence(f32_gguf, q4_0_gguf, text_file, window=window, chunks=chunks)
+    base_logits = llamacpp_base_logits(f32_gguf, text_file, tmp_path / "f32.kld", window=window, chunks=chunks)
+    theirs = llamacpp_kl_divergence(q4_0_gguf, base_logits, window=window, chunks=chunks)
     report = compare(
         str(f32_gguf),
         str(q4_0_gguf),
@@ -212,3 +213,23 @@ def test_export_gguf_refuses_an_unknown_type(tmp_path, capsys):
 def test_llamacpp_engine_without_a_gguf_is_refused():
     with pytest.raises(HemorrhageError, match="neither model is one"):
         compare("default", modification="int8", load=LoadOptions(engine="llama.cpp"))
+
+
+@needs_llama_cpp
+def test_task_scoring_through_llamacpp_matches_torch(smollm2, f32_gguf):
+    """Padded batches of different lengths: each row runs alone in llama.cpp, and its log-likelihoods match torch's."""
+    from hemorrhage_hf.llamacpp.engine import LlamaCppModel
+    from hemorrhage_hf.tasks.scoring import score_continuations
+
+    model, tokenizer = smollm2
+    pairs = [
+        ("The capital of France is", " Paris"),
+        ("The capital of France is", " a large potato field in the north"),
+        ("Water boils at a temperature of one hundred degrees", " Celsius"),
+        ("She opened the door and", " walked in"),
+    ]
+    ours = score_continuations(LlamaCppModel(f32_gguf), tokenizer, pairs, batch_size=4)
+    theirs = score_continuations(model, tokenizer, pairs, batch_size=4)
+    for a, b in zip(ours, theirs):
+        assert a.log_likelihood == pytest.approx(b.log_likelihood, abs=0.02)
+        assert a.greedy == b.greedy
