@@ -233,3 +233,29 @@ def test_task_scoring_through_llamacpp_matches_torch(smollm2, f32_gguf):
     for a, b in zip(ours, theirs):
         assert a.log_likelihood == pytest.approx(b.log_likelihood, abs=0.02)
         assert a.greedy == b.greedy
+
+
+@needs_llama_cpp
+@needs_tools
+def test_gguf_sweep_runs_each_type_in_llamacpp(smollm2, f32_gguf, q4_0_gguf, gguf_folder, tmp_path):
+    from hemorrhage_hf.llamacpp.engine import LlamaCppModel
+    from hemorrhage_hf.llamacpp.export import GgufLevels
+    from hemorrhage_hf.sweep.runner import SweepOptions, run_sweep
+
+    _, tokenizer = smollm2
+    text = "The river flows through the old town, past the mill and the church, to the sea. " * 30
+    windows = tokenize_corpus(tokenizer, text, window=128, max_tokens=256, scoring=LLAMACPP_SCORING)
+    result = run_sweep(
+        LlamaCppModel(f32_gguf),
+        tokenizer,
+        windows,
+        "gguf",
+        ["f32", "Q8_0", "Q4_0"],
+        options=SweepOptions(top_k=8, cache_root=tmp_path, progress=False),
+        gguf_levels=GgufLevels(f32_gguf, gguf_folder, engine="llama.cpp"),
+    )
+    unmodified, q8_0, q4_0 = result.levels
+    assert unmodified["spec"] is None and unmodified["figures"]["kl_max"] == 0.0
+    # strength: bits per weight, negated (fewer bits is a stronger modification)
+    assert (q8_0["strength"], q4_0["strength"]) == (-8.5, -4.5)
+    assert q8_0["figures"]["kl_mean"] < 0.05 < q4_0["figures"]["kl_mean"]
