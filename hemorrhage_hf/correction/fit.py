@@ -316,16 +316,18 @@ def _special_ids(model: PreTrainedModel) -> set[int]:
 
 
 def fit_network(
-    fit: StateData,
-    select: StateData,
-    modified: PreTrainedModel,
-    read_ids: torch.Tensor,
-    options: NetworkOptions,
-    *,
-    seed: int,
-    progress: bool,
+    collected: _Collected, plan: _Plan, modified: PreTrainedModel, options: NetworkOptions, *, seed: int, progress: bool
 ) -> tuple[StateNetworkCorrection | None, dict]:
-    """The state network folded into vocabulary space (none if it did not help on ``select``), and its summary."""
+    """The state network trained on the fit share's states (and samples), folded into vocabulary space, reading the
+    tokens the fit text used least; none if it did not help on the select share. And its summary."""
+    fit = StateData.concatenate([part for part in (collected.fit.states, collected.states_only.states) if part])
+    select = collected.select.states
+    read_ids = read_tokens(
+        _token_counts(plan.shares.fit + plan.shares.select, _vocab_size(modified)),
+        _special_ids(modified),
+        hidden_size=modified.get_output_embeddings().weight.shape[1],
+        seed=seed,
+    )
     head = OutputHead.of(modified)
     network_fit = fit_state_network(
         fit,
@@ -455,15 +457,44 @@ class _Plan:
     samples: list[Window] = field(default_factory=list)
 
 
-def _plan(shares: Shares, with_network: bool, with_logit_families: bool, seed: int) -> _Plan:
+def _plan(shares: Shares, families: tuple[str, ...], seed: int) -> _Plan:
     """Without the state network every fit window keeps its logits. With it, a spread part of the fit share does
     (:data:`LOGIT_MAX_TOKENS` less the held-out shares; none without other families) and the rest is kept as
     states, for the network."""
-    if not with_network:
+    if "state_network" not in families:
         return _Plan(shares, shares.fit, [])
     held_out = sum(shares.tokens[1:])
-    budget = max(LOGIT_MAX_TOKENS - held_out, MIN_FIT_TOKENS) if with_logit_families else 0
+    budget = max(LOGIT_MAX_TOKENS - held_out, MIN_FIT_TOKENS) if set(families) - {"state_network"} else 0
     return _Plan(shares, *divide(shares.fit, budget, seed))
+
+
+def fit_families(
+    modified: PreTrainedModel,
+    plan: _Plan,
+    collected: _Collected,
+    families: tuple[str, ...],
+    logit_fit: LogitFitOptions,
+    network: NetworkOptions,
+    *,
+    seed: int,
+    progress: bool,
+) -> tuple[CorrectionParameters, dict | None, list[str]]:
+    """The correction (the state network first, if asked for, then the families fitted on logits around it), the
+    network's summary, and notes on what was left out and why."""
+    network_correction, network_summary, notes = None, None, []
+    if "state_network" in families:
+        network_correction, network_summary = fit_network(
+            collected, plan, modified, network, seed=seed, progress=progress
+        )
+        notes += [] if network_summary["kept"] else [_network_left_out(network_summary)]
+    logit_families = [family for family in families if family != "state_network"]
+    if not logit_families:
+        network_only = [network_correction] if network_correction else []
+        return CorrectionParameters(_vocab_size(modified), network_only), network_summary, notes
+    parameters, more_notes = fit_logit_families(
+        collected.fit.logits, collected.select.logits, logit_families, network_correction, modified, logit_fit, seed
+    )
+    return parameters, network_summary, notes + more_notes
 
 
 def fit_processor(
@@ -505,45 +536,18 @@ def fit_processor(
     """
     families = tuple(families)
     _check_request(reference, modified, families, network)
-    with_network = "state_network" in families
-    logit_families = [family for family in families if family != "state_network"]
     if max_tokens is None:
-        max_tokens = NETWORK_MAX_TOKENS if with_network else DEFAULT_MAX_TOKENS
+        max_tokens = NETWORK_MAX_TOKENS if "state_network" in families else DEFAULT_MAX_TOKENS
     shares = plan_shares(as_documents(text, tokenizer, window=window, stride=stride), max_tokens, seed)
-    plan = _plan(shares, with_network, bool(logit_families), seed)
+    plan = _plan(shares, families, seed)
     if network.sampled_tokens:
         plan.samples = sample_windows(
             reference, shares.fit, tokens=network.sampled_tokens, window=window, seed=seed, progress=progress
         )
-    fit, states_only, select = _collect_shares(
-        reference,
-        modified,
-        plan,
-        batch_size,
-        with_network=with_network,
-        with_logits=bool(logit_families),
-        progress=progress,
+    collected = _collect_shares(reference, modified, plan, batch_size, families, progress)
+    parameters, network_summary, notes = fit_families(
+        modified, plan, collected, families, logit_fit, network, seed=seed, progress=progress
     )
-    network_correction, network_summary, notes = None, None, []
-    if with_network:
-        read_ids = read_tokens(
-            _token_counts(shares.fit + shares.select, _vocab_size(modified)),
-            _special_ids(modified),
-            hidden_size=modified.get_output_embeddings().weight.shape[1],
-            seed=seed,
-        )
-        fit_states = StateData.concatenate([part for part in (fit.states, states_only.states) if part is not None])
-        network_correction, network_summary = fit_network(
-            fit_states, select.states, modified, read_ids, network, seed=seed, progress=progress
-        )
-        notes += [] if network_summary["kept"] else [_network_left_out(network_summary)]
-    if logit_families:
-        parameters, more_notes = fit_logit_families(
-            fit.logits, select.logits, logit_families, network_correction, modified, logit_fit, seed
-        )
-        notes += more_notes
-    else:
-        parameters = CorrectionParameters(_vocab_size(modified), [network_correction] if network_correction else [])
     summary = FitSummary(
         families=list(parameters.families),
         fit_tokens=shares.tokens[0] + sum(w.n_scored for w in plan.samples),
@@ -560,28 +564,35 @@ def fit_processor(
     return DecodingCorrection(parameters, summary=summary)
 
 
+@dataclass
+class _Collected:
+    fit: Collected  # the fit windows that keep logits
+    states_only: Collected  # the fit windows (and samples) kept as states only
+    select: Collected
+
+
 def _collect_shares(
     reference: PreTrainedModel,
     modified: PreTrainedModel,
     plan: _Plan,
     batch_size: int,
-    *,
-    with_network: bool,
-    with_logits: bool,
+    families: tuple[str, ...],
     progress: bool,
-) -> tuple[Collected, Collected, Collected]:
-    """Predictions on the fit windows with logits, on those kept as states (and samples), and on the select share."""
-    head = OutputHead.of(modified) if with_network else None
+) -> _Collected:
+    """Predictions on the fit windows with logits, on those kept as states (and samples), and on the select share
+    (with logits only where families are fitted on them)."""
+    head = OutputHead.of(modified) if "state_network" in families else None
+    with_logits = bool(set(families) - {"state_network"})
     windows = plan.fit_logits + plan.fit_states_only + plan.samples + plan.shares.select
-    with tqdm(
-        total=len(windows), desc="correction: collecting predictions", unit="window", disable=not progress
-    ) as bar:
-        fit = collect(reference, modified, plan.fit_logits, batch_size, bar, head=head)
-        states_only = collect(
-            reference, modified, plan.fit_states_only + plan.samples, batch_size, bar, head=head, keep_logits=False
+    bar = tqdm(total=len(windows), desc="correction: collecting predictions", unit="window", disable=not progress)
+    with bar:
+        return _Collected(
+            collect(reference, modified, plan.fit_logits, batch_size, bar, head=head),
+            collect(
+                reference, modified, plan.fit_states_only + plan.samples, batch_size, bar, head=head, keep_logits=False
+            ),
+            collect(reference, modified, plan.shares.select, batch_size, bar, head=head, keep_logits=with_logits),
         )
-        select = collect(reference, modified, plan.shares.select, batch_size, bar, head=head, keep_logits=with_logits)
-    return fit, states_only, select
 
 
 def _network_left_out(network: dict) -> str:
