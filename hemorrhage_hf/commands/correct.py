@@ -6,15 +6,25 @@ import argparse
 import warnings
 from pathlib import Path
 
-from .common import add_model_arguments, add_text_arguments, load_options, text_from_arguments
+from .common import (
+    add_calibration_arguments,
+    add_model_arguments,
+    add_modified_arguments,
+    add_reference_argument,
+    add_text_arguments,
+    calibration_settings,
+    load_options,
+    text_from_arguments,
+)
 
 #: Name of the corrected variant in a report (``report --correction``) and of its output subfolder.
 CORRECTED = "corrected"
 
 EPILOG = """examples:
-  hemorrhage-hf correct default --modification int4-g64 --output int4-correction/
-  hemorrhage-hf correct default ./my-pruned-model --text-file my-domain.txt --output pruned-correction/
-  hemorrhage-hf correct default --modification wanda-50 --families state_network \
+  hemorrhage-hf correct --reference default --modification int4-g64 --text-file my-text.txt --output int4-correction/
+  hemorrhage-hf correct --reference default --modified ./my-pruned-model --text-file my-domain.txt \
+      --output pruned-correction/
+  hemorrhage-hf correct --reference default --modification wanda-50 --families state_network \
       --text-file a-few-hundred-thousand-tokens.txt --sampled-tokens 131072 --output wanda-correction/
   hemorrhage-hf report --reference default --modification int4-g64 --correction int4-correction/ --output out/
 
@@ -46,17 +56,9 @@ def add_parser(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "reference",
-        metavar="REF",
-        help="reference model: 'default' (embedded SmolLM2-135M-Instruct), a local folder, a .gguf file or a Hub id",
-    )
-    parser.add_argument("modified", metavar="MOD", nargs="?", help="the modified model (same forms as REF)")
-    parser.add_argument(
-        "--modification",
-        metavar="SPEC",
-        help="instead of MOD: apply this modification to a copy of the reference, e.g. int4-g64, wanda-50",
-    )
+    add_reference_argument(parser)
+    add_modified_arguments(parser)
+    add_calibration_arguments(parser)
     add_text_arguments(
         parser,
         max_tokens=None,
@@ -155,16 +157,14 @@ def run(args: argparse.Namespace) -> int:
     from ..comparison import resolve_pair
     from ..correction.fit import LogitFitOptions, NetworkOptions
     from ..correction.processor import CorrectionWarning, DecodingCorrection
-    from ..errors import HemorrhageError
 
-    if (args.modified is None) == (args.modification is None):
-        raise HemorrhageError("give exactly one of MOD (a modified model) or --modification SPEC")
     text, corpus_label = text_from_arguments(args)
     reference, modified, tokenizer = resolve_pair(
         args.reference,
         args.modified,
         modification=args.modification,
         load=load_options(args),
+        calibration=calibration_settings(args),
     )
     metadata = {
         "reference": args.reference,

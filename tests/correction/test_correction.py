@@ -308,6 +308,7 @@ def test_correct_command_and_report_side_by_side(tmp_path, smollm2, wikitext_tex
     code = main(
         [
             "correct",
+            "--reference",
             "default",
             "--modification",
             "int4-g64",
@@ -370,6 +371,7 @@ def test_correct_command_fits_the_state_network_with_its_options(tmp_path, wikit
     code = main(
         [
             "correct",
+            "--reference",
             "default",
             "--modification",
             "int4-g64",
@@ -417,6 +419,7 @@ def test_correct_command_fits_the_state_network_on_bfloat16_models(tmp_path, wik
     code = main(
         [
             "correct",
+            "--reference",
             "default",
             "--modification",
             "int4-g64",
