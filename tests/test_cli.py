@@ -70,7 +70,7 @@ def test_sweep_help_lists_every_family_with_its_template_and_the_fit_minimum():
     assert "kv kv{}" in text and "needs at least 5 levels" in text and "kl_mean 0.1" in text
 
 
-@pytest.mark.parametrize("command", ["report", "tasks", "decode", "sweep", "quantize", "prune"])
+@pytest.mark.parametrize("command", ["report", "tasks", "decode", "sweep", "quantize", "prune", "correct"])
 def test_every_command_names_models_alike_and_takes_calibration_tokens(command):
     from hemorrhage_hf.commands.common import calibration_settings
 

@@ -22,9 +22,9 @@ CORRECTED = "corrected"
 
 EPILOG = """examples:
   hemorrhage-hf correct --reference default --modification int4-g64 --text-file my-text.txt --output int4-correction/
-  hemorrhage-hf correct --reference default --modified ./my-pruned-model --text-file my-domain.txt \
+  hemorrhage-hf correct --reference default --modified ./my-pruned-model --text-file my-domain.txt \\
       --output pruned-correction/
-  hemorrhage-hf correct --reference default --modification wanda-50 --families state_network \
+  hemorrhage-hf correct --reference default --modification wanda-50 --families state_network \\
       --text-file a-few-hundred-thousand-tokens.txt --sampled-tokens 131072 --output wanda-correction/
   hemorrhage-hf report --reference default --modification int4-g64 --correction int4-correction/ --output out/
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_reference_argument
+
 EPILOG = """examples:
-  hemorrhage-hf export-gguf default --type Q8_0,Q4_K_M,Q4_0,Q2_K --output gguf/
-  hemorrhage-hf export-gguf ./my-model --type Q4_K_M --imatrix-text wiki.train.raw --output gguf/
+  hemorrhage-hf export-gguf --reference default --type Q8_0,Q4_K_M,Q4_0,Q2_K --output gguf/
+  hemorrhage-hf export-gguf --reference ./my-model --type Q4_K_M --imatrix-text wiki.train.raw --output gguf/
 
 then measure each file as llama.cpp runs it:
   hemorrhage-hf report --reference gguf/SmolLM2-135M-Instruct-f32.gguf \\
@@ -26,7 +28,7 @@ def add_parser(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("reference", metavar="REF", help="'default' (embedded SmolLM2-135M-Instruct) or a folder")
+    add_reference_argument(parser)
     parser.add_argument("--type", required=True, metavar="T,T,...", help="e.g. Q8_0,Q4_K_M,Q4_0,Q2_K")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for the .gguf files")
     parser.add_argument(

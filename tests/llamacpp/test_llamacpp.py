@@ -198,7 +198,7 @@ def test_figures_match_llama_perplexity_kl_divergence(f32_gguf, q4_0_gguf, tmp_p
 @needs_tools
 def test_export_gguf_writes_each_type(f32_gguf, gguf_folder, tmp_path):
     os.link(f32_gguf, tmp_path / f32_gguf.name)  # the export keeps an existing base: no second conversion
-    code = main(["export-gguf", "default", "--type", "q8_0", "--output", str(tmp_path)])
+    code = main(["export-gguf", "--reference", "default", "--type", "q8_0", "--output", str(tmp_path)])
     assert code == 0
     exported = tmp_path / "SmolLM2-135M-Instruct-Q8_0.gguf"
     # Q8_0 stores 34 bytes per 32 weights: a little over a quarter of the f32 file
@@ -206,7 +206,7 @@ def test_export_gguf_writes_each_type(f32_gguf, gguf_folder, tmp_path):
 
 
 def test_export_gguf_refuses_an_unknown_type(tmp_path, capsys):
-    assert main(["export-gguf", "default", "--type", "Q4_0,Q9_9", "--output", str(tmp_path)]) == 2
+    assert main(["export-gguf", "--reference", "default", "--type", "Q4_0,Q9_9", "--output", str(tmp_path)]) == 2
     assert "unknown GGUF type 'Q9_9'" in capsys.readouterr().err
 
 
