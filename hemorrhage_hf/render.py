@@ -53,6 +53,30 @@ SUMMARY_ROWS = (
 )
 
 
+def variant_rows(report: HemorrhageReport, variant: str) -> list[tuple[str, str, str]]:
+    """(figure, the modified model's value, the value of its ``variant``) for every summary row."""
+    transformed = dict(summary_rows(report.variants[variant]))
+    return [(label, value, transformed[label]) for label, value in summary_rows(report)]
+
+
+def variant_table(report: HemorrhageReport, variant: str, *, plain: str = "modified") -> str:
+    """The modified model without (``plain``) and with its ``variant`` side by side, as console text."""
+    return text_table(["", plain, variant], variant_rows(report, variant), align_left=1)
+
+
+def variant_markdown(report: HemorrhageReport, variant: str, *, title: str, plain: str = "modified") -> str:
+    """The same side by side as a Markdown page."""
+    meta = report.metadata
+    header = [
+        f"# {title}",
+        "",
+        f"- **Modified:** {meta.get('modified', '?')}",
+        f"- **Corpus:** {meta.get('corpus', '?')}",
+    ]
+    table = markdown_table(["figure", plain, variant], variant_rows(report, variant))
+    return "\n".join([*header, "", table]) + "\n"
+
+
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display is needed, none is opened)."""
     import matplotlib

@@ -204,40 +204,16 @@ def load_correction(folder: str):
     return DecodingCorrection.from_pretrained(folder)
 
 
-def _comparison_rows(report) -> list[tuple[str, str, str]]:
-    from ..render import summary_rows
-
-    corrected = dict(summary_rows(report.variants[CORRECTED]))
-    return [(label, value, corrected[label]) for label, value in summary_rows(report)]
-
-
-def side_by_side_table(report) -> str:
-    """The report's summary rows for the modified model without and with its correction, as console text."""
-    rows = [("", "uncorrected", CORRECTED), *_comparison_rows(report)]
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    return "\n".join(
-        f"{label:<{widths[0]}}  {plain:>{widths[1]}}  {fixed:>{widths[2]}}" for label, plain, fixed in rows
-    )
-
-
 def save_corrected_report(report, output: Path, *, plots: bool) -> dict[str, Path]:
     """The corrected variant's full report in ``output/corrected/`` and a side-by-side Markdown table."""
     from ..atomic import atomic_write_text
+    from ..render import variant_markdown
 
     written = {
         f"{CORRECTED}_{key}": path
         for key, path in report.variants[CORRECTED].save(output / CORRECTED, plots=plots).items()
     }
-    lines = [
-        "# Decoding correction: side by side",
-        "",
-        f"- **Modified:** {report.metadata.get('modified', '?')}",
-        f"- **Corpus:** {report.metadata.get('corpus', '?')}",
-        "",
-        "| figure | uncorrected | corrected |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {label} | {plain} | {fixed} |" for label, plain, fixed in _comparison_rows(report)]
     written["correction_comparison"] = output / "correction_comparison.md"
-    atomic_write_text(written["correction_comparison"], "\n".join(lines) + "\n")
+    markdown = variant_markdown(report, CORRECTED, title="Decoding correction: side by side", plain="uncorrected")
+    atomic_write_text(written["correction_comparison"], markdown)
     return written

@@ -23,7 +23,7 @@ from .common import (
     load_options,
     text_from_arguments,
 )
-from .correct import CORRECTED, load_correction, save_corrected_report, side_by_side_table
+from .correct import CORRECTED, load_correction, save_corrected_report
 
 #: Tokens measured unless --max-tokens says otherwise: 16 windows of 512, half a minute for SmolLM2 on 2 quiet CPU
 #: cores (BENCHMARKS.md); the whole of a long text can take hours.
@@ -113,7 +113,7 @@ def measurement_plan(args: argparse.Namespace, corpus_label: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..comparison import MeasureOptions, TextSource, compare
-    from ..render import console_table
+    from ..render import console_table, variant_table
 
     text, corpus_label = text_from_arguments(args)
     correction = load_correction(args.correction) if args.correction else None  # bad folders fail before models load
@@ -150,6 +150,6 @@ def run(args: argparse.Namespace) -> int:
     print(console_table(report))
     if correction is not None:
         written.update(save_corrected_report(report, Path(args.output), plots=not args.no_plots))
-        print("\n" + side_by_side_table(report))
+        print("\n" + variant_table(report, CORRECTED, plain="uncorrected"))
     print("\nwrote " + ", ".join(str(path) for path in written.values()))
     return check_gates([*args.fail_above, *args.fail_below], report.figures)
