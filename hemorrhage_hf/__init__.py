@@ -28,6 +28,7 @@ _EXPORTS = {
     "HemorrhageReport": ".measurement.report",
     "severity_grade": ".measurement.report",
     "ReferenceCache": ".measurement.refcache",
+    "ReferenceStore": ".measurement.refstore",
     "measure": ".measurement.engine",
     "compare": ".comparison",
     "assert_same_tokenizer": ".models",
@@ -77,6 +78,7 @@ if TYPE_CHECKING:
     from .integrations import HemorrhageQuantConfig
     from .measurement.engine import measure
     from .measurement.refcache import ReferenceCache
+    from .measurement.refstore import ReferenceStore
     from .measurement.report import HemorrhageReport, severity_grade
     from .models import assert_same_tokenizer, load_model
     from .modify import apply_modification, parse_spec

@@ -33,7 +33,7 @@ from .corpus import (
 from .errors import CorpusError, HemorrhageError, ModificationError, TokenizerMismatchError
 from .llamacpp.engine import ENGINE_NAME, ENGINES, TORCH_ENGINE, LlamaCppModel, is_gguf, load_llamacpp_model
 from .measurement.engine import LogitsModel, is_logits_model, measure
-from .measurement.refcache import DEFAULT_TOP_K, ReferenceCache
+from .measurement.refstore import build_reference_file
 from .measurement.report import HemorrhageReport
 from .models import assert_same_tokenizer, load_model, load_tokenizer, model_label
 from .modify import apply_modification, describe_model, parse_spec
@@ -165,10 +165,12 @@ class LoadOptions:
 class MeasureOptions:
     """What :func:`compare` measures and how.
 
-    With ``sequential`` only one model is in memory at a time: the reference runs first into a top-``top_k``
-    reference cache (:mod:`hemorrhage_hf.measurement.refcache`), is freed (or, for a modification of a reference
-    loaded here, modified in place), then the modified model runs against the cache. Peak memory halves; KL becomes
-    the cache's lower bound (stated in the report with k and the tail mass); layer statistics are not available.
+    With ``sequential`` only one model is in memory at a time: the reference runs first into an exact reference
+    store (:mod:`hemorrhage_hf.measurement.refstore`: its output head once and d numbers per token), is freed (or,
+    for a modification of a reference loaded here, modified in place), then the modified model runs against the
+    store. Peak memory halves and every figure stays exact; layer statistics are not available. With ``top_k`` the
+    reference goes into a top-k cache instead (:mod:`hemorrhage_hf.measurement.refcache`, ~8·k bytes per token):
+    KL becomes its lower bound, stated in the report with k and the tail mass.
 
     ``modified_variants`` (name → logit transform, e.g. a decoding correction's ``correct_sequence``) are measured
     from the same forward passes into ``report.variants``; see :func:`~hemorrhage_hf.measurement.engine.measure`.
@@ -177,7 +179,7 @@ class MeasureOptions:
         >>> MeasureOptions(layers=True, sequential=True)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        hemorrhage_hf.errors.HemorrhageError: sequential mode keeps only a top-k cache of the reference: ...
+        hemorrhage_hf.errors.HemorrhageError: sequential mode keeps only the reference's outputs: ...
     """
 
     batch_size: int = 1
@@ -185,7 +187,7 @@ class MeasureOptions:
     attention: bool = False
     layer_map: Sequence[int] | None = None
     sequential: bool = False
-    top_k: int = DEFAULT_TOP_K
+    top_k: int | None = None
     progress: bool = True
     modified_variants: Mapping[str, Callable] | None = None
 
@@ -193,7 +195,11 @@ class MeasureOptions:
         if self.batch_size < 1:
             raise HemorrhageError(f"batch size must be at least 1, got {self.batch_size}")
         if self.sequential and (self.layers or self.attention):
-            raise HemorrhageError("sequential mode keeps only a top-k cache of the reference: it cannot compare layers")
+            raise HemorrhageError(
+                "sequential mode keeps only the reference's outputs: it cannot compare layers (drop --sequential)"
+            )
+        if self.top_k is not None and not self.sequential:
+            raise HemorrhageError("top_k chooses the top-k reference cache of sequential mode: add sequential")
 
     def engine_options(self, modified_label: str) -> dict:
         """The keyword arguments :func:`~hemorrhage_hf.measurement.engine.measure` takes."""
@@ -398,14 +404,12 @@ def _compare_sequential(
     windows = source.windows(tokenizer)
     check_engine_tokenization(tokenizer, source, reference_model)
     metadata.update(_run_metadata(source, windows, tokenizer, reference=reference_model), sequential=True)
-    cache = ReferenceCache.build(
-        reference_model,
-        windows,
-        k=options.top_k,
+    store_options = dict(
         batch_size=options.batch_size,
         description={"reference": metadata["reference"]},
         progress=options.progress,
     )
+    cache = build_reference_file(reference_model, windows, top_k=options.top_k, tokenizer=tokenizer, **store_options)
     if modification is not None:
         # A reference this call loaded is nobody else's: modify it in place instead of holding a copy beside it.
         modified_model = _modify(

@@ -268,6 +268,13 @@ def report_markdown(report: HemorrhageReport, plot_files: dict[str, str]) -> str
             f"position (mean reference probability outside them: {cache['tail_mass_mean']:.4f}). KL figures are "
             "lower bounds (KL over the k bins plus one tail bin); the other figures are exact.",
         ]
+    if meta.get("reference_store"):
+        store = meta["reference_store"]
+        lines += [
+            "",
+            f"**Reference store:** the reference side came from its stored final hidden states ({store['dtype']}, "
+            f"{store['bytes_per_token']:,.0f} bytes per token) and output head; every figure is exact.",
+        ]
     if report.figures.get("non_finite_tokens"):
         lines += [
             "",

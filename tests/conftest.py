@@ -94,3 +94,15 @@ def pair_that_does_not_carry() -> tuple:
     held_out = [share > 0 for share in share_of_documents([47] * 10, seed=0)]  # each row is a document
     ids[held_out] += 32
     return reference, modified, ids
+
+
+class StopAfter:
+    """A forward hook that interrupts a build after ``n`` forward passes, as Ctrl-C would."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __call__(self, module, inputs, output):
+        self.calls += 1
+        if self.calls > self.n:
+            raise KeyboardInterrupt

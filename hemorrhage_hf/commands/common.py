@@ -172,6 +172,17 @@ def load_options(args: argparse.Namespace):
     )
 
 
+def add_top_k_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        metavar="K",
+        help="keep only the reference's K most likely tokens per position (~8·K bytes per token; KL becomes a lower "
+        "bound) instead of the exact reference store (4 bytes per hidden dimension per token)",
+    )
+
+
 def text_from_arguments(args: argparse.Namespace) -> tuple[str, str]:
     """(text, label) the arguments name."""
     from ..corpus import dataset_text, load_corpus

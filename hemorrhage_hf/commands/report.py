@@ -18,6 +18,7 @@ from .common import (
     add_reference_argument,
     add_scoring_argument,
     add_text_arguments,
+    add_top_k_argument,
     calibration_settings,
     check_gates,
     load_options,
@@ -76,16 +77,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--sequential",
         action="store_true",
-        help="hold one model at a time: run the reference into a top-k cache, free it, then run the modified model "
-        "(halves peak memory; KL becomes a lower bound over the top-k bins plus a tail bin; no --layers)",
+        help="hold one model at a time: run the reference into an exact reference store, free it, then run the "
+        "modified model (halves peak memory; every figure stays exact; no --layers)",
     )
-    parser.add_argument(
-        "--top-k",
-        type=int,
-        default=64,
-        metavar="K",
-        help="reference tokens kept per position in --sequential mode (default: %(default)s)",
-    )
+    add_top_k_argument(parser)
     parser.add_argument(
         "--correction",
         metavar="DIR",

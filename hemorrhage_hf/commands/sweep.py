@@ -12,6 +12,7 @@ from .common import (
     add_reference_argument,
     add_scoring_argument,
     add_text_arguments,
+    add_top_k_argument,
     calibration_settings,
     text_from_arguments,
 )
@@ -50,8 +51,9 @@ def add_parser(subparsers) -> None:
     families = "\n".join("  " + line for line in describe_families().splitlines())
     parser = subparsers.add_parser(
         "sweep",
-        description="Run the reference once into a reference cache (top-k log-probs per token), then measure the "
-        "modification at each level against it, so K levels cost K + 1 forward passes. Writes sweep.json, "
+        description="Run the reference once into an exact reference store (its output head once, its final hidden "
+        "state per token), then measure the modification at each level against it, so K levels cost K + 1 forward "
+        "passes. Writes sweep.json, "
         "sweep.csv and one PNG per figure with the threshold marked (a fitted breakpoint with its 95 % interval, "
         "and the crossing of a tolerance). Rerunning into the same --output resumes an interrupted sweep.",
         epilog=EPILOG.format(tolerances=tolerances, families=families),
@@ -69,17 +71,11 @@ def add_parser(subparsers) -> None:
         metavar="L",
         help="for a custom template: a level that means 'unmodified' (repeatable)",
     )
-    parser.add_argument(
-        "--top-k",
-        type=int,
-        default=64,
-        metavar="K",
-        help="top tokens the reference cache keeps per position (default: %(default)s)",
-    )
+    add_top_k_argument(parser)
     parser.add_argument(
         "--cache-dir",
         metavar="DIR",
-        help="where reference caches live (default: ~/.cache/hemorrhage_hf/reference-cache)",
+        help="where the reference store (or top-k cache) lives (default: ~/.cache/hemorrhage_hf/reference-store)",
     )
     parser.add_argument(
         "--task",

@@ -287,12 +287,20 @@ def model_outputs(
 
 
 class ReferenceSource(Protocol):
-    """Supplies the reference side of each batch: the live model (:class:`LiveReference`) or a cache of its outputs
-    (:class:`hemorrhage_hf.measurement.refcache.ReferenceCache`), so a sweep of K modified models costs K + 1 passes,
-    not 2K."""
+    """Supplies the reference side of each batch: the live model (:class:`LiveReference`), an exact store of its
+    outputs (:class:`hemorrhage_hf.measurement.refstore.ReferenceStore`) or a top-k cache of them
+    (:class:`hemorrhage_hf.measurement.refcache.ReferenceCache`), so K modified models cost K + 1 passes, not 2K."""
 
-    def begin(self, windows: Sequence[Window], *, batch_size: int, layers: bool, attention: bool) -> None:
-        """Start a pass over ``windows``; raise where this source cannot serve it."""
+    def begin(
+        self,
+        windows: Sequence[Window],
+        *,
+        batch_size: int,
+        layers: bool,
+        attention: bool,
+        modified: PreTrainedModel | LogitsModel | None = None,
+    ) -> None:
+        """Start a pass over ``windows`` comparing ``modified``; raise where this source cannot serve it."""
 
     def compare(
         self, batch: Batch, modified_logits: torch.Tensor, targets: torch.Tensor
@@ -310,7 +318,15 @@ class LiveReference:
         self.model = model
         self.layers = self.attention = False
 
-    def begin(self, windows: Sequence[Window], *, batch_size: int, layers: bool, attention: bool) -> None:
+    def begin(
+        self,
+        windows: Sequence[Window],
+        *,
+        batch_size: int,
+        layers: bool,
+        attention: bool,
+        modified: PreTrainedModel | LogitsModel | None = None,
+    ) -> None:
         self.layers, self.attention = layers or attention, attention
 
     def compare(self, batch: Batch, modified_logits: torch.Tensor, targets: torch.Tensor):
@@ -358,9 +374,9 @@ def measure(
     """Measure how much ``modified`` bled relative to ``reference`` on ``windows``.
 
     Args:
-        reference: the reference model, or a :class:`~hemorrhage_hf.measurement.refcache.ReferenceCache` of its
-        outputs on these
-            windows (KL is then a lower bound over its top-k bins plus a tail bin; the other figures are exact).
+        reference: the reference model, an exact :class:`~hemorrhage_hf.measurement.refstore.ReferenceStore` of its
+            outputs on these windows, or a top-k :class:`~hemorrhage_hf.measurement.refcache.ReferenceCache` of them
+            (KL is then a lower bound over its top-k bins plus a tail bin; the other figures are exact).
             Either model may be a :class:`LogitsModel` (llama.cpp), which yields logits only (no ``layers``).
         windows: token windows from :func:`hemorrhage_hf.corpus.tokenize_corpus` (both models see exactly these).
         layers: also compute per-layer hidden-state drift (the information loss cascade).
@@ -384,7 +400,7 @@ def measure(
         raise HemorrhageError("measuring modified variants needs the reference model itself, not a reference cache")
     variant_tokens = {name: TokenAccumulator() for name in variants}
     # A cache refuses layers/attention here, so below `reference` is a model wherever they are asked for.
-    source.begin(windows, batch_size=batch_size, layers=layers, attention=attention)
+    source.begin(windows, batch_size=batch_size, layers=layers, attention=attention, modified=modified)
     layer_accumulator = (
         LayerAccumulator(resolve_layer_map(reference, modified, layer_map)) if layers or attention else None
     )

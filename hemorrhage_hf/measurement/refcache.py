@@ -15,11 +15,12 @@ so cached KL is a **lower bound** of the full KL; the mean tail mass says how mu
 
 On disk (folder ``<cache_dir()>/reference-cache/<key>/``): ``header.json`` plus ``shard-wNNNNNNN.safetensors`` files,
 each holding consecutive windows from window NNNNNNN on. The header names the model fingerprint (a SHA-256 of its
-weights and config), the
-windows fingerprint (their token ids and scored positions), k, the batch size, and each shard's window range and
-SHA-256. The key is derived from all of these, so a rerun with the same model, corpus and windows finds its cache,
-and an interrupted build resumes after the last complete shard. Shards are checked against their checksums before
-use. The reference model is needed only while building: build the cache, free the model, then measure.
+weights and config), the windows fingerprint (their token ids and scored positions), k, the batch size, and each
+shard's window range and SHA-256. The key is derived from all of these, so a rerun with the same model, corpus and
+windows finds its cache, and an interrupted build resumes after the last complete shard. Shards are checked against
+their checksums before use. The reference model is needed only while building: build the cache, free the model,
+then measure. This folder machinery is :class:`ShardedReference`, shared with the exact reference store
+(:mod:`hemorrhage_hf.measurement.refstore`), which keeps the reference's final hidden states instead of its top-k.
 
 Under ``accelerate launch`` each process caches its own share of the windows (the share it will measure) into its
 own shard files, and the main process writes the header once all are done; such a build resumes only when complete
@@ -45,10 +46,11 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+from safetensors.torch import load_file as load_safetensors_file
+from safetensors.torch import save_file as save_safetensors_file
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -59,7 +61,7 @@ from ..errors import HemorrhageError
 from ..models import cache_dir
 from . import distributed
 from .divergence import TokenStatistics, concatenate_row_chunks, kl_divergence, log_probs
-from .engine import Batch, batch_windows, is_logits_model, model_outputs
+from .engine import Batch, LogitsModel, batch_windows, is_logits_model, model_outputs
 
 CACHE_FORMAT = "hemorrhage-hf reference cache"
 # 2: float64 tails; 3: entries built in the row chunks that read them. A cache must come from the code that reads it.
@@ -74,7 +76,7 @@ FIELDS = ("topk_logprobs", "topk_indices", "tail_logmass", "true_logprob", "top1
 
 
 class ReferenceCacheError(HemorrhageError):
-    """A reference cache is corrupt, incomplete, or does not match the windows it is used on."""
+    """A reference cache (or store) is corrupt, incomplete, or does not match the windows it is used on."""
 
 
 def coarse_grain(logprobs: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +112,7 @@ def reference_entries(logits: torch.Tensor, targets: torch.Tensor, k: int) -> di
     """What the cache keeps of reference logits ``[n, vocab]`` at positions whose true next tokens are ``targets``.
 
     The log-probabilities and top-1 are computed exactly as
-    :func:`hemorrhage_hf.measurement.divergence.token_statistics` does,
-    in the same row chunks as :func:`cached_token_statistics`, so cached and live runs give bit-identical NLL,
+    :func:`hemorrhage_hf.measurement.divergence.token_statistics` does, in the same row chunks as :func:`cached_token_statistics`, so cached and live runs give bit-identical NLL,
     agreement and Δp, and a model measured against its own cache gives a KL of exactly 0.
     """
     return concatenate_row_chunks(lambda *chunk: _reference_chunk_entries(*chunk, k=k), logits, targets)
@@ -132,9 +133,9 @@ def _reference_chunk_entries(logits: torch.Tensor, targets: torch.Tensor, *, k: 
 
 
 def cached_token_statistics(entries: dict[str, torch.Tensor], modified_logits: torch.Tensor) -> TokenStatistics:
-    """:class:`TokenStatistics` of modified logits ``[n, vocab]`` against cached reference entries of the same tokens,
-    in chunks of rows as :func:`~hemorrhage_hf.measurement.divergence.token_statistics` does, so memory stays flat in
-    ``n``."""
+    """:class:`TokenStatistics` of modified logits ``[n, vocab]`` against cached reference entries of the same
+    tokens, in chunks of rows as :func:`~hemorrhage_hf.measurement.divergence.token_statistics` does, so memory stays
+    flat in ``n``."""
     names = list(entries)
 
     def chunk_statistics(logits: torch.Tensor, *values: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -204,27 +205,344 @@ def windows_fingerprint(windows: Sequence[Window]) -> str:
     return digest.hexdigest()
 
 
-def _sha256(data: bytes) -> str:
+def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in blocks (a stored head is ~100 MB: never hold it twice)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def save_checksummed(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """Write ``tensors`` as safetensors atomically; returns the file's SHA-256."""
+    with atomic_path(path) as temporary:
+        save_safetensors_file(tensors, temporary, metadata=metadata)
+        return file_sha256(temporary)
 
 
 @dataclass(frozen=True)
 class CacheKey:
-    """Everything the cached numbers depend on."""
+    """Everything the stored numbers depend on: the file kind, the model, the windows, the kind's own setting
+    (k for a top-k cache, the dtype for an exact store) and the batch size."""
 
+    format: str
+    version: int
     model: str
     windows: str
-    k: int
+    setting: str
     batch_size: int  # batched matmuls may round differently; the same batching keeps level 0 exactly zero
 
     def digest(self) -> str:
-        text = f"{CACHE_FORMAT}:{CACHE_VERSION}:{self.model}:{self.windows}:{self.k}:{self.batch_size}"
-        return _sha256(text.encode())[:24]
+        text = f"{self.format}:{self.version}:{self.model}:{self.windows}:{self.setting}:{self.batch_size}"
+        return sha256(text.encode())[:24]
 
 
-class ReferenceCache:
-    """An opened, complete reference cache; pass it to :func:`hemorrhage_hf.measurement.engine.measure` as the
-    reference.
+class ShardedReference:
+    """What every file of reference outputs shares: a keyed folder, a header, checksummed shard files of
+    consecutive windows, resuming after the last whole shard, and one share of the windows per process under
+    ``accelerate launch``. A subclass says what it keeps per batch (:meth:`batch_entries`) and how it compares a
+    modified model's logits with those entries (:meth:`compare`).
+    """
+
+    #: written into every header and shard, and part of the key: a folder is read only by the code that wrote it
+    FORMAT: ClassVar[str]
+    VERSION: ClassVar[int]
+    #: the per-token arrays of a shard
+    FIELDS: ClassVar[tuple[str, ...]]
+    #: sub-folder of :func:`~hemorrhage_hf.models.cache_dir` holding one folder per key
+    ROOT_NAME: ClassVar[str]
+    ERROR: ClassVar[type[HemorrhageError]]
+
+    def __init__(self, directory: Path, header: dict):
+        self.directory = directory
+        self.header = header
+        self._shard_index: int | None = None
+        self._shard: dict[str, torch.Tensor] = {}
+        self._cursor = 0
+
+    # --- what a kind of file keeps (subclasses) -------------------------------------------------------------------
+
+    def batch_entries(self, model: PreTrainedModel, batch: Batch) -> dict[str, torch.Tensor]:
+        """The arrays of :attr:`FIELDS` for a batch's scored tokens, from one forward pass of ``model``."""
+        raise NotImplementedError
+
+    @classmethod
+    def shard_summary(cls, tensors: dict[str, torch.Tensor]) -> dict:
+        """Extra numbers a shard's header record keeps (e.g. sums the metadata reports without reading shards)."""
+        return {}
+
+    def prepare(self, model: PreTrainedModel) -> None:
+        """Write what the folder needs beside its shards before any shard is built (the main process only)."""
+
+    # --- building and opening -------------------------------------------------------------------------------------
+
+    @classmethod
+    @torch.no_grad()  # not inference_mode: quanto and torchao tensors fail under it
+    def _build(
+        cls,
+        model: PreTrainedModel,
+        windows: Sequence[Window],
+        *,
+        setting: str,
+        header_fields: dict,
+        batch_size: int,
+        root: str | Path | None,
+        shard_tokens: int,
+        description: dict | None,
+        progress: bool,
+    ):
+        """Run ``model`` over ``windows`` once and store its outputs, or reuse/resume a folder of the same key."""
+        if not windows:
+            raise cls.ERROR("no windows to store")
+        key = CacheKey(
+            cls.FORMAT, cls.VERSION, model_fingerprint(model), windows_fingerprint(windows), setting, batch_size
+        )
+        directory = Path(root) if root is not None else cache_dir() / cls.ROOT_NAME
+        directory = directory / key.digest()
+        header = cls._load_or_new_header(directory, key, windows, {**header_fields, "description": description or {}})
+        if header["complete"]:
+            return cls.open(directory)
+        builder = cls(directory, header)
+        if distributed.is_main_process():
+            builder.prepare(model)
+        if distributed.n_processes() > 1:
+            # Every process stores the windows it will measure; the main one lists all shards once they exist.
+            distributed.barrier()  # all have read the old header before anything in the folder changes
+            header["shards"] = []
+            bounds = distributed.local_bounds(len(windows), batch_size)
+            show = progress and distributed.is_main_process()
+            local = builder._store_windows(
+                model, windows, bounds, batch_size, shard_tokens, progress=show, resumable=False
+            )
+            shards = [shard for shards in distributed.gather(local) for shard in shards]
+            if distributed.is_main_process():
+                header["shards"] = shards
+                builder._finish()
+            distributed.barrier()  # the header is written before anyone opens it
+            return cls.open(directory)
+        start = header["shards"][-1]["windows"][1] if header["shards"] else 0
+        builder._store_windows(
+            model, windows, (start, len(windows)), batch_size, shard_tokens, progress=progress, resumable=True
+        )
+        builder._finish()
+        return cls.open(directory)
+
+    @classmethod
+    def open(cls, directory: str | Path):
+        """Open a complete folder. Each shard's checksum is verified when it is first read."""
+        directory = Path(directory)
+        header = cls._read_header(directory)
+        if not header.get("complete"):
+            raise cls.ERROR(f"the {cls.FORMAT} in {directory} is incomplete; rebuild it to resume")
+        missing = [shard["file"] for shard in header["shards"] if not (directory / shard["file"]).is_file()]
+        if missing:
+            raise cls.ERROR(f"the {cls.FORMAT} in {directory} lacks {', '.join(missing)}")
+        return cls(directory, header)
+
+    # --- what it holds ---------------------------------------------------------------------------------------------
+
+    @property
+    def n_tokens(self) -> int:
+        return self.header["window_token_offsets"][-1]
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Size of the shard files per scored token (what grows with the text; fixed files are not counted)."""
+        total = sum((self.directory / shard["file"]).stat().st_size for shard in self.header["shards"])
+        return total / self.n_tokens
+
+    def tokens(self, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Stored entries of scored tokens ``start..stop`` in corpus order (random access, shard by shard)."""
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.FIELDS}
+        for index, shard in enumerate(self.header["shards"]):
+            first, last = shard["tokens"]
+            if last <= start or first >= stop:
+                continue
+            arrays = self._load(index)
+            for name in self.FIELDS:
+                parts[name].append(arrays[name][max(start, first) - first : min(stop, last) - first])
+        return {name: torch.cat(values) for name, values in parts.items()}
+
+    def _load(self, index: int) -> dict[str, torch.Tensor]:
+        # Measurement reads shards in order; keeping the last one makes that one read per shard.
+        if self._shard_index != index:
+            self._shard = self._read_shard(self.header["shards"][index])
+            self._shard_index = index
+        return self._shard
+
+    # --- the ReferenceSource protocol of hemorrhage_hf.measurement.engine ---------------------------------------------
+
+    def begin(
+        self,
+        windows: Sequence[Window],
+        *,
+        batch_size: int,
+        layers: bool,
+        attention: bool,
+        modified: PreTrainedModel | LogitsModel | None = None,
+    ) -> None:
+        if layers or attention:
+            raise self.ERROR(
+                f"a {self.FORMAT} holds no per-layer hidden states or attention; measure layers against the live "
+                "reference model"
+            )
+        self.check_windows(windows)
+        if batch_size != self.header["batch_size"]:
+            raise self.ERROR(
+                f"the {self.FORMAT} was built with batch size {self.header['batch_size']}; measure with the same "
+                f"batch size (got {batch_size}) so both sides are computed alike"
+            )
+        # Under `accelerate launch`, measure() runs this process's share of the windows only.
+        self._cursor = self.header["window_token_offsets"][distributed.local_bounds(len(windows), batch_size)[0]]
+
+    def check_windows(self, windows: Sequence[Window]) -> None:
+        """Raise unless ``windows`` are the token windows this folder was built on."""
+        if windows_fingerprint(windows) != self.header["windows_fingerprint"]:
+            raise self.ERROR(
+                f"the {self.FORMAT} in {self.directory} was built on other windows (another text, tokenizer or "
+                f"window size: {self.header['n_windows']} windows, {self.n_tokens} scored tokens; these are "
+                f"{len(windows)} windows)"
+            )
+
+    def next_entries(self, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored entries of the next ``len(targets)`` tokens of the pass, checked against ``targets``."""
+        entries = self.tokens(self._cursor, self._cursor + len(targets))
+        if not torch.equal(entries["targets"].long(), targets.long()):
+            raise self.ERROR(f"stored tokens {self._cursor}.. do not match the windows being measured")
+        self._cursor += len(targets)
+        return entries
+
+    # --- the folder --------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def _load_or_new_header(cls, directory: Path, key: CacheKey, windows: Sequence[Window], fields: dict) -> dict:
+        """The header of a partial folder of this key with its verified shards, or a fresh one."""
+        offsets = [0]
+        for window in windows:
+            offsets.append(offsets[-1] + window.n_scored)
+        fresh = {
+            "format": cls.FORMAT,
+            "version": cls.VERSION,
+            "key": key.digest(),
+            "model_fingerprint": key.model,
+            "windows_fingerprint": key.windows,
+            **fields,
+            "batch_size": key.batch_size,
+            "n_windows": len(windows),
+            "window_token_offsets": offsets,
+            "shards": [],
+            "complete": False,
+        }
+        if not (directory / HEADER_FILE).is_file():
+            directory.mkdir(parents=True, exist_ok=True)
+            return fresh
+        try:
+            header = cls._read_header(directory)
+        except cls.ERROR:
+            return fresh
+        reader = cls(directory, header)
+        kept = []
+        for shard in header["shards"]:
+            try:
+                reader._read_shard(shard)
+            except cls.ERROR:
+                break  # this and later shards are recomputed
+            kept.append(shard)
+        fresh["shards"] = kept
+        fresh["complete"] = header.get("complete", False) and len(kept) == len(header["shards"])
+        return fresh
+
+    @classmethod
+    def _read_header(cls, directory: Path) -> dict:
+        path = directory / HEADER_FILE
+        try:
+            header = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise cls.ERROR(f"cannot read the {cls.FORMAT} header {path}: {error}") from error
+        if header.get("format") != cls.FORMAT or header.get("version") != cls.VERSION:
+            raise cls.ERROR(f"{path} is not a version-{cls.VERSION} {cls.FORMAT}")
+        return header
+
+    def _store_windows(
+        self,
+        model: PreTrainedModel,
+        windows: Sequence[Window],
+        window_range: tuple[int, int],
+        batch_size: int,
+        shard_tokens: int,
+        *,
+        progress: bool,
+        resumable: bool,
+    ) -> list[dict]:
+        """Store windows ``window_range`` into shard files of about ``shard_tokens`` tokens; returns their records.
+
+        With ``resumable`` each record is appended to the header and the header rewritten after every shard, so an
+        interrupted build knows which shards are whole.
+        """
+        start, stop = window_range
+        records: list[dict] = []
+        pending: dict[str, list[torch.Tensor]] = {name: [] for name in self.FIELDS}
+        first_pending = done = start
+        with tqdm(total=stop, initial=start, desc="storing reference", unit="window", disable=not progress) as bar:
+            for batch in batch_windows(windows[start:stop], batch_size):
+                for name, values in self.batch_entries(model, batch).items():
+                    pending[name].append(values)
+                done += len(batch.first_scored)
+                bar.update(len(batch.first_scored))
+                if sum(len(part) for part in pending["targets"]) >= shard_tokens or done == stop:
+                    records.append(self._write_shard(pending, (first_pending, done)))
+                    if resumable:
+                        self.header["shards"].append(records[-1])
+                        self._write_header()
+                    pending = {name: [] for name in self.FIELDS}
+                    first_pending = done
+        return records
+
+    def _write_header(self) -> None:
+        atomic_write_text(self.directory / HEADER_FILE, json.dumps(self.header, indent=2) + "\n")
+
+    def _finish(self) -> None:
+        self.header["complete"] = True
+        self._write_header()
+
+    def _write_shard(self, pending: dict[str, list[torch.Tensor]], window_range: tuple[int, int]) -> dict:
+        """Write one shard file of windows ``window_range`` and return its header record."""
+        tensors = {name: torch.cat(parts).contiguous() for name, parts in pending.items()}
+        name = f"shard-w{window_range[0]:07d}.safetensors"
+        checksum = save_checksummed(self.directory / name, tensors, {"format": self.FORMAT, "key": self.header["key"]})
+        offsets = self.header["window_token_offsets"]
+        return {
+            "file": name,
+            "windows": list(window_range),
+            "tokens": [offsets[window_range[0]], offsets[window_range[1]]],
+            "sha256": checksum,
+            **self.shard_summary(tensors),
+        }
+
+    def _read_shard(self, shard: dict) -> dict[str, torch.Tensor]:
+        path = self.directory / shard["file"]
+        arrays = self.load_checked(path, shard["sha256"])
+        n_tokens = shard["tokens"][1] - shard["tokens"][0]
+        if set(arrays) != set(self.FIELDS) or any(len(values) != n_tokens for values in arrays.values()):
+            raise self.ERROR(f"{self.FORMAT} shard {path} does not hold the expected {n_tokens} tokens")
+        return arrays
+
+    def load_checked(self, path: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
+        """The tensors of a safetensors file of this folder, refused unless it matches its recorded checksum."""
+        try:
+            checksum = file_sha256(path)
+        except OSError as error:
+            raise self.ERROR(f"{self.FORMAT} file {path} is missing: {error}") from error
+        if checksum != expected_sha256:
+            raise self.ERROR(f"{self.FORMAT} file {path} does not match its checksum (corrupt or changed)")
+        return load_safetensors_file(path)
+
+
+class ReferenceCache(ShardedReference):
+    """An opened, complete top-k reference cache; pass it to :func:`hemorrhage_hf.measurement.engine.measure` as the
+    reference. KL against it is a lower bound; :class:`~hemorrhage_hf.measurement.refstore.ReferenceStore` is exact.
 
     Build one with :meth:`build` (which resumes a partial one), or reopen a folder with :meth:`open`.
 
@@ -239,17 +557,13 @@ class ReferenceCache:
         True
     """
 
-    def __init__(self, directory: Path, header: dict):
-        self.directory = directory
-        self.header = header
-        self._shard_index: int | None = None
-        self._shard: dict[str, torch.Tensor] = {}
-        self._cursor = 0
-
-    # --- building and opening -------------------------------------------------------------------------------------
+    FORMAT = CACHE_FORMAT
+    VERSION = CACHE_VERSION
+    FIELDS = FIELDS
+    ROOT_NAME = "reference-cache"
+    ERROR = ReferenceCacheError
 
     @classmethod
-    @torch.no_grad()  # not inference_mode: quanto and torchao tensors fail under it
     def build(
         cls,
         model: PreTrainedModel,
@@ -271,133 +585,39 @@ class ReferenceCache:
             shard_tokens: scored tokens per shard file, the unit an interrupted build resumes from.
             description: free-form labels (model name, corpus) written into the header for people to read.
         """
-        if not windows:
-            raise ReferenceCacheError("no windows to cache")
         if k < 1:
             raise ReferenceCacheError(f"k must be at least 1, got {k}")
-        key = CacheKey(model_fingerprint(model), windows_fingerprint(windows), k, batch_size)
-        directory = Path(root) if root is not None else cache_dir() / "reference-cache"
-        directory = directory / key.digest()
-        header = _load_or_new_header(directory, key, windows, description or {})
-        if header["complete"]:
-            return cls.open(directory)
-        if distributed.n_processes() > 1:
-            # Every process caches the windows it will measure; the main one lists all shards once they exist.
-            distributed.barrier()  # all have read the old header before anything in the folder changes
-            header["shards"] = []
-            start, stop = distributed.local_bounds(len(windows), batch_size)
-            local = _cache_windows(
-                model,
-                windows,
-                (start, stop),
-                k,
-                batch_size,
-                directory,
-                header,
-                shard_tokens,
-                progress=progress and distributed.is_main_process(),
-                write_header=False,
-            )
-            shards = [shard for shards in distributed.gather(local) for shard in shards]
-            if distributed.is_main_process():
-                header["shards"] = shards
-                _finish(directory, header)
-            distributed.barrier()  # the header is written before anyone opens it
-            return cls.open(directory)
-        start = header["shards"][-1]["windows"][1] if header["shards"] else 0
-        _cache_windows(
+        return cls._build(
             model,
             windows,
-            (start, len(windows)),
-            k,
-            batch_size,
-            directory,
-            header,
-            shard_tokens,
+            setting=str(k),
+            header_fields={"k": k},
+            batch_size=batch_size,
+            root=root,
+            shard_tokens=shard_tokens,
+            description=description,
             progress=progress,
-            write_header=True,
         )
-        _finish(directory, header)
-        return cls.open(directory)
-
-    @classmethod
-    def open(cls, directory: str | Path) -> ReferenceCache:
-        """Open a complete cache folder. Each shard's checksum is verified when it is first read."""
-        directory = Path(directory)
-        header = _read_header(directory)
-        if not header.get("complete"):
-            raise ReferenceCacheError(f"the reference cache in {directory} is incomplete; rebuild it to resume")
-        missing = [shard["file"] for shard in header["shards"] if not (directory / shard["file"]).is_file()]
-        if missing:
-            raise ReferenceCacheError(f"the reference cache in {directory} lacks {', '.join(missing)}")
-        return cls(directory, header)
-
-    # --- what it holds ---------------------------------------------------------------------------------------------
 
     @property
     def k(self) -> int:
         return self.header["k"]
 
     @property
-    def n_tokens(self) -> int:
-        return self.header["window_token_offsets"][-1]
-
-    @property
     def tail_mass_mean(self) -> float:
         """Mean reference probability outside the top-k: how coarse the KL bound is."""
         return sum(shard["tail_mass_sum"] for shard in self.header["shards"]) / self.n_tokens
 
-    @property
-    def bytes_per_token(self) -> float:
-        """Size of the shard files per scored token."""
-        total = sum((self.directory / shard["file"]).stat().st_size for shard in self.header["shards"])
-        return total / self.n_tokens
+    def batch_entries(self, model: PreTrainedModel, batch: Batch) -> dict[str, torch.Tensor]:
+        outputs = model_outputs(model, batch.input_ids)
+        return reference_entries(batch.scored(outputs.logits), batch.targets(), self.k)
 
-    def tokens(self, start: int, stop: int) -> dict[str, torch.Tensor]:
-        """Cached entries of scored tokens ``start..stop`` in corpus order (random access, shard by shard)."""
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in FIELDS}
-        for index, shard in enumerate(self.header["shards"]):
-            first, last = shard["tokens"]
-            if last <= start or first >= stop:
-                continue
-            arrays = self._load(index)
-            for name in FIELDS:
-                parts[name].append(arrays[name][max(start, first) - first : min(stop, last) - first])
-        return {name: torch.cat(values) for name, values in parts.items()}
-
-    def _load(self, index: int) -> dict[str, torch.Tensor]:
-        # Measurement reads shards in order; keeping the last one makes that one read per shard.
-        if self._shard_index != index:
-            self._shard = _read_shard(self.directory, self.header["shards"][index])
-            self._shard_index = index
-        return self._shard
-
-    # --- the ReferenceSource protocol of hemorrhage_hf.measurement.engine ---
-
-    def begin(self, windows: Sequence[Window], *, batch_size: int, layers: bool, attention: bool) -> None:
-        if layers or attention:
-            raise ReferenceCacheError(
-                "a reference cache holds no hidden states or attention; measure layers against the live reference model"
-            )
-        if windows_fingerprint(windows) != self.header["windows_fingerprint"]:
-            raise ReferenceCacheError(
-                f"the reference cache in {self.directory} was built on other windows "
-                f"({self.header['n_windows']} windows, {self.n_tokens} scored tokens; these are {len(windows)} windows)"
-            )
-        if batch_size != self.header["batch_size"]:
-            raise ReferenceCacheError(
-                f"the reference cache was built with batch size {self.header['batch_size']}; measure with the same "
-                f"batch size (got {batch_size}) so both sides are computed alike"
-            )
-        # Under `accelerate launch`, measure() runs this process's share of the windows only.
-        self._cursor = self.header["window_token_offsets"][distributed.local_bounds(len(windows), batch_size)[0]]
+    @classmethod
+    def shard_summary(cls, tensors: dict[str, torch.Tensor]) -> dict:
+        return {"tail_mass_sum": float(tensors["tail_logmass"].double().exp().sum())}
 
     def compare(self, batch: Batch, modified_logits: torch.Tensor, targets: torch.Tensor):
-        entries = self.tokens(self._cursor, self._cursor + len(targets))
-        if not torch.equal(entries["targets"].long(), targets.long()):
-            raise ReferenceCacheError(f"cached tokens {self._cursor}.. do not match the windows being measured")
-        self._cursor += len(targets)
-        return cached_token_statistics(entries, modified_logits), None
+        return cached_token_statistics(self.next_entries(targets), modified_logits), None
 
     def metadata(self) -> dict:
         return {
@@ -409,132 +629,3 @@ class ReferenceCache:
                 "bytes_per_token": self.bytes_per_token,
             }
         }
-
-
-def _load_or_new_header(directory: Path, key: CacheKey, windows: Sequence[Window], description: dict) -> dict:
-    """The header of a partial cache of this key with its verified shards, or a fresh one."""
-    offsets = [0]
-    for window in windows:
-        offsets.append(offsets[-1] + window.n_scored)
-    fresh = {
-        "format": CACHE_FORMAT,
-        "version": CACHE_VERSION,
-        "key": key.digest(),
-        "model_fingerprint": key.model,
-        "windows_fingerprint": key.windows,
-        "k": key.k,
-        "batch_size": key.batch_size,
-        "n_windows": len(windows),
-        "window_token_offsets": offsets,
-        "description": description,
-        "shards": [],
-        "complete": False,
-    }
-    if not (directory / HEADER_FILE).is_file():
-        directory.mkdir(parents=True, exist_ok=True)
-        return fresh
-    try:
-        header = _read_header(directory)
-    except ReferenceCacheError:
-        return fresh
-    kept = []
-    for shard in header["shards"]:
-        try:
-            _read_shard(directory, shard)
-        except ReferenceCacheError:
-            break  # this and later shards are recomputed
-        kept.append(shard)
-    fresh["shards"] = kept
-    fresh["complete"] = header.get("complete", False) and len(kept) == len(header["shards"])
-    return fresh
-
-
-def _read_header(directory: Path) -> dict:
-    path = directory / HEADER_FILE
-    try:
-        header = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ReferenceCacheError(f"cannot read the reference cache header {path}: {error}") from error
-    if header.get("format") != CACHE_FORMAT or header.get("version") != CACHE_VERSION:
-        raise ReferenceCacheError(f"{path} is not a version-{CACHE_VERSION} {CACHE_FORMAT}")
-    return header
-
-
-def _cache_windows(
-    model: PreTrainedModel,
-    windows: Sequence[Window],
-    window_range: tuple[int, int],
-    k: int,
-    batch_size: int,
-    directory: Path,
-    header: dict,
-    shard_tokens: int,
-    *,
-    progress: bool,
-    write_header: bool,
-) -> list[dict]:
-    """Cache windows ``window_range`` into shard files of about ``shard_tokens`` tokens; returns their records.
-
-    With ``write_header`` each record is appended to ``header`` and the header rewritten after every shard, so an
-    interrupted build knows which shards are whole.
-    """
-    start, stop = window_range
-    records: list[dict] = []
-    pending: dict[str, list[torch.Tensor]] = {name: [] for name in FIELDS}
-    first_pending = done = start
-    with tqdm(total=stop, initial=start, desc="caching reference", unit="window", disable=not progress) as bar:
-        for batch in batch_windows(windows[start:stop], batch_size):
-            outputs = model_outputs(model, batch.input_ids)
-            entries = reference_entries(batch.scored(outputs.logits), batch.targets(), k)
-            del outputs
-            for name, values in entries.items():
-                pending[name].append(values)
-            done += len(batch.first_scored)
-            bar.update(len(batch.first_scored))
-            if sum(len(part) for part in pending["targets"]) >= shard_tokens or done == stop:
-                records.append(_write_shard(directory, header, pending, (first_pending, done)))
-                if write_header:
-                    header["shards"].append(records[-1])
-                    atomic_write_text(directory / HEADER_FILE, json.dumps(header, indent=2) + "\n")
-                pending = {name: [] for name in FIELDS}
-                first_pending = done
-    return records
-
-
-def _finish(directory: Path, header: dict) -> None:
-    header["complete"] = True
-    atomic_write_text(directory / HEADER_FILE, json.dumps(header, indent=2) + "\n")
-
-
-def _write_shard(
-    directory: Path, header: dict, pending: dict[str, list[torch.Tensor]], window_range: tuple[int, int]
-) -> dict:
-    """Write one shard file of windows ``window_range`` and return its header record."""
-    tensors = {name: torch.cat(parts).contiguous() for name, parts in pending.items()}
-    data = save_safetensors(tensors, metadata={"format": CACHE_FORMAT, "key": header["key"]})
-    name = f"shard-w{window_range[0]:07d}.safetensors"
-    with atomic_path(directory / name) as temporary:
-        temporary.write_bytes(data)
-    offsets = header["window_token_offsets"]
-    return {
-        "file": name,
-        "windows": list(window_range),
-        "tokens": [offsets[window_range[0]], offsets[window_range[1]]],
-        "sha256": _sha256(data),
-        "tail_mass_sum": float(tensors["tail_logmass"].double().exp().sum()),
-    }
-
-
-def _read_shard(directory: Path, shard: dict) -> dict[str, torch.Tensor]:
-    path = directory / shard["file"]
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise ReferenceCacheError(f"reference cache shard {path} is missing: {error}") from error
-    if _sha256(data) != shard["sha256"]:
-        raise ReferenceCacheError(f"reference cache shard {path} does not match its checksum (corrupt or changed)")
-    arrays = load_safetensors(data)
-    n_tokens = shard["tokens"][1] - shard["tokens"][0]
-    if set(arrays) != set(FIELDS) or any(len(values) != n_tokens for values in arrays.values()):
-        raise ReferenceCacheError(f"reference cache shard {path} does not hold the expected {n_tokens} tokens")
-    return arrays

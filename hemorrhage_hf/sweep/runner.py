@@ -3,8 +3,9 @@
 A *family* turns a level into a modification spec (``bits``: ``4`` → ``int4-g64``; ``sparsity:wanda``: ``50`` →
 ``wanda-50``; any template with ``{}``, e.g. ``"int{}-g128"``). Identity levels (sparsity 0, 32 bits, temperature 1)
 are the unmodified model, so a sweep's first level shows zero hemorrhage exactly. Model families read the
-reference side from a :class:`~hemorrhage_hf.measurement.refcache.ReferenceCache` (one reference pass, then one pass
-per level);
+reference side from an exact :class:`~hemorrhage_hf.measurement.refstore.ReferenceStore` (with ``top_k``, a top-k
+:class:`~hemorrhage_hf.measurement.refcache.ReferenceCache` whose KL is a lower bound): one reference pass, then one
+pass per level;
 decoding families (``temperature``, ``top_p``, ``top_k``, ``typical_p``, ``repetition_penalty``) process the same
 logits for every level in one pass (:func:`hemorrhage_hf.measurement.decoding.decoding_divergence`).
 
@@ -55,7 +56,8 @@ from ..llamacpp.types import parse_types
 from ..measurement import distributed
 from ..measurement.decoding import Decoding, decoding_divergence
 from ..measurement.engine import measure, run_environment
-from ..measurement.refcache import DEFAULT_TOP_K, ReferenceCache, model_fingerprint, windows_fingerprint
+from ..measurement.refcache import model_fingerprint, windows_fingerprint
+from ..measurement.refstore import build_reference_file
 from ..modify import apply_modification, linear_footprint, parse_spec
 from ..modify.calibration import CalibrationSettings
 from ..tasks.scoring import Task, TaskAnswers, answer_task, task_hemorrhage
@@ -342,7 +344,7 @@ class SweepOptions:
         32
     """
 
-    top_k: int = DEFAULT_TOP_K
+    top_k: int | None = None
     batch_size: int = 1
     cache_root: str | Path | None = None
     task_batch_size: int = 16
@@ -352,7 +354,7 @@ class SweepOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.top_k < 1 or self.batch_size < 1 or self.task_batch_size < 1:
+        if (self.top_k is not None and self.top_k < 1) or self.batch_size < 1 or self.task_batch_size < 1:
             raise HemorrhageError(
                 f"top_k, batch_size and task_batch_size must be at least 1, got {self.top_k}, {self.batch_size}, "
                 f"{self.task_batch_size}"
@@ -390,7 +392,7 @@ def run_sweep(
         >>> result.threshold()["level"]  # doctest: +SKIP
     """
     options = options or SweepOptions()
-    k, batch_size, progress = options.top_k, options.batch_size, options.progress
+    batch_size, progress = options.batch_size, options.progress
     family = resolve_family(family) if isinstance(family, str) else family
     levels = [str(level).strip() for level in (levels or family.default_levels)]
     if not levels:
@@ -435,10 +437,11 @@ def run_sweep(
             record(level, spec, figures, seconds)
     else:
         cache_started = time.perf_counter()
-        cache = ReferenceCache.build(
+        cache = build_reference_file(
             reference,
             windows,
-            k=k,
+            top_k=options.top_k,
+            tokenizer=tokenizer,
             batch_size=batch_size,
             root=options.cache_root,
             description={"model": result.metadata.get("reference")},
@@ -446,8 +449,8 @@ def run_sweep(
         )
         task_signature = [(task.name, task.source, len(task)) for task in tasks]
         result.metadata.update(
-            reference_cache=cache.metadata()["reference_cache"],
-            reference_cache_seconds=time.perf_counter() - cache_started,
+            **cache.metadata(),
+            reference_seconds=time.perf_counter() - cache_started,
             resume_key=_resume_key(cache.header["key"], family, task_signature, calibration),
         )
         previous, previous_answers = _previous_run(output_dir, result.metadata["resume_key"])

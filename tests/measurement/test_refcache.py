@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SCALE, tiny_llama
+from conftest import SCALE, StopAfter, tiny_llama
 
 from hemorrhage_hf.corpus import make_windows, tokenize_corpus
 from hemorrhage_hf.measurement.divergence import kl_divergence, log_probs
@@ -126,18 +126,6 @@ def test_cache_refuses_what_it_cannot_serve(smollm2, wiki_windows, smollm2_cache
 
 def tiny_setup(n_tokens=240, window=20):
     return tiny_llama(), make_windows(torch.arange(n_tokens) * 7 % 64, window=window)
-
-
-class StopAfter:
-    """A forward hook that interrupts a build after ``n`` forward passes, as Ctrl-C would."""
-
-    def __init__(self, n):
-        self.n, self.calls = n, 0
-
-    def __call__(self, module, inputs, output):
-        self.calls += 1
-        if self.calls > self.n:
-            raise KeyboardInterrupt
 
 
 def test_an_interrupted_build_resumes_after_its_last_whole_shard(tmp_path):

@@ -1,0 +1,395 @@
+"""An exact reference store: the reference model's output head once, and per scored token only what enters it.
+
+Full logits are ~200 KB per token for a 49k vocabulary, so storing them is what makes KL against a reference
+expensive (llama.cpp keeps them as uint16: ~11 GiB for LLaMA-2-7B on WikiText-2). But a causal LM's logits are a
+fixed function of a small vector: ``logits = head(h)``, where ``h`` is the final normalised hidden state (``d``
+numbers) and ``head`` a linear map followed, in some families, by a known transform (Cohere's ``logit_scale``,
+Granite's ``logits_scaling``, Gemma 2's final soft-capping). The store keeps
+
+- per scored token: ``h`` (fp32 by default, bf16 optional) and the true next token (int32);
+- once: the head's weight and bias and its post-head transform (``head.safetensors``).
+
+Reading recomputes ``head(h)`` a few rows at a time, so every figure — the full-vocabulary KL included — is exact,
+not a bound. Per token this is ``4·d + 4`` bytes (SmolLM2-135M, d = 576: 2,308 B, against 196,608 B for fp32 logits
+and 98,304 B for llama.cpp's uint16 logits); the head (113 MB for SmolLM2) is stored once.
+
+A model whose logits are not ``head(h)`` under a known transform is refused: the first batch of every build
+compares ``head(h)`` with the model's own logits and stops with :class:`UnknownHeadError` if they differ.
+
+The folder, its key (model fingerprint, windows fingerprint, store dtype, batch size), checksums, resuming and the
+per-process shards under ``accelerate launch`` are those of
+:class:`~hemorrhage_hf.measurement.refcache.ShardedReference`; the header also names the tokenizer (:func:`tokenizer_fingerprint`), so a store is refused for another reference,
+tokenizer or text with an error saying which.
+
+Example:
+    >>> import torch
+    >>> from hemorrhage_hf.measurement.refstore import OutputHead
+    >>> head = OutputHead(weight=torch.eye(3), softcap=2.0)
+    >>> [round(x, 4) for x in head(torch.tensor([[10.0, 0.0, -1.0]]))[0].tolist()]  # 2·tanh(logit / 2)
+    [1.9732, 0.0, -0.9242]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..corpus import Window
+from ..errors import TokenizerMismatchError
+from .divergence import TokenStatistics, concatenate_row_chunks, token_statistics
+from .engine import Batch, LogitsModel, is_logits_model, model_outputs
+from .refcache import (
+    DEFAULT_SHARD_TOKENS,
+    DEFAULT_TOP_K,
+    ReferenceCache,
+    ReferenceCacheError,
+    ShardedReference,
+    model_fingerprint,
+    save_checksummed,
+)
+
+STORE_FORMAT = "hemorrhage-hf reference store"
+STORE_VERSION = 1
+STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HEAD_FILE = "head.safetensors"
+#: ``head(h)`` must reproduce the model's logits within this, relative to the largest logit, or the model is refused
+HEAD_CHECK_TOLERANCE = 1e-4
+
+
+class ReferenceStoreError(ReferenceCacheError):
+    """A reference store is corrupt, incomplete, or was made for another reference, tokenizer or text."""
+
+
+class UnknownHeadError(ReferenceStoreError):
+    """The model's logits are not its output head applied to its final hidden state under a known transform."""
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """``logits = softcap · tanh((scale · (h Wᵀ + b)) / softcap)``; no soft-capping where ``softcap`` is None.
+
+    Example:
+        >>> import torch
+        >>> OutputHead(weight=torch.ones(2, 3), scale=0.5)(torch.ones(1, 3)).tolist()
+        [[1.5, 1.5]]
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> OutputHead:
+        """The head of a causal LM with the post-head transforms transformers' families apply after it."""
+        head = model.get_output_embeddings()
+        if type(head) is not torch.nn.Linear:
+            raise UnknownHeadError(
+                f"{type(model).__name__}'s output head is a {type(head).__name__}, not a plain Linear: the store "
+                "cannot recompute its logits"
+            )
+        config = model.config.get_text_config()
+        scale = float(getattr(config, "logit_scale", None) or 1.0)  # Cohere: logits · logit_scale
+        if getattr(config, "logits_scaling", None):  # Granite: logits / logits_scaling
+            scale /= float(config.logits_scaling)
+        softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2 and 3
+        bias = head.bias.detach() if head.bias is not None else None
+        return cls(head.weight.detach(), bias, scale, float(softcap) if softcap else None)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
+        if self.scale != 1.0:
+            logits = logits * self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the weight, bias and transform: two heads compute the same logits iff this matches."""
+        digest = hashlib.sha256(json.dumps({"scale": self.scale, "softcap": self.softcap}).encode())
+        for tensor in (self.weight, self.bias):
+            if tensor is not None:
+                tensor = tensor.detach().cpu().contiguous()
+                digest.update(f"{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.view(torch.uint8).numpy().data)
+        return digest.hexdigest()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"weight": self.weight.contiguous()}
+        if self.bias is not None:
+            tensors["bias"] = self.bias.contiguous()
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], transform: dict) -> OutputHead:
+        return cls(tensors["weight"], tensors.get("bias"), transform["scale"], transform["softcap"])
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """SHA-256 of a tokenizer's vocabulary (token → id) and special tokens: equal iff token ids mean the same."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(json.dumps(tokenizer.all_special_tokens).encode())
+    return digest.hexdigest()
+
+
+class _HeadInput:
+    """A forward pre-hook keeping what enters the output head (after any scaling a model applies before it)."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.value: torch.Tensor | None = None
+        self._handle = model.get_output_embeddings().register_forward_pre_hook(self._keep)
+
+    def _keep(self, module, args) -> None:
+        self.value = args[0]
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+class ReferenceStore(ShardedReference):
+    """An opened, complete exact reference store; pass it to :func:`hemorrhage_hf.measurement.engine.measure` as
+    the reference: every figure equals the live two-model figure (fp32 store: to ~1e-7 relative).
+
+    Example:
+        >>> from hemorrhage_hf import load_model, tokenize_corpus, python_docs_text, measure
+        >>> from hemorrhage_hf.modify import apply_modification
+        >>> reference, tokenizer = load_model("default")  # doctest: +SKIP
+        >>> windows = tokenize_corpus(tokenizer, python_docs_text(), window=256, max_tokens=1024)  # doctest: +SKIP
+        >>> store = ReferenceStore.build(reference, windows, tokenizer=tokenizer)  # doctest: +SKIP
+        >>> store.bytes_per_token  # doctest: +SKIP
+        2308.1...
+        >>> report = measure(store, apply_modification(reference, "int4-g64"), windows)  # doctest: +SKIP
+        >>> report.metadata["reference_store"]["kl_is_exact"]  # doctest: +SKIP
+        True
+    """
+
+    FORMAT = STORE_FORMAT
+    VERSION = STORE_VERSION
+    FIELDS = ("hidden", "targets")
+    ROOT_NAME = "reference-store"
+    ERROR = ReferenceStoreError
+
+    def __init__(self, directory: Path, header: dict):
+        super().__init__(directory, header)
+        self._head: OutputHead | None = None
+        self._head_shared = False  # True while _head is a modified model's own (identical) head
+        self._head_checked = False
+
+    @classmethod
+    def build(
+        cls,
+        model: PreTrainedModel,
+        windows: Sequence[Window],
+        *,
+        dtype: str = "fp32",
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        batch_size: int = 1,
+        root: str | Path | None = None,
+        shard_tokens: int = DEFAULT_SHARD_TOKENS,
+        description: dict | None = None,
+        progress: bool = True,
+    ) -> ReferenceStore:
+        """Run ``model`` over ``windows`` once and store its head inputs, or reuse/resume a store of the same key.
+
+        Args:
+            dtype: ``"fp32"`` (figures equal the live ones to fp32 rounding) or ``"bf16"`` (half the size; see
+                BENCHMARKS.md for its error).
+            tokenizer: recorded (as :func:`tokenizer_fingerprint`) so the store is refused for another tokenizer.
+            batch_size: windows per forward pass; measure with the same batch size (it is part of the key).
+            root: parent folder of stores (default ``<cache_dir()>/reference-store``).
+            shard_tokens: scored tokens per shard file, the unit an interrupted build resumes from.
+            description: free-form labels (model name, corpus) written into the header for people to read.
+        """
+        if is_logits_model(model):
+            raise ReferenceStoreError(
+                f"the {model.engine} engine yields logits, not the hidden states an exact store keeps: use the top-k "
+                "cache (--top-k K) for this reference"
+            )
+        if dtype not in STORE_DTYPES:
+            raise ReferenceStoreError(f"store dtype must be one of {sorted(STORE_DTYPES)}, got {dtype!r}")
+        head = OutputHead.of(model)  # refuse an unknown head before any forward pass
+        return cls._build(
+            model,
+            windows,
+            setting=dtype,
+            header_fields={
+                "dtype": dtype,
+                "hidden_size": head.weight.shape[1],
+                "vocab_size": head.vocab_size,
+                "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
+            },
+            batch_size=batch_size,
+            root=root,
+            shard_tokens=shard_tokens,
+            description=description,
+            progress=progress,
+        )
+
+    # --- building -----------------------------------------------------------------------------------------------------
+
+    def prepare(self, model: PreTrainedModel) -> None:
+        head = OutputHead.of(model)
+        path = self.directory / HEAD_FILE
+        checksum = save_checksummed(path, head.tensors(), {"format": STORE_FORMAT})
+        self.header["head"] = {
+            "file": HEAD_FILE,
+            "sha256": checksum,
+            "bytes": path.stat().st_size,
+            "fingerprint": head.fingerprint(),
+            "transform": {"scale": head.scale, "softcap": head.softcap},
+        }
+        self._head = head
+
+    def batch_entries(self, model: PreTrainedModel, batch: Batch) -> dict[str, torch.Tensor]:
+        head_input = _HeadInput(model)
+        try:
+            outputs = model_outputs(model, batch.input_ids)
+        finally:
+            head_input.close()
+        hidden = batch.scored(head_input.value)
+        if not self._head_checked:
+            self._check_head(model, hidden, batch.scored(outputs.logits))
+        del outputs
+        return {"hidden": hidden.to(STORE_DTYPES[self.header["dtype"]]), "targets": batch.targets().to(torch.int32)}
+
+    def _check_head(self, model: PreTrainedModel, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        """Refuse a model whose logits the stored head cannot reproduce (an unknown transform after the head)."""
+        recomputed = (self._head or OutputHead.of(model))(hidden[:16])
+        error = (recomputed.float() - logits[:16].float()).abs().max().item()
+        allowed = HEAD_CHECK_TOLERANCE * max(1.0, logits[:16].float().abs().max().item())
+        if not error <= allowed:
+            raise UnknownHeadError(
+                f"{type(model).__name__}'s logits are not its output head applied to its final hidden state with "
+                f"the known transforms (logit scaling, final soft-capping): they differ by {error:.3g}. Its "
+                "post-head transform is unknown, so it cannot be stored exactly; use the top-k cache instead"
+            )
+        self._head_checked = True
+
+    # --- reading ------------------------------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> str:
+        return self.header["dtype"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.header["vocab_size"]
+
+    def begin(
+        self,
+        windows: Sequence[Window],
+        *,
+        batch_size: int,
+        layers: bool,
+        attention: bool,
+        modified: PreTrainedModel | LogitsModel | None = None,
+    ) -> None:
+        super().begin(windows, batch_size=batch_size, layers=layers, attention=attention)
+        if self._head_shared:
+            self._head, self._head_shared = None, False  # never keep an earlier modified model's tensor alive
+        if modified is not None:
+            self._share_head(modified)
+
+    def _share_head(self, modified: PreTrainedModel) -> None:
+        """Use the modified model's own head where it is the stored one (a modification that left the head alone):
+        the same numbers, without a second copy of the largest matrix in memory."""
+        if is_logits_model(modified):
+            return
+        try:
+            candidate = OutputHead.of(modified)
+        except UnknownHeadError:
+            return
+        if candidate.fingerprint() == self.header["head"]["fingerprint"]:
+            self._head, self._head_shared = candidate, True
+
+    @property
+    def head(self) -> OutputHead:
+        """The stored output head (checked against its checksum on first use)."""
+        if self._head is None:
+            record = self.header["head"]
+            tensors = self.load_checked(self.directory / record["file"], record["sha256"])
+            self._head = OutputHead.from_tensors(tensors, record["transform"])
+        return self._head
+
+    def check_reference(self, model: PreTrainedModel) -> None:
+        """Raise unless ``model`` is the reference this store was built from (same weights and config)."""
+        if model_fingerprint(model) != self.header["model_fingerprint"]:
+            raise ReferenceStoreError(
+                f"the reference store in {self.directory} was made for another reference model "
+                f"({self.header['description'].get('reference', 'unnamed')}): its weights or config differ"
+            )
+
+    def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Raise unless ``tokenizer`` maps tokens to the same ids as the store's reference."""
+        recorded = self.header["tokenizer_fingerprint"]
+        if recorded is not None and tokenizer_fingerprint(tokenizer) != recorded:
+            raise TokenizerMismatchError(
+                f"the reference store in {self.directory} was made with another tokenizer: its token ids mean "
+                "other strings"
+            )
+
+    def check_vocabulary(self, vocab_size: int, name: str = "the model") -> None:
+        """Raise unless a model with ``vocab_size`` output logits can be compared with the stored head."""
+        if vocab_size != self.vocab_size:
+            raise TokenizerMismatchError(
+                f"{name} predicts {vocab_size} tokens but the reference predicts {self.vocab_size}: they do not "
+                "share a vocabulary"
+            )
+
+    def compare(self, batch: Batch, modified_logits: torch.Tensor, targets: torch.Tensor):
+        self.check_vocabulary(modified_logits.shape[-1], "the modified model")
+        entries = self.next_entries(targets)
+        head = self.head
+
+        # The reference's logits exist a few rows at a time only (~3 MB), never for a whole batch (~100 MB per
+        # 512-token window of a 49k vocabulary): one model's weights and the modified logits are the peak.
+        def chunk(hidden: torch.Tensor, logits: torch.Tensor, chunk_targets: torch.Tensor) -> dict:
+            return vars(token_statistics(head(hidden), logits, chunk_targets))
+
+        return TokenStatistics(**concatenate_row_chunks(chunk, entries["hidden"], modified_logits, targets)), None
+
+    def metadata(self) -> dict:
+        return {
+            "reference_store": {
+                "path": str(self.directory),
+                "dtype": self.dtype,
+                "kl_is_exact": True,
+                "bytes_per_token": self.bytes_per_token,
+                "head_bytes": self.header["head"]["bytes"],
+            }
+        }
+
+
+def build_reference_file(
+    model: PreTrainedModel | LogitsModel,
+    windows: Sequence[Window],
+    *,
+    top_k: int | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    **options,
+) -> ReferenceStore | ReferenceCache:
+    """The exact :class:`ReferenceStore` of ``model`` on ``windows``; with ``top_k``, or for a model that yields
+    logits only (llama.cpp), a top-k :class:`~hemorrhage_hf.measurement.refcache.ReferenceCache` (KL a lower bound,
+    said in its metadata). ``options`` go to ``build`` (batch_size, root, description, progress...).
+
+    Example:
+        >>> from hemorrhage_hf import load_model, tokenize_corpus, python_docs_text
+        >>> reference, tokenizer = load_model("default")  # doctest: +SKIP
+        >>> windows = tokenize_corpus(tokenizer, python_docs_text(), window=256, max_tokens=1024)  # doctest: +SKIP
+        >>> type(build_reference_file(reference, windows, tokenizer=tokenizer)).__name__  # doctest: +SKIP
+        'ReferenceStore'
+    """
+    if top_k is None and not is_logits_model(model):
+        return ReferenceStore.build(model, windows, tokenizer=tokenizer, **options)
+    return ReferenceCache.build(model, windows, k=top_k or DEFAULT_TOP_K, **options)
