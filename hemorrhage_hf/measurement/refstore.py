@@ -18,8 +18,9 @@ compares ``head(h)`` with the model's own logits and stops with :class:`UnknownH
 
 The folder, its key (model fingerprint, windows fingerprint, store dtype, batch size), checksums, resuming and the
 per-process shards under ``accelerate launch`` are those of
-:class:`~hemorrhage_hf.measurement.refcache.ShardedReference`; the header also names the tokenizer (:func:`tokenizer_fingerprint`), so a store is refused for another reference,
-tokenizer or text with an error saying which.
+:class:`~hemorrhage_hf.measurement.refcache.ShardedReference`; the header also names the tokenizer
+(:func:`tokenizer_fingerprint`), so a store is refused for another reference, tokenizer or text with an error
+saying which.
 
 Example:
     >>> import torch

@@ -156,7 +156,7 @@ def test_an_interrupted_store_resumes_and_a_corrupt_head_is_refused(tmp_path):
     data[-3] ^= 0xFF
     head_file.write_bytes(bytes(data))
     with pytest.raises(ReferenceStoreError, match="checksum"):
-        ReferenceStore.open(directory).head
+        ReferenceStore.open(directory).head.fingerprint()
 
 
 def test_output_head_and_tokenizer_fingerprints():
