@@ -112,8 +112,9 @@ def reference_entries(logits: torch.Tensor, targets: torch.Tensor, k: int) -> di
     """What the cache keeps of reference logits ``[n, vocab]`` at positions whose true next tokens are ``targets``.
 
     The log-probabilities and top-1 are computed exactly as
-    :func:`hemorrhage_hf.measurement.divergence.token_statistics` does, in the same row chunks as :func:`cached_token_statistics`, so cached and live runs give bit-identical NLL,
-    agreement and Δp, and a model measured against its own cache gives a KL of exactly 0.
+    :func:`hemorrhage_hf.measurement.divergence.token_statistics` does, in the same row chunks as
+    :func:`cached_token_statistics`, so cached and live runs give bit-identical NLL, agreement and Δp, and a model
+    measured against its own cache gives a KL of exactly 0.
     """
     return concatenate_row_chunks(lambda *chunk: _reference_chunk_entries(*chunk, k=k), logits, targets)
 
