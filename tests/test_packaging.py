@@ -6,6 +6,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import hemorrhage_hf
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,6 +31,7 @@ def test_wheel_ships_every_subpackage_and_the_card_templates(tmp_path):
         cwd=tmp_path,
     )
     (wheel,) = tmp_path.glob("hemorrhage_hf-*.whl")
+    assert wheel.name.startswith(f"hemorrhage_hf-{hemorrhage_hf.__version__}-")  # one version, the one --version says
     names = set(zipfile.ZipFile(wheel).namelist())
     source_modules = {str(path.relative_to(ROOT)) for path in (ROOT / "hemorrhage_hf").rglob("*.py")}
     assert source_modules - names == set()
