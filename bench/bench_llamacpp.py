@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--cost-type", default="Q4_K_M")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-agreement", action="store_true")
+    parser.add_argument("--skip-dequantized", action="store_true", help="agreement without the transformers rows")
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--child", nargs=5, metavar=("BASE", "MODEL", "TEXT", "WINDOW,CHUNKS", "ENGINE"))
     args = parser.parse_args()
@@ -100,10 +101,11 @@ def main() -> None:
                     "llama.cpp engine": measure_once(
                         base, str(files[gguf_type]), text_file, args.window, args.chunks, "llama.cpp"
                     ),
-                    "torch (dequant.)": measure_once(
-                        base, str(files[gguf_type]), text_file, args.window, args.chunks, "torch"
-                    ),
                 }
+                if not args.skip_dequantized:
+                    rows["torch (dequant.)"] = measure_once(
+                        base, str(files[gguf_type]), text_file, args.window, args.chunks, "torch"
+                    )
                 for name, figures in rows.items():
                     print(
                         f"{gguf_type:<8} {name:<16} {figures['kl_mean']:>9.5f} "
@@ -111,10 +113,11 @@ def main() -> None:
                         f"{figures['ppl_ratio']:>10.4f} {figures['ppl_reference']:>9.4f}"
                     )
                 kl_gap = rows["llama.cpp engine"]["kl_mean"] / rows["llama-perplexity"]["kl_mean"] - 1
-                dequantized_gap = rows["torch (dequant.)"]["kl_mean"] / rows["llama-perplexity"]["kl_mean"] - 1
-                print(
-                    f"{gguf_type:<8} KL vs llama-perplexity: engine {kl_gap:+.2%}, dequantized {dequantized_gap:+.2%}"
-                )
+                print(f"{gguf_type:<8} KL vs llama-perplexity: engine {kl_gap:+.2%}", end="")
+                if "torch (dequant.)" in rows:
+                    dequantized_gap = rows["torch (dequant.)"]["kl_mean"] / rows["llama-perplexity"]["kl_mean"] - 1
+                    print(f", dequantized {dequantized_gap:+.2%}", end="")
+                print(flush=True)
         if not args.skip_cost:
             model = str(files[args.cost_type])
             runs = {"llama.cpp": [], "torch": []}

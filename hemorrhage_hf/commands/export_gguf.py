@@ -22,9 +22,10 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "export-gguf",
         help="convert the reference to GGUF and quantize it with llama.cpp's own tools",
-        description="Convert REF with llama.cpp's convert_hf_to_gguf.py to an f32 (or bf16) GGUF and quantize it "
-        "with llama-quantize to each --type, optionally weighing rounding errors by an importance matrix computed "
-        "with llama-imatrix on calibration text. Files already in --output are kept.",
+        description="Convert the reference (a transformers checkpoint, not a .gguf) with llama.cpp's "
+        "convert_hf_to_gguf.py to an f32 (or bf16) GGUF and quantize it with llama-quantize to each --type, "
+        "optionally weighing rounding errors by an importance matrix computed with llama-imatrix on calibration "
+        "text. Files already in --output are kept.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
