@@ -36,6 +36,7 @@ COMMANDS = {
     "install-metric": "install the `hemorrhage` evaluate metric into evaluate's module cache",
     "export-gguf": "convert the reference to GGUF and quantize it with llama.cpp's own tools",
     "install-llama-cpp": "build the llama.cpp engine and its converter/quantizer once (needs cmake, a C++ compiler)",
+    "locate": "find which decoder layers a modification's damage comes from (the hemorrhage map)",
 }
 
 

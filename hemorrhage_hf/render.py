@@ -26,6 +26,7 @@ from .atomic import atomic_path, atomic_write_text
 from .errors import HemorrhageError
 
 if TYPE_CHECKING:
+    from .locate.hmap import HemorrhageMap
     from .measurement.report import HemorrhageReport
     from .sweep.runner import Curve, SweepResult
 
@@ -556,3 +557,90 @@ def decoding_table(distributions: Sequence[Mapping], generations: Sequence[Mappi
     ]
     header = ["decoding", "TV", "JS", "KL ± block SE", "KL=inf", "top-1", "tokens same", "1st diff"]
     return text_table(header, rows, align_left=1)
+
+
+def hemorrhage_map_summary(hmap: HemorrhageMap) -> str:
+    """Three lines: the full KL, how concentrated it is, and how additive the layers' damage is."""
+    top3 = ", ".join(unit.name for unit, _ in hmap.ranked()[:3])
+    isolated_sum = sum(hmap.figures(unit).isolated_kl for unit in hmap.layer_units())
+    return "\n".join(
+        [
+            f"- KL with every layer modified: **{hmap.full_kl:.4f} ± {hmap.full_kl_error:.4f}** nats",
+            f"- the top 3 layers ({top3}) carry **{hmap.concentration(3):.1%}** of it; "
+            f"the top 5 {hmap.concentration(5):.1%}",
+            f"- sum of the layers' isolated KLs: {isolated_sum:.4f} (vs {hmap.full_kl:.4f} all together: "
+            f"{'superadditive' if hmap.full_kl > isolated_sum else 'subadditive'})",
+        ]
+    )
+
+
+def hemorrhage_map_markdown(hmap: HemorrhageMap, plot: Path | None = None) -> str:
+    """locate.md: the summary lines, the plot, then every layer ranked by its share of the damage."""
+    ranked = hmap.ranked()
+    lines = [
+        "# Hemorrhage map",
+        "",
+        f"{hmap.metadata.get('reference', 'reference')} vs {hmap.metadata.get('modified', 'modified')}, "
+        f"{hmap.n_tokens} scored tokens of {hmap.metadata.get('corpus', 'text')}.",
+        "",
+        hemorrhage_map_summary(hmap),
+        "",
+    ]
+    if plot is not None:
+        lines += [f"![hemorrhage map]({plot.name})", ""]
+    lines += [
+        "share = mean of (KL with only this layer modified) and (KL recovered by restoring only this layer), over "
+        "the sum of all layers'.",
+        "",
+        "| rank | unit | share | KL only it modified | KL only it restored |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    part_shares = hmap.shares(hmap.part_units()) if hmap.part_units() else {}
+    for rank, (unit, share) in enumerate(ranked + sorted(part_shares.items(), key=lambda item: -item[1]), 1):
+        figures = hmap.figures(unit)
+        lines.append(
+            f"| {rank if unit.part is None else ''} | {unit.name} | {share:.1%} | "
+            f"{figures.isolated_kl:.4f} ± {figures.isolated_error:.4f} | "
+            f"{figures.restored_kl:.4f} ± {figures.restored_error:.4f} |"
+        )
+    if part_shares:
+        lines += ["", "Part rows (attention, MLP) give shares among all parts."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_hemorrhage_map(hmap: HemorrhageMap, path: Path) -> None:
+    """Bars of each layer's share of the damage (stacked attention/MLP when the map has parts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .locate.stack import Unit
+
+    layers = hmap.layer_units()
+    figure, (share_axis, kl_axis) = plt.subplots(2, 1, figsize=(max(7, 0.3 * len(layers)), 6.5), sharex=True)
+    positions = np.arange(len(layers))
+    if hmap.part_units():
+        part_shares = hmap.shares(hmap.part_units())
+        bottom = np.zeros(len(layers))
+        for part, color in (("attn", "#e9967a"), ("mlp", "#b22222")):
+            values = np.array([part_shares.get(Unit(unit.layer, part), 0.0) for unit in layers])
+            share_axis.bar(positions, values, bottom=bottom, color=color, label=part)
+            bottom += values
+        share_axis.legend()
+    else:
+        shares = hmap.shares(layers)
+        share_axis.bar(positions, [shares[unit] for unit in layers], color="#b22222")
+    share_axis.set_ylabel("share of the damage")
+    share_axis.set_title(
+        f"Hemorrhage map: KL {hmap.full_kl:.3f}; top 3 layers carry {hmap.concentration(3):.0%} "
+        f"({hmap.metadata.get('modified', 'modified')})"
+    )
+    isolated = [hmap.figures(unit).isolated_kl for unit in layers]
+    recovered = [hmap.full_kl - hmap.figures(unit).restored_kl for unit in layers]
+    kl_axis.plot(positions, isolated, marker="o", color="#b22222", label="KL with only this layer modified")
+    kl_axis.plot(positions, recovered, marker="s", color="#4682b4", label="KL recovered restoring only this layer")
+    kl_axis.set_xlabel("decoder layer")
+    kl_axis.set_ylabel("nats")
+    kl_axis.legend()
+    _save_figure(figure, path)

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -168,10 +169,10 @@ class ActivationAwareScaling(Modification):
             Migration("down_proj", block.up_proj, named(block.down_proj), statistics["down"]),
         ]
 
-    def _output_error(self, migration: Migration, weight: torch.Tensor):
+    def _output_error(self, migration: Migration, weight: torch.Tensor, quantization: WeightQuantization):
         """error(scales): mean squared output error per calibration token of the quantized group. Weight-only
         formats use the Gram matrix of all calibration tokens; quantized inputs need the sampled rows."""
-        quantization, statistics = self.quantization, migration.statistics
+        statistics = migration.statistics
         if not quantization.runtime_state:
             return lambda scales: (
                 quantized_weight_error(weight, statistics.gram, scales, quantization.quantize_weight)
@@ -184,10 +185,10 @@ class ActivationAwareScaling(Modification):
             / len(rows)
         )
 
-    def _search_scales(self, migration: Migration) -> dict:
+    def _search_scales(self, migration: Migration, quantization: WeightQuantization) -> dict:
         """Error of every candidate; migrates the best one and returns the record."""
         weight = torch.cat([linear.weight for linear in migration.linears.values()]).float()
-        error, rule = self._output_error(migration, weight), self.family_rule
+        error, rule = self._output_error(migration, weight, quantization), self.family_rule
         unscaled = error(None)
         errors = {value: error(rule.scales(migration.statistics, weight, value)) for value in rule.grid}
         best = min(errors, key=errors.get)
@@ -196,10 +197,9 @@ class ActivationAwareScaling(Modification):
         migration.apply(rule.scales(migration.statistics, weight, best))
         return {rule.parameter: best, "error_unscaled": unscaled, "error": errors[best]}
 
-    def _clip(self, migration: Migration) -> dict[str, float]:
+    def _clip(self, migration: Migration, quantization: WeightQuantization) -> dict[str, float]:
         """AWQ's clipping search for each Linear of ``migration`` but q/k, whose errors attention amplifies in ways
         their own outputs do not show (AWQ skips them too). Returns the mean ratio kept per Linear."""
-        quantization = self.quantization
         groups = column_groups(next(iter(migration.linears.values())).in_features, quantization.group_size)
         gram, chosen = migration.gram(), {}
         for name, linear in migration.linears.items():
@@ -215,9 +215,17 @@ class ActivationAwareScaling(Modification):
 
     @torch.no_grad()
     def apply(
-        self, model: PreTrainedModel, calibration: torch.Tensor | None = None, *, progress: bool = False
+        self,
+        model: PreTrainedModel,
+        calibration: torch.Tensor | None = None,
+        *,
+        progress: bool = False,
+        formats: Mapping[str, WeightQuantization] | None = None,
     ) -> PreTrainedModel:
-        self.quantization.checked_linears(model)
+        """``formats`` (Linear name → weight-only format) overrides this spec's format for those layers: their
+        scales and clipping are searched for their own format (mixed precision, :mod:`.mixed`)."""
+        linears = self.quantization.checked_linears(model)
+        formats = formats or {}
         blocks = decoder_blocks(model)
         names = {module: name for name, module in model.named_modules()}
         groups, unscaled, clipping = {}, [], {}
@@ -231,13 +239,19 @@ class ActivationAwareScaling(Modification):
                 gram=True,
             )
             for migration in self._migrations(block, statistics, names):
+                # The Linear layers of one migration share a part of one layer, hence one format.
+                quantization = formats.get(next(iter(migration.linears)), self.quantization)
                 if migration.previous is None:
                     unscaled.extend(migration.linears)
                 else:
-                    groups[f"{names[block.layer]}.{migration.name}"] = self._search_scales(migration)
+                    groups[f"{names[block.layer]}.{migration.name}"] = self._search_scales(migration, quantization)
                 if self.family_rule.clips:
-                    clipping.update(self._clip(migration))
-        self.quantization.apply(model, progress=progress)
+                    clipping.update(self._clip(migration, quantization))
+        if formats:
+            for name, linear in linears.items():
+                linear.weight.copy_(formats.get(name, self.quantization).quantize_weight(linear.weight))
+        else:
+            self.quantization.apply(model, progress=progress)
         record = {
             "method": self.family_rule.method,
             "parameter": self.family_rule.parameter,
@@ -255,6 +269,7 @@ class ActivationAwareScaling(Modification):
         return model
 
 
-@register(r"(?P<method>awq|smooth)-(?P<quantization>.+)", example="awq-int4-g64")
+# No "+": "awq-int4-g64+int8@layers.0" is a mixed-precision spec with an awq base (modify/mixed.py).
+@register(r"(?P<method>awq|smooth)-(?P<quantization>[^+]+)", example="awq-int4-g64")
 def _scaling(match) -> ActivationAwareScaling:
     return ActivationAwareScaling(match["method"], parse_spec(match["quantization"]))

@@ -1,0 +1,130 @@
+"""Mixed precision: one weight format for most of the model, others for chosen decoder layers or layer parts.
+
+Spec: ``BASE+FORMAT@layers.I[,J...][.attn|.mlp]...``: ``BASE`` is a weight-only quantization (``int4-g64``) or
+activation-aware scaling of one (``awq-int4-g64``); each ``+FORMAT@...`` gives the listed layers (or only their
+attention — q, k, v, o — or only their MLP — gate, up, down) the weight-only format ``FORMAT``. With an ``awq``
+base, scales and clipping of the overridden layers are searched for their own format.
+
+Example:
+    >>> from hemorrhage_hf.modify import parse_spec
+    >>> parse_spec("int4-g64+int8@layers.0,1,29")
+    MixedPrecision('int4-g64+int8@layers.0,1,29')
+    >>> parse_spec("awq-int4-g64+int8@layers.3.mlp+int6-g64@layers.0").base
+    ActivationAwareScaling('awq-int4-g64')
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+from ..errors import ModificationError, SpecError
+from .architecture import decoder_blocks
+from .base import Modification, parse_spec, register
+from .quantization import WeightQuantization
+from .scaling import ActivationAwareScaling
+
+#: Which Linear layers of a decoder block each part names.
+PART_LINEARS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+_OVERRIDE = re.compile(r"(?P<format>[^@]+)@layers\.(?P<layers>\d+(?:,\d+)*)(?:\.(?P<part>attn|mlp))?")
+
+
+@dataclass(frozen=True)
+class Override:
+    """``quantization`` for ``layers`` (only their ``part``, when given)."""
+
+    quantization: WeightQuantization
+    layers: tuple[int, ...]
+    part: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Override:
+        match = _OVERRIDE.fullmatch(text)
+        if match is None:
+            raise SpecError(
+                f"mixed-precision part {text!r} must read FORMAT@layers.I[,J...][.attn|.mlp], e.g. int8@layers.0,29"
+            )
+        quantization = parse_spec(match["format"])
+        if type(quantization) is not WeightQuantization:
+            raise SpecError(f"a layer's format must be weight-only RTN (int8, int6-g64...), got {quantization.spec!r}")
+        return cls(quantization, tuple(int(layer) for layer in match["layers"].split(",")), match["part"])
+
+    @property
+    def spec(self) -> str:
+        layers = ",".join(str(layer) for layer in self.layers)
+        return f"{self.quantization.spec}@layers.{layers}" + (f".{self.part}" if self.part else "")
+
+    def units(self) -> list[tuple[int, str]]:
+        return [(layer, part) for layer in self.layers for part in ((self.part,) if self.part else PART_LINEARS)]
+
+
+class MixedPrecision(Modification):
+    """``base`` everywhere except the layers (or layer parts) its overrides give another weight format."""
+
+    def __init__(self, base: Modification, overrides: tuple[Override, ...]):
+        if type(base) is not WeightQuantization and not (
+            isinstance(base, ActivationAwareScaling) and type(base.quantization) is WeightQuantization
+        ):
+            raise SpecError(
+                f"mixed precision needs a weight-only base (int4-g64, awq-int4-g64...), got {base.spec!r}"
+            )
+        if not overrides:
+            raise SpecError("a mixed-precision spec needs at least one FORMAT@layers.… part")
+        owner: dict[tuple[int, str], str] = {}
+        for override in overrides:
+            for unit in override.units():
+                if unit in owner:
+                    raise SpecError(
+                        f"layer {unit[0]}'s {unit[1]} gets two formats in one spec ({owner[unit]} and {override.spec})"
+                    )
+                owner[unit] = override.spec
+        self.base, self.overrides = base, tuple(overrides)
+        self.needs_calibration = base.needs_calibration
+
+    @property
+    def spec(self) -> str:
+        return self.base.spec + "".join(f"+{override.spec}" for override in self.overrides)
+
+    @property
+    def base_quantization(self) -> WeightQuantization:
+        return self.base if isinstance(self.base, WeightQuantization) else self.base.quantization
+
+    def formats(self, model: PreTrainedModel) -> dict[str, WeightQuantization]:
+        """The format of every Linear layer the overrides name, by module name; :class:`ModificationError` for a
+        layer the model does not have (checked before any weight changes)."""
+        blocks = decoder_blocks(model)
+        unknown = sorted({layer for o in self.overrides for layer in o.layers if layer >= len(blocks)})
+        if unknown:
+            raise ModificationError(
+                f"{self.spec} names layer(s) {', '.join(map(str, unknown))}, but the model has {len(blocks)} decoder "
+                f"layers (0 to {len(blocks) - 1})"
+            )
+        for override in self.overrides:
+            override.quantization.checked_linears(model)
+        names = {module: name for name, module in model.named_modules()}
+        return {
+            names[getattr(blocks[layer], linear)]: override.quantization
+            for override in self.overrides
+            for layer, part in override.units()
+            for linear in PART_LINEARS[part]
+        }
+
+    @torch.no_grad()
+    def apply(
+        self, model: PreTrainedModel, calibration: torch.Tensor | None = None, *, progress: bool = False
+    ) -> PreTrainedModel:
+        formats = self.formats(model)
+        if isinstance(self.base, ActivationAwareScaling):
+            return self.base.apply(model, calibration, progress=progress, formats=formats)
+        for name, linear in self.base.checked_linears(model).items():
+            linear.weight.copy_(formats.get(name, self.base).quantize_weight(linear.weight))
+        return model
+
+
+@register(r"(?P<base>[^+@]+)(?P<overrides>(?:\+[^+@]+@[^+@]+)+)", example="int4-g64+int8@layers.0,1,29")
+def _mixed(match) -> MixedPrecision:
+    overrides = tuple(Override.parse(text) for text in match["overrides"].split("+")[1:])
+    return MixedPrecision(parse_spec(match["base"]), overrides)
