@@ -37,6 +37,7 @@ COMMANDS = {
     "export-gguf": "convert the reference to GGUF and quantize it with llama.cpp's own tools",
     "install-llama-cpp": "build the llama.cpp engine and its converter/quantizer once (needs cmake, a C++ compiler)",
     "locate": "find which decoder layers a modification's damage comes from (the hemorrhage map)",
+    "allocate": "pick a mixed-precision spec from a hemorrhage map under a bits-per-weight budget",
 }
 
 

@@ -167,9 +167,11 @@ def tokenize_corpus(
     stride: int | None = None,
     max_tokens: int | None = None,
     scoring: str = SLIDING_SCORING,
+    skip_tokens: int = 0,
 ) -> list[Window]:
-    """Tokenize one long text (no special tokens added) and cut it into windows (``scoring``: see the module
-    docstring; llama.cpp scoring ignores ``stride``).
+    """Tokenize one long text (no special tokens added), drop its first ``skip_tokens`` tokens (to measure on text
+    held out from an earlier measurement), and cut it into windows (``scoring``: see the module docstring;
+    llama.cpp scoring ignores ``stride``).
 
     A text shorter than one window is an error: the figures would not be measured at the context length asked for.
     """
@@ -177,13 +179,15 @@ def tokenize_corpus(
         raise CorpusError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
     if not text.strip():
         raise CorpusError("the text is empty or only whitespace")
-    token_ids = _token_ids(tokenizer, text)
+    if skip_tokens < 0:
+        raise CorpusError(f"skip_tokens must not be negative, got {skip_tokens}")
+    token_ids = _token_ids(tokenizer, text)[skip_tokens:]
     if max_tokens is not None:
         token_ids = token_ids[:max_tokens]
     if len(token_ids) < window:
         raise CorpusError(
-            f"the text has {len(token_ids)} tokens{' (after --max-tokens)' if max_tokens else ''}, shorter than one "
-            f"window of {window}; pass a smaller window or a longer text"
+            f"the text has {len(token_ids)} tokens{' (after skipped tokens and --max-tokens)' if max_tokens else ''}, "
+            f"shorter than one window of {window}; pass a smaller window or a longer text"
         )
     if scoring == LLAMACPP_SCORING:
         return llamacpp_chunks(token_ids, window=window, bos_id=added_bos_id(tokenizer))

@@ -644,3 +644,36 @@ def plot_hemorrhage_map(hmap: HemorrhageMap, path: Path) -> None:
     kl_axis.set_ylabel("nats")
     kl_axis.legend()
     _save_figure(figure, path)
+
+
+def allocation_markdown(result: dict) -> str:
+    """allocate.md: the chosen spec, its estimate from the map, and the held-out measurements."""
+    allocation = result["allocation"]
+    lines = [
+        "# Mixed-precision allocation",
+        "",
+        f"Budget {allocation['budget_bits']} bits per weight; chosen **`{allocation['spec']}`** "
+        f"({allocation['bits_per_weight']:.4f} bits per weight, base {allocation['base_bits_per_weight']:.4f}).",
+        f"Estimated from the map ({result['map']}): KL {allocation['base_kl']:.4f} → {allocation['estimated_kl']:.4f}.",
+        "",
+    ]
+    judged = result.get("judged")
+    if judged:
+        held_out = result["held_out"]
+        lines += [
+            f"Held-out text: {held_out['corpus']} after its first {held_out['skip_tokens']} tokens, "
+            f"{judged[0]['n_tokens']} scored tokens. ± are batch-means standard errors; Δ is paired against "
+            f"`{judged[0]['spec']}`.",
+            "",
+            "| spec | bits/weight | KL mean | Δ KL (paired) | KL cut | top-1 | PPL ratio |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in judged:
+            paired = row.get("vs_first")
+            delta = f"{paired['mean_difference']:+.4f} ± {paired['standard_error']:.4f}" if paired else "—"
+            cut = f"{row['kl_cut']:.1%}" if "kl_cut" in row else "—"
+            lines.append(
+                f"| `{row['spec']}` | {row['bits_per_weight']:.4f} | {row['kl_mean']:.4f} ± {row['kl_mean_error']:.4f} "
+                f"| {delta} | {cut} | {row['top1_agreement']:.1%} | {row['ppl_ratio']:.4f} |"
+            )
+    return "\n".join(lines) + "\n"

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from ..corpus import Window
 from ..measurement.divergence import kl_divergence, log_probs
 from ..measurement.engine import batch_windows
-from ..measurement.report import _mean_and_error
+from ..measurement.statistics import block_standard_error
 from ..modify.architecture import decoder_layers
 from .hmap import HemorrhageMap, UnitFigures
 from .stack import PARTS, Unit, check_same_structure, hybrid_layer, layer_inputs, resume
@@ -42,11 +42,17 @@ class _Hybrids:
 
     def isolated(self, unit: Unit) -> list:
         i = unit.layer
-        return [hybrid_layer(self.reference_layers[i], self.modified_layers[i], unit.part), *self.reference_layers[i + 1 :]]
+        return [
+            hybrid_layer(self.reference_layers[i], self.modified_layers[i], unit.part),
+            *self.reference_layers[i + 1 :],
+        ]
 
     def restored(self, unit: Unit) -> list:
         i = unit.layer
-        return [hybrid_layer(self.modified_layers[i], self.reference_layers[i], unit.part), *self.modified_layers[i + 1 :]]
+        return [
+            hybrid_layer(self.modified_layers[i], self.reference_layers[i], unit.part),
+            *self.modified_layers[i + 1 :],
+        ]
 
 
 @torch.inference_mode()
@@ -88,7 +94,8 @@ def locate(
                 bar.update(1)
 
     def mean_and_error(key) -> tuple[float, float]:
-        return _mean_and_error(torch.cat(kl[key]).double().numpy())
+        values = torch.cat(kl[key]).double().numpy()
+        return float(values.mean()), block_standard_error(values)
 
     full, full_error = mean_and_error("full")
     figures = [
@@ -96,4 +103,3 @@ def locate(
     ]
     n_tokens = int(sum(len(values) for values in kl["full"]))
     return HemorrhageMap(full, full_error, n_tokens, figures, dict(metadata or {}, parts=parts))
-

@@ -26,6 +26,9 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import operator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -78,6 +81,11 @@ class WeightFootprint:
     def to_dict(self) -> dict:
         """JSON-ready fields (as written into report.json)."""
         return asdict(self)
+
+
+def sum_footprints(footprints: Iterable[WeightFootprint]) -> WeightFootprint:
+    """The footprint of disjoint layer sets together (at least one)."""
+    return functools.reduce(operator.add, footprints)
 
 
 def linear_like_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from ..errors import ModificationError, SpecError
 from .architecture import decoder_blocks
 from .base import Modification, parse_spec, register
+from .footprint import WeightFootprint, sum_footprints
 from .quantization import WeightQuantization
 from .scaling import ActivationAwareScaling
 
@@ -68,9 +69,7 @@ class MixedPrecision(Modification):
         if type(base) is not WeightQuantization and not (
             isinstance(base, ActivationAwareScaling) and type(base.quantization) is WeightQuantization
         ):
-            raise SpecError(
-                f"mixed precision needs a weight-only base (int4-g64, awq-int4-g64...), got {base.spec!r}"
-            )
+            raise SpecError(f"mixed precision needs a weight-only base (int4-g64, awq-int4-g64...), got {base.spec!r}")
         if not overrides:
             raise SpecError("a mixed-precision spec needs at least one FORMAT@layers.… part")
         owner: dict[tuple[int, str], str] = {}
@@ -111,6 +110,14 @@ class MixedPrecision(Modification):
             for layer, part in override.units()
             for linear in PART_LINEARS[part]
         }
+
+    def footprint(self, model: PreTrainedModel) -> WeightFootprint:
+        """Nominal bits of every Linear layer in its own format (see :mod:`.footprint`)."""
+        formats = self.formats(model)
+        base = self.base_quantization
+        return sum_footprints(
+            formats.get(name, base).layer_footprint(linear) for name, linear in base.checked_linears(model).items()
+        )
 
     @torch.no_grad()
     def apply(

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from ..errors import ModificationError, SpecError
 from .base import Modification, register, target_linears
-from .footprint import WeightFootprint, nominal_bits
+from .footprint import WeightFootprint, nominal_bits, sum_footprints
 from .quant_ops import fake_quantize
 
 
@@ -76,12 +76,12 @@ class WeightQuantization(Modification):
             >>> WeightQuantization(4, 64, symmetric=False).footprint(model).bits_per_weight  # 4 + (16 + 4) / 64
             4.3125
         """
-        total = None
-        for linear in self.checked_linears(model).values():
-            bits = nominal_bits(self.bits, linear.in_features, self.group_size, self.symmetric)
-            part = WeightFootprint.from_bits(linear.in_features * linear.out_features, bits)
-            total = part if total is None else total + part
-        return total
+        return sum_footprints(self.layer_footprint(linear) for linear in self.checked_linears(model).values())
+
+    def layer_footprint(self, linear: torch.nn.Linear) -> WeightFootprint:
+        """The nominal footprint of one Linear layer's weight in this format."""
+        bits = nominal_bits(self.bits, linear.in_features, self.group_size, self.symmetric)
+        return WeightFootprint.from_bits(linear.in_features * linear.out_features, bits)
 
     @torch.no_grad()
     def apply(
