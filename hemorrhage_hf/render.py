@@ -677,3 +677,43 @@ def allocation_markdown(result: dict) -> str:
                 f"| {delta} | {cut} | {row['top1_agreement']:.1%} | {row['ppl_ratio']:.4f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the (bits, KL) points no other point beats on both (fewer or equal bits and lower KL), by bits.
+
+    Example:
+        >>> pareto_frontier([(4.25, 0.45), (4.5, 0.40), (4.5, 0.31), (8.25, 0.003), (6.25, 0.02), (5.25, 0.09)])
+        [0, 2, 5, 4, 3]
+    """
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    frontier, best = [], math.inf
+    for index in order:
+        if points[index][1] < best:
+            frontier.append(index)
+            best = points[index][1]
+    return frontier
+
+
+def plot_pareto(rows: Sequence[Mapping], path: Path, *, title: str = "") -> None:
+    """KL (log scale) against effective bits per weight, one labelled point per row, the frontier joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(row["bits_per_weight"], row["kl_mean"]) for row in rows]
+    frontier = pareto_frontier(points)
+    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    for index, (row, (bits, kl)) in enumerate(zip(rows, points)):
+        on_frontier = index in frontier
+        axis.errorbar(bits, kl, yerr=row.get("kl_mean_error"), fmt="o", color="#b22222" if on_frontier else "#999999")
+        label = row["spec"] if len(row["spec"]) <= 28 else row["spec"][:26] + "…"
+        axis.annotate(label, (bits, kl), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    axis.plot(*zip(*(points[i] for i in frontier)), color="#b22222", linewidth=1, label="Pareto frontier")
+    axis.set_yscale("log")
+    axis.set_xlabel("effective bits per Linear weight (scales included)")
+    axis.set_ylabel("KL mean vs reference (nats)")
+    axis.set_title(f"KL against bits{': ' + title if title else ''}")
+    axis.legend()
+    _save_figure(figure, path)

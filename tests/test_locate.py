@@ -12,7 +12,7 @@ from conftest import tiny_llama
 from hemorrhage_hf.corpus import make_windows, tokenize_corpus
 from hemorrhage_hf.errors import HemorrhageError
 from hemorrhage_hf.locate import HemorrhageMap, Unit, locate
-from hemorrhage_hf.locate.allocate import allocate, judge
+from hemorrhage_hf.locate.allocate import allocate, measure_specs
 from hemorrhage_hf.locate.stack import layer_inputs, resume
 from hemorrhage_hf.measurement.engine import measure
 from hemorrhage_hf.modify import apply_modification
@@ -98,7 +98,7 @@ def test_int4_map_of_smollm2_and_its_allocation_on_held_out_text(smollm2, wikite
     assert hmap.n_layers == 30 and 0.2 < hmap.full_kl < 1.0
     allocation = allocate(model, hmap, base="int4-g64", budget_bits=4.5)
     assert 4.25 < allocation.bits_per_weight <= 4.5
-    base, mixed = judge(model, tokenizer, held_out, ["int4-g64", allocation.spec], progress=False)
+    base, mixed = measure_specs(model, tokenizer, held_out, ["int4-g64", allocation.spec], progress=False)
     assert mixed["kl_mean"] < 0.85 * base["kl_mean"] and mixed["vs_first"]["p_value"] < 0.05
 
 

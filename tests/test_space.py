@@ -152,6 +152,25 @@ def test_api_threshold_sweep_feeds_the_card(space_url, tmp_path):
     assert "### Robustness threshold" in section and threshold in section
 
 
+def test_api_leaderboard_ranks_plots_and_maps(space_url, tmp_path):
+    from gradio_client import Client
+
+    client = Client(space_url, download_files=str(tmp_path), verbose=False)
+    table, pareto, layer_map, map_text = client.predict(
+        DEFAULT_MODEL_LABEL, ["int4-g64", "int8"], "int4-g64", TEXT, api_name="/leaderboard"
+    )
+    assert table["headers"] == ["spec", "bits per weight", "KL mean (nats)", "top-1 agreement", "PPL ratio"]
+    rows = {row[0]: row for row in table["data"]}
+    assert [row[0] for row in table["data"]] == ["int8", "int4-g64"]  # lowest KL first
+    assert rows["int4-g64"][1] == "4.250" and rows["int8"][1].startswith("8.0")  # per-row fp16 scales: 8 + 16/576…
+    assert float(rows["int8"][2].split(" ± ")[0]) < 0.02 < float(rows["int4-g64"][2].split(" ± ")[0])
+    for png in (pareto, layer_map):
+        assert Path(png).read_bytes()[:4] == b"\x89PNG"
+    assert map_text.startswith("**Layer map of `int4-g64`** on 16 tokens") and "the top 3 layers (layers." in map_text
+    with pytest.raises(Exception, match="the leaderboard offers only"):
+        client.predict(DEFAULT_MODEL_LABEL, ["int4-g64"], "int2", TEXT, api_name="/leaderboard")
+
+
 @pytest.mark.parametrize(
     ("model", "spec", "message"),
     [

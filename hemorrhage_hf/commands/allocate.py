@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_write_text
     from ..corpus import tokenize_corpus
     from ..locate import HemorrhageMap
-    from ..locate.allocate import allocate, base_quantization, judge
+    from ..locate.allocate import allocate, base_quantization, measure_specs
     from ..models import load_model
     from ..modify import parse_spec
     from ..render import allocation_markdown
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         )
         specs = list(dict.fromkeys([parse_spec(base).spec, allocation.spec, *args.compare]))
         result["held_out"] = {"corpus": corpus_label, "skip_tokens": skip, "n_windows": len(windows)}
-        result["judged"] = judge(reference, tokenizer, windows, specs, progress=not args.quiet)
+        result["judged"] = measure_specs(reference, tokenizer, windows, specs, progress=not args.quiet)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / "allocate.json", json.dumps(result, indent=2) + "\n")

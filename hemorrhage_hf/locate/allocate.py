@@ -196,7 +196,7 @@ def mixed_spec(base: str, chosen: Mapping[Unit, str]) -> str:
     return MixedPrecision(parse_spec(base), overrides).spec if overrides else parse_spec(base).spec
 
 
-def judge(
+def measure_specs(
     reference: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     windows: Sequence[Window],

@@ -68,6 +68,11 @@ class SpaceLimits:
     correction_fit_tokens: int = 400
     correction_fit_window: int = 80
     correction_iterations: int = 40
+    #: Leaderboard tab: candidates per request, tokens they are measured on, tokens the layer map is measured on
+    #: (the map costs about 2 + (number of layers) forward passes of that many tokens).
+    leaderboard_specs: int = 4
+    leaderboard_tokens: int = 256
+    map_tokens: int = 128
     #: Calibration data for modifications that need it (Wanda, AWQ...): the fewest tokens the registry accepts
     #: (``MIN_CALIBRATION_TOKENS``), so one request stays interactive.
     calibration: CalibrationSettings = field(
@@ -399,4 +404,88 @@ def run_threshold_sweep(
         output_dir / f"sweep_{curves[0].key}.png",
         sweep_rows(result, curves),
         ["level", "spec", *(curve.label for curve in curves)],
+    )
+
+
+#: What the Leaderboard tab offers (visitors choose among these only): uniform formats from 8 to 3 bits, and a mix
+#: that gives wider formats to the layers that carry most of SmolLM2's int4-g64 damage (``hemorrhage-hf allocate``
+#: at 4.5 bits per weight).
+LEADERBOARD_SPECS = (
+    "int8",
+    "int6-g64",
+    "int5-g64",
+    "int4-g32",
+    "int4-g64",
+    "int3-g64",
+    "int4-g64+int4-g32@layers.17,18+int5-g64@layers.2,11,15,19,20+int6-g64@layers.29",
+)
+
+
+@dataclass
+class LeaderboardResult:
+    """Rows of the small leaderboard, its KL-vs-bits plot, and the layer map of one of its candidates."""
+
+    rows: list[list[str]]
+    headers: list[str]
+    pareto_plot: Path
+    map_plot: Path
+    map_text: str
+
+
+def run_leaderboard(
+    cache: ModelCache,
+    model_label: str,
+    specs: list[str],
+    map_spec: str,
+    text: str,
+    *,
+    limits: SpaceLimits | None = None,
+    output_dir: Path | None = None,
+) -> LeaderboardResult:
+    """Measure the allow-listed ``specs`` on the first ``limits.leaderboard_tokens`` tokens of ``text`` and locate
+    ``map_spec``'s damage on its first ``limits.map_tokens``; every choice is checked before any model runs."""
+    from ..locate import locate
+    from ..locate.allocate import measure_specs
+    from ..render import hemorrhage_map_summary, plot_hemorrhage_map, plot_pareto
+
+    limits = limits or cache.limits
+    offered = [spec for spec in specs if spec in LEADERBOARD_SPECS]
+    if offered != list(specs) or map_spec not in LEADERBOARD_SPECS:
+        raise HemorrhageError(f"the leaderboard offers only {', '.join(LEADERBOARD_SPECS)}")
+    if not 1 <= len(specs) <= limits.leaderboard_specs:
+        raise HemorrhageError(f"pick between 1 and {limits.leaderboard_specs} candidates, got {len(specs)}")
+    reference, tokenizer = cache.reference(model_label)
+    n_tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
+    if n_tokens < 16:
+        raise HemorrhageError(f"the text has {n_tokens} tokens; the leaderboard needs at least 16")
+    window = min(n_tokens, limits.leaderboard_tokens)
+    windows = tokenize_corpus(tokenizer, text, window=window, max_tokens=window)
+    output_dir = Path(output_dir or tempfile.mkdtemp(prefix="hemorrhage-space-leaderboard-"))
+    measured = measure_specs(reference, tokenizer, windows, specs, calibration=limits.calibration, progress=True)
+    measured.sort(key=lambda row: row["kl_mean"])
+    plot_pareto(measured, output_dir / "pareto.png", title=f"{model_label}, {measured[0]['n_tokens']} tokens")
+    map_window = min(n_tokens, limits.map_tokens)
+    hmap = locate(
+        reference,
+        cache.modified(model_label, map_spec),
+        tokenize_corpus(tokenizer, text, window=map_window, max_tokens=map_window),
+        metadata={"reference": model_label, "modified": map_spec, "corpus": TEXT_LABEL},
+    )
+    plot_hemorrhage_map(hmap, output_dir / "locate.png")
+    rows = [
+        [
+            row["spec"],
+            f"{row['bits_per_weight']:.3f}",
+            f"{row['kl_mean']:.4f} ± {row['kl_mean_error']:.4f}",
+            f"{row['top1_agreement']:.1%}",
+            f"{row['ppl_ratio']:.3f}",
+        ]
+        for row in measured
+    ]
+    return LeaderboardResult(
+        rows,
+        ["spec", "bits per weight", "KL mean (nats)", "top-1 agreement", "PPL ratio"],
+        output_dir / "pareto.png",
+        output_dir / "locate.png",
+        f"**Layer map of `{map_spec}`** on {hmap.n_tokens} tokens:\n\n" + hemorrhage_map_summary(hmap),
     )

@@ -1,4 +1,5 @@
-"""The Gradio Blocks of the Space: Compare, Threshold and Model card tabs over :mod:`hemorrhage_hf.space.backend`.
+"""The Gradio Blocks of the Space: Compare, Threshold, Leaderboard & map and Model card tabs over
+:mod:`hemorrhage_hf.space.backend`.
 
 Gradio is imported here only, and this module only by :func:`hemorrhage_hf.space.build_demo`: importing the
 package never pays gradio's seconds.
@@ -23,7 +24,14 @@ from ..measurement.report import HemorrhageReport
 from ..modify import known_specs, parse_spec
 from ..render import comparison_rows
 from ..sweep.runner import FAMILIES
-from .backend import ModelCache, default_sweep_levels, run_comparison, run_threshold_sweep
+from .backend import (
+    LEADERBOARD_SPECS,
+    ModelCache,
+    default_sweep_levels,
+    run_comparison,
+    run_leaderboard,
+    run_threshold_sweep,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -141,6 +149,12 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
         return threshold_from_sweep(sweep_data)["text"], str(swept.plot), table, sweep_data
 
     @_gradio_errors
+    def leaderboard(model_label, specs, map_spec, text, progress=gr.Progress(track_tqdm=True)):
+        board = run_leaderboard(cache, model_label, list(specs or []), map_spec, text, limits=limits)
+        table = pandas.DataFrame(board.rows, columns=board.headers)
+        return table, str(board.pareto_plot), str(board.map_plot), board.map_text
+
+    @_gradio_errors
     def card_section(report_data, sweep_data, model_name):
         if not report_data:
             raise HemorrhageError("run a comparison on the Compare tab first")
@@ -250,6 +264,33 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
                     type="filepath", label="Sweep curve (threshold marked)", elem_id="sweep-plot", interactive=False
                 )
                 sweep_table = gr.Dataframe(interactive=False, label="Levels", elem_id="sweep-table")
+            with gr.Tab("Leaderboard & map", id="leaderboard"):
+                gr.Markdown(
+                    f"Rank up to {limits.leaderboard_specs} quantizations on the first {limits.leaderboard_tokens} "
+                    "tokens of the Compare tab's text, plot KL against effective bits per weight (scales included; "
+                    "the Pareto frontier joined), and map where one of them bleeds: the KL when only one decoder "
+                    f"layer is quantized, and when only that one is restored (on {limits.map_tokens} tokens). "
+                    "`hemorrhage-hf locate` and `allocate` do the same at full size."
+                )
+                with gr.Row():
+                    board_specs = gr.CheckboxGroup(
+                        list(LEADERBOARD_SPECS),
+                        value=["int8", "int4-g64", LEADERBOARD_SPECS[-1]],
+                        label=f"Candidates (at most {limits.leaderboard_specs})",
+                        elem_id="board-specs",
+                        scale=3,
+                    )
+                    map_spec = gr.Dropdown(
+                        list(LEADERBOARD_SPECS), value="int4-g64", label="Map this one", elem_id="map-spec", scale=1
+                    )
+                board_button = gr.Button("Rank and map", variant="primary", elem_id="board-button")
+                board_table = gr.Dataframe(interactive=False, label="Leaderboard (lowest KL first)", elem_id="board")
+                with gr.Row():
+                    pareto_plot = gr.Image(
+                        type="filepath", label="KL against bits per weight", elem_id="pareto-plot", interactive=False
+                    )
+                    map_plot = gr.Image(type="filepath", label="Layer map", elem_id="map-plot", interactive=False)
+                map_text = gr.Markdown(elem_id="map-text")
             with gr.Tab("Model card", id="card"):
                 gr.Markdown(
                     "The last comparison as a model card: the `model-index` eval results in the YAML header and the "
@@ -293,6 +334,13 @@ def build_demo(cache: ModelCache | None = None) -> gr.Blocks:
             [model, family, levels, text],
             [threshold_text, sweep_plot, sweep_table, sweep_state],
             api_name="sweep",
+            **heavy,
+        )
+        board_button.click(
+            leaderboard,
+            [model, board_specs, map_spec, text],
+            [board_table, pareto_plot, map_plot, map_text],
+            api_name="leaderboard",
             **heavy,
         )
         make_card.click(
