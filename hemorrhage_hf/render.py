@@ -610,13 +610,11 @@ def hemorrhage_map_markdown(hmap: HemorrhageMap, plot: Path | None = None) -> st
 
 def plot_hemorrhage_map(hmap: HemorrhageMap, path: Path) -> None:
     """Bars of each layer's share of the damage (stacked attention/MLP when the map has parts)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import numpy as np
 
     from .locate.stack import Unit
 
+    plt = pyplot()
     layers = hmap.layer_units()
     figure, (share_axis, kl_axis) = plt.subplots(2, 1, figsize=(max(7, 0.3 * len(layers)), 6.5), sharex=True)
     positions = np.arange(len(layers))
@@ -697,10 +695,7 @@ def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
 
 def plot_pareto(rows: Sequence[Mapping], path: Path, *, title: str = "") -> None:
     """KL (log scale) against effective bits per weight, one labelled point per row, the frontier joined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     points = [(row["bits_per_weight"], row["kl_mean"]) for row in rows]
     frontier = pareto_frontier(points)

@@ -13,7 +13,7 @@ from hemorrhage_hf.commands.common import DTYPE_NAMES
 HEAVY = ("torch", "transformers", "numpy", "matplotlib", "huggingface_hub")
 
 
-@pytest.mark.parametrize("command", ["", "report", "sweep", "tasks", "card"])
+@pytest.mark.parametrize("command", ["", "report", "sweep", "tasks", "card", "locate", "allocate"])
 def test_help_loads_no_heavy_library(command):
     """`hemorrhage-hf --help` and `hemorrhage-hf report --help` answer in well under a second: nothing heavy loads."""
     script = (

@@ -108,7 +108,16 @@ def test_allocate_refuses_held_out_text_the_map_has_seen(tmp_path):
     (tmp_path / "map" / "locate.json").write_text(json.dumps(hmap.to_dict()))
     (tmp_path / "wiki.txt").write_text("text " * 100)
     result = subprocess.run(
-        [sys.executable, "-m", "hemorrhage_hf.cli", "allocate", "default", "--map", str(tmp_path / "map")]
+        [
+            sys.executable,
+            "-m",
+            "hemorrhage_hf.cli",
+            "allocate",
+            "--reference",
+            "default",
+            "--map",
+            str(tmp_path / "map"),
+        ]
         + ["--budget-bits", "4.5", "--text-file", "wiki.txt", "--skip-tokens", "100", "--output", str(tmp_path / "o")],
         capture_output=True,
         text=True,

@@ -8,12 +8,21 @@ import json
 from pathlib import Path
 
 from ..errors import HemorrhageError
-from .common import add_model_arguments, add_text_arguments, text_from_arguments
+from .common import (
+    add_calibration_arguments,
+    add_model_arguments,
+    add_reference_argument,
+    add_text_arguments,
+    calibration_settings,
+    load_options,
+    text_from_arguments,
+)
 
 EPILOG = """examples:
-  hemorrhage-hf locate default --modification int4-g64 --text-file wiki.valid.raw --max-tokens 512 --output out/map
-  hemorrhage-hf allocate default --map out/map --budget-bits 4.5 --text-file wiki.valid.raw --output out/alloc
-  hemorrhage-hf allocate default --map out/map --base awq-int4-g64 --budget-bits 4.6 --compare int4-g32 --output out/a
+  hemorrhage-hf locate --reference default --modification int4-g64 --text-file wiki.valid.raw --output out/map
+  hemorrhage-hf allocate --reference default --map out/map --budget-bits 4.5 --text-file wiki.valid.raw \
+      --compare int4-g32 --output out/alloc
+  hemorrhage-hf allocate --reference default --map out/map --base awq-int4-g64 --budget-bits 4.6 --output out/awq
   hemorrhage-hf report --reference default --modification "$(jq -r .spec out/alloc/allocate.json)" --output out/r
 
 The held-out text starts after the tokens the map was measured on (--skip-tokens, default: the map's token count
@@ -31,14 +40,18 @@ def add_parser(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "reference", metavar="REF", help="'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf or a Hub id"
-    )
+    add_reference_argument(parser)
     parser.add_argument("--map", required=True, metavar="DIR", help="a `hemorrhage-hf locate` output (locate.json)")
     parser.add_argument(
-        "--budget-bits", type=float, required=True, metavar="B", help="effective bits per Linear weight allowed"
+        "--budget-bits",
+        type=float,
+        required=True,
+        metavar="B",
+        help="effective bits per Linear weight allowed, scales included (int4-g64 takes 4.25)",
     )
-    parser.add_argument("--family", default="bits", choices=["bits"], help="formats to upgrade to (default: bits)")
+    parser.add_argument(
+        "--family", default="bits", choices=["bits"], help="formats to upgrade to (default: %(default)s)"
+    )
     parser.add_argument(
         "--base", metavar="SPEC", help="format everywhere else, e.g. awq-int4-g64 (default: the map's modification)"
     )
@@ -49,8 +62,11 @@ def add_parser(subparsers) -> None:
         "--skip-tokens", type=int, default=None, metavar="N", help="held-out text starts after N tokens (see below)"
     )
     parser.add_argument("--no-judge", action="store_true", help="only pick the spec; measure nothing")
-    add_text_arguments(parser, max_tokens=1024, max_tokens_help="held-out tokens to judge on (default: 1024)")
+    add_text_arguments(
+        parser, max_tokens=1024, max_tokens_help="held-out tokens to judge on, or 'all' (default: %(default)s)"
+    )
     add_model_arguments(parser)
+    add_calibration_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for allocate.json and allocate.md")
     parser.set_defaults(func=run)
@@ -80,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
     from ..corpus import tokenize_corpus
     from ..locate import HemorrhageMap
     from ..locate.allocate import allocate, base_quantization, measure_specs
-    from ..models import load_model
     from ..modify import parse_spec
     from ..render import allocation_markdown
 
@@ -93,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         parse_spec(spec)  # a bad spec fails before any model loads
     text, corpus_label = text_from_arguments(args)
     skip = held_out_skip(hmap.metadata, corpus_label, args.skip_tokens)
-    reference, tokenizer = load_model(args.reference, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    reference, tokenizer = load_options(args).model(args.reference)
     allocation = allocate(reference, hmap, base=base, budget_bits=args.budget_bits, family=args.family)
     result = {"allocation": vars(allocation), "spec": allocation.spec, "map": str(args.map)}
     if not args.no_judge:
@@ -102,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
         )
         specs = list(dict.fromkeys([parse_spec(base).spec, allocation.spec, *args.compare]))
         result["held_out"] = {"corpus": corpus_label, "skip_tokens": skip, "n_windows": len(windows)}
-        result["judged"] = measure_specs(reference, tokenizer, windows, specs, progress=not args.quiet)
+        result["judged"] = measure_specs(
+            reference, tokenizer, windows, specs, calibration=calibration_settings(args), progress=not args.quiet
+        )
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output / "allocate.json", json.dumps(result, indent=2) + "\n")

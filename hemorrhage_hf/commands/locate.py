@@ -5,12 +5,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_model_arguments, add_text_arguments, text_from_arguments
+from .common import (
+    add_calibration_arguments,
+    add_model_arguments,
+    add_modified_arguments,
+    add_reference_argument,
+    add_text_arguments,
+    calibration_settings,
+    load_options,
+    text_from_arguments,
+)
 
 EPILOG = """examples:
-  hemorrhage-hf locate default --modification int4-g64 --text-file wiki.valid.raw --max-tokens 1024 --output out/map
-  hemorrhage-hf locate default --modified ./my-quantized-model --parts --output out/map
-  hemorrhage-hf allocate default --map out/map --budget-bits 4.5 --output out/alloc
+  hemorrhage-hf locate --reference default --modification int4-g64 --text-file wiki.valid.raw --output out/map
+  hemorrhage-hf locate --reference default --modified ./my-quantized-model --parts --output out/map
+  hemorrhage-hf allocate --reference default --map out/map --budget-bits 4.5 --output out/alloc
 
 cost: 2 forward passes per window, plus per layer 2 hybrids (6 with --parts) that run from that layer on
 """
@@ -26,15 +35,12 @@ def add_parser(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "reference", metavar="REF", help="'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf or a Hub id"
-    )
-    modified = parser.add_mutually_exclusive_group(required=True)
-    modified.add_argument("--modified", metavar="MOD", help="the modified model (same forms as REF)")
-    modified.add_argument("--modification", metavar="SPEC", help="apply this spec to a copy of REF, e.g. int4-g64")
+    add_reference_argument(parser)
+    add_modified_arguments(parser)
     parser.add_argument("--parts", action="store_true", help="also split each layer into attention and MLP (3× cost)")
-    add_text_arguments(parser, max_tokens=1024, max_tokens_help="measure on the first N tokens (default: 1024)")
+    add_text_arguments(parser, max_tokens=512)
     add_model_arguments(parser)
+    add_calibration_arguments(parser)
     parser.add_argument("--no-plots", action="store_true", help="skip locate.png")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for locate.json, locate.md, locate.png")
@@ -52,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
         args.reference,
         args.modified,
         modification=args.modification,
-        dtype=args.dtype,
-        trust_remote_code=args.trust_remote_code,
+        load=load_options(args),
+        calibration=calibration_settings(args),
+        progress=not args.quiet,
     )
     windows = tokenize_corpus(tokenizer, text, window=args.window, stride=args.stride, max_tokens=args.max_tokens)
     hmap = locate(
