@@ -111,6 +111,11 @@ class MixedPrecision(Modification):
             for linear in PART_LINEARS[part]
         }
 
+    def config(self) -> dict:
+        config = self.base.config()
+        overrides = "; ".join(override.spec for override in self.overrides)
+        return {**config, "scheme": f"{config['scheme']}, except {overrides}"}
+
     def footprint(self, model: PreTrainedModel) -> WeightFootprint:
         """Nominal bits of every Linear layer in its own format (see :mod:`.footprint`)."""
         formats = self.formats(model)
