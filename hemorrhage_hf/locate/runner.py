@@ -37,7 +37,6 @@ class _Hybrids:
     """The two hybrid stacks of a unit: only it modified (in the reference), only it restored (in the modified)."""
 
     def __init__(self, reference: PreTrainedModel, modified: PreTrainedModel):
-        self.reference, self.modified = reference, modified
         self.reference_layers, self.modified_layers = list(decoder_layers(reference)), list(decoder_layers(modified))
 
     def isolated(self, unit: Unit) -> list:
@@ -55,7 +54,8 @@ class _Hybrids:
         ]
 
 
-@torch.inference_mode()
+# no_grad, not inference_mode: quantized tensor subclasses (quanto, torchao) break under inference_mode.
+@torch.no_grad()
 def locate(
     reference: PreTrainedModel,
     modified: PreTrainedModel,
@@ -78,7 +78,7 @@ def locate(
         kl.setdefault(key, []).append(kl_divergence(reference_logprobs, log_probs(batch.scored(logits))))
 
     batches = list(batch_windows(windows, batch_size))
-    with tqdm(total=len(batches) * len(units), desc="locating", unit="hybrid", disable=not progress) as bar:
+    with tqdm(total=len(batches) * len(units), desc="locating", unit="unit", disable=not progress) as bar:
         for batch in batches:
             reference_inputs, reference_logits = layer_inputs(reference, batch.input_ids)
             reference_logprobs = log_probs(batch.scored(reference_logits))
