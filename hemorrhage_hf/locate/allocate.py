@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -28,7 +29,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..corpus import Window
 from ..errors import HemorrhageError, SpecError
 from ..measurement.engine import measure
-from ..measurement.statistics import block_standard_error, paired_difference
+from ..measurement.refstore import ReferenceStore
+from ..measurement.statistics import paired_difference
 from ..modify import WeightQuantization, apply_modification, linear_footprint, parse_spec
 from ..modify.architecture import decoder_blocks
 from ..modify.calibration import CalibrationSettings
@@ -203,24 +205,26 @@ def measure_specs(
     specs: Sequence[str],
     *,
     calibration: CalibrationSettings | None = None,
+    store_root: str | Path | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Measure each spec on ``windows`` (held-out text): KL mean with its batch-means SE, top-1 agreement, PPL
-    ratio, effective bits per weight; every spec after the first also gets its paired KL difference to the first
-    (``vs_first``) and its relative KL cut."""
+    """Measure each spec on ``windows`` (held-out text) against one exact reference store (the reference runs
+    once): KL mean with its batch-means SE, top-1 agreement, PPL ratio, effective bits per weight; every spec after
+    the first also gets its paired KL difference to the first (``vs_first``) and its relative KL cut."""
+    store = ReferenceStore.build(reference, windows, tokenizer=tokenizer, root=store_root, progress=progress)
     results, kl = [], {}
     for spec in specs:
         modification = parse_spec(spec)
         ids = (calibration or CalibrationSettings()).windows(tokenizer) if modification.needs_calibration else None
         modified = apply_modification(reference, modification, calibration=ids, progress=progress)
-        report = measure(reference, modified, windows, progress=progress, metadata={"modification": spec})
+        report = measure(store, modified, windows, progress=progress, metadata={"modification": spec})
         kl[spec] = report.tokens.kl
         results.append(
             {
                 "spec": spec,
                 "bits_per_weight": linear_footprint(modified, modification).bits_per_weight,
                 "kl_mean": report.figures["kl_mean"],
-                "kl_mean_error": block_standard_error(report.tokens.kl),
+                "kl_mean_error": report.figures["kl_mean_error_block"],
                 "top1_agreement": report.figures["top1_agreement"],
                 "ppl_ratio": report.figures["ppl_ratio"],
                 "n_tokens": report.figures["n_tokens"],

@@ -461,7 +461,15 @@ def run_leaderboard(
     window = min(n_tokens, limits.leaderboard_tokens)
     windows = tokenize_corpus(tokenizer, text, window=window, max_tokens=window)
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="hemorrhage-space-leaderboard-"))
-    measured = measure_specs(reference, tokenizer, windows, specs, calibration=limits.calibration, progress=True)
+    measured = measure_specs(
+        reference,
+        tokenizer,
+        windows,
+        specs,
+        calibration=limits.calibration,
+        store_root=cache.reference_cache_root,
+        progress=True,
+    )
     measured.sort(key=lambda row: row["kl_mean"])
     plot_pareto(measured, output_dir / "pareto.png", title=f"{model_label}, {measured[0]['n_tokens']} tokens")
     map_window = min(n_tokens, limits.map_tokens)
