@@ -190,10 +190,20 @@ def test_smollm2_weight_bits_threshold(smollm2, wiki_windows, tmp_path):
     )
     kl = [entry["figures"]["kl_mean"] for entry in result.levels]
     assert kl[0] == 0.0 and all(a < b for a, b in zip(kl, kl[1:]))
-    threshold = result.threshold()  # 3.24 bits (95 % 3.14–3.34) on 4096 tokens: the paper's "critical 3-bit threshold"
-    assert threshold["figure"] == "ppl_ratio" and threshold["rule"] == "breakpoint"
-    assert 2.5 <= threshold["level"] <= 4 and threshold["interval"][0] <= threshold["level"] <= threshold["interval"][1]
-    assert threshold["level_before"]["level"] == "4" and threshold["level_after"]["level"] == "3"
+    # Six levels barely tell a knee from a smooth bend (bootstrap p = 0.017 on 2,048 tokens): the fit is tested
+    # against smooth curves, and where it reports a knee, the knee lies between 4 and 3 bits; else the headline is
+    # where the PPL ratio crosses 1.1 (4.8 bits on 2,048 tokens).
+    fitted = result.thresholds()["ppl_ratio"]["breakpoint"]
+    assert fitted["weighted"] and fitted["p_value"] is not None
+    assert len(fitted["leave_one_out_levels"]) == fitted["n_points"] == 6
+    threshold = result.threshold()
+    assert threshold["figure"] == "ppl_ratio"
+    if threshold["rule"] == "breakpoint":
+        assert (
+            3 <= threshold["level"] <= 4 and threshold["interval"][0] <= threshold["level"] <= threshold["interval"][1]
+        )
+    else:
+        assert 4 <= threshold["level"] <= 6
     assert result.thresholds()["kl_mean"]["tolerance"]["level_before"]["level"] == "5"  # KL ≤ 0.1 down to 5 bits
 
 
@@ -217,8 +227,11 @@ def test_smollm2_wanda_sparsity_threshold_with_a_task(smollm2, wiki_windows, tmp
     assert figures[-1]["kl_mean"] > 10 * figures[1]["kl_mean"]
     # 12 two-choice items cannot show an accuracy drop above noise; answers changing can.
     assert figures[-1]["piqa_flip_rate"] > figures[1]["piqa_flip_rate"]
-    threshold = result.threshold()  # 65 % (95 % 58–68) on 4096 tokens
-    assert threshold["figure"] == "ppl_ratio" and threshold["rule"] == "breakpoint" and 50 <= threshold["level"] <= 80
+    threshold = result.threshold()
+    assert threshold["figure"] == "ppl_ratio"
+    # A knee, where the fit finds one against smooth curves, lies between 50 and 80 %; else the PPL ratio's 1.1
+    # crossing, between 20 and 40 %.
+    assert 50 <= threshold["level"] <= 80 if threshold["rule"] == "breakpoint" else 20 <= threshold["level"] <= 40
     assert "piqa_accuracy_modified" in result.thresholds()
     assert len(result.levels[-1]["task_answers"]["piqa"]) == len(piqa)
 
