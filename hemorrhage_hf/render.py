@@ -488,7 +488,9 @@ def task_rows(tasks: Sequence[Mapping]) -> list[dict]:
                 "n_items": task["n_items"],
                 "accuracy_reference": f"{task['accuracy_reference']:.2%}",
                 "accuracy_modified": f"{task['accuracy_modified']:.2%}",
-                "accuracy_drop": f"{task['accuracy_drop']:+.2%}",
+                # Results saved before the drop carried its paired error show the drop alone.
+                "accuracy_drop": f"{task['accuracy_drop']:+.2%}"
+                + (f" ± {task['accuracy_drop_error']:.2%}" if "accuracy_drop_error" in task else ""),
                 "correct_to_incorrect": task["correct_to_incorrect"],
                 "incorrect_to_correct": task["incorrect_to_correct"],
                 "flip_rate": f"{task['flip_rate']:.2%}",
@@ -501,16 +503,17 @@ def tasks_table(results: Mapping[str, Mapping]) -> str:
     """`hemorrhage-hf tasks` results (task name → :func:`~hemorrhage_hf.tasks.scoring.task_hemorrhage` figures).
 
     Multiple-choice tasks show acc_norm (per-character log-likelihood, their main rule, with its standard error)
-    beside acc (plain sums); greedy tasks (LAMBADA) have acc only. Drop and flips follow the main rule.
+    beside acc (plain sums); greedy tasks (LAMBADA) have acc only. Drop and flips follow the main rule; the drop's
+    error is paired, and McNemar's exact p says whether the flips lean one way beyond chance.
 
     Example:
         >>> figures = dict(n_items=100, metric="acc_norm", accuracy_reference=0.62, accuracy_reference_error=0.049,
         ...     accuracy_modified=0.55, accuracy_modified_error=0.05, accuracy_unnormalized_reference=0.6,
-        ...     accuracy_unnormalized_modified=0.56, accuracy_drop=0.07, flip_rate=0.15, correct_to_incorrect=11,
-        ...     incorrect_to_correct=4)
+        ...     accuracy_unnormalized_modified=0.56, accuracy_drop=0.07, accuracy_drop_error=0.039, flip_rate=0.15,
+        ...     correct_to_incorrect=11, incorrect_to_correct=4, mcnemar_p_value=0.1185)
         >>> print(tasks_table({"piqa": figures}))
-        task    n  acc_norm ref.  acc_norm mod.   drop  acc ref.  acc mod.  flips  c→i  i→c
-        piqa  100   62.0% ± 4.9%   55.0% ± 5.0%  +7.0%     60.0%     56.0%    15%   11    4
+        task    n  acc_norm ref.  acc_norm mod.          drop  McNemar p  acc ref.  acc mod.  flips  c→i  i→c
+        piqa  100   62.0% ± 4.9%   55.0% ± 5.0%  +7.0% ± 3.9%      0.118     60.0%     56.0%    15%   11    4
     """
 
     def accuracy(figures: Mapping, side: str) -> str:
@@ -529,14 +532,27 @@ def tasks_table(results: Mapping[str, Mapping]) -> str:
                 figures["n_items"],
                 accuracy(figures, "reference") if normalized else "—",
                 accuracy(figures, "modified") if normalized else "—",
-                f"{figures['accuracy_drop']:+.1%}",
+                f"{figures['accuracy_drop']:+.1%} ± {figures['accuracy_drop_error']:.1%}",
+                f"{figures['mcnemar_p_value']:.3g}",
                 *(f"{plain[side]:.1%}" for side in ("reference", "modified")),
                 f"{figures['flip_rate']:.0%}",
                 figures["correct_to_incorrect"],
                 figures["incorrect_to_correct"],
             ]
         )
-    header = ["task", "n", "acc_norm ref.", "acc_norm mod.", "drop", "acc ref.", "acc mod.", "flips", "c→i", "i→c"]
+    header = [
+        "task",
+        "n",
+        "acc_norm ref.",
+        "acc_norm mod.",
+        "drop",
+        "McNemar p",
+        "acc ref.",
+        "acc mod.",
+        "flips",
+        "c→i",
+        "i→c",
+    ]
     return text_table(header, rows, align_left=1)
 
 

@@ -2,7 +2,8 @@
 drop and the answers that flipped.
 
 Perplexity hides damage that tasks show (the paper's IQ2_M example keeps PPL while MMLU falls 20 points), so sweeps
-and reports carry task accuracy beside KL. Scoring follows lm-evaluation-harness:
+and reports carry task accuracy beside KL. Scoring follows lm-evaluation-harness 0.4 (checked against 0.4.13's
+``arc_easy`` and ``piqa`` with its ``HFLM``: same token ids, log-likelihoods and answers):
 
 ==============  =============================================  ==============================================
 task            prompt → continuation                          answer
@@ -13,8 +14,12 @@ piqa            "Question: {goal}\\nAnswer:" → " {solution}"     character of 
 hellaswag       "{activity}: {context}" → " {ending}"          plain sums (``acc``) are reported too
 ==============  =============================================  ==============================================
 
+Each choice is the harness's target delimiter (a space) followed by the choice text; ``acc_norm`` divides a choice's
+log-likelihood by the length in characters of the choice text alone, without the delimiter, as the harness does.
 Trailing spaces of a prompt move to the continuation, and the continuation's tokens are those of prompt +
-continuation past the prompt's own tokens, as the harness does. Every item's *answer* is an int (the chosen index;
+continuation past the prompt's own tokens; both are encoded with the tokenizer's own special tokens, so a model
+whose tokenizer adds BOS by default (Llama, Gemma) reads BOS before the prompt, as the harness's ``HFLM`` gives it.
+Every item's *answer* is an int (the chosen index;
 for LAMBADA 1 = correct, gold 1), so answers feed :func:`hemorrhage_hf.tasks.flips.compare_answers` and the ``answers``
 config of the ``hemorrhage`` metric unchanged.
 
@@ -46,7 +51,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..errors import HemorrhageError
 from ..measurement.engine import model_outputs
-from .flips import compare_answers
+from .flips import accuracy_error, compare_answers
 
 #: (datasets id, config, split) used when a task is named without a local path.
 HUB_SOURCES = {
@@ -57,6 +62,9 @@ HUB_SOURCES = {
     "hellaswag": ("Rowan/hellaswag", None, "validation"),
 }
 TASK_NAMES = tuple(HUB_SOURCES)
+#: What separates a prompt from each choice (lm-evaluation-harness's ``target_delimiter``); every parsed choice
+#: starts with it, and ``acc_norm`` does not count it.
+TARGET_DELIMITER = " "
 
 
 class TaskDataError(HemorrhageError):
@@ -95,7 +103,7 @@ def parse_lambada(rows: Iterable[dict]) -> list[TaskItem]:
         context, _, word = row["text"].strip().rpartition(" ")
         if not context or not word:
             raise TaskDataError(f"a LAMBADA passage needs a context and a last word: {row['text'][:80]!r}")
-        items.append(TaskItem(context, (" " + word,), 0))
+        items.append(TaskItem(context, (TARGET_DELIMITER + word,), 0))
     return items
 
 
@@ -118,7 +126,11 @@ def parse_arc(rows: Iterable[dict]) -> list[TaskItem]:
         if str(answer) not in labels:
             raise TaskDataError(f"ARC item {row.get('id', '?')}: answer {answer!r} is not one of the labels {labels}")
         items.append(
-            TaskItem(f"Question: {stem}\nAnswer:", tuple(" " + o["text"] for o in options), labels.index(str(answer)))
+            TaskItem(
+                f"Question: {stem}\nAnswer:",
+                tuple(TARGET_DELIMITER + o["text"] for o in options),
+                labels.index(str(answer)),
+            )
         )
     return items
 
@@ -131,7 +143,11 @@ def parse_piqa(rows: Iterable[dict], labels: Sequence[int] | None = None) -> lis
     if len(labels) != len(rows):
         raise TaskDataError(f"PIQA: {len(rows)} questions but {len(labels)} labels")
     return [
-        TaskItem(f"Question: {row['goal']}\nAnswer:", (" " + row["sol1"], " " + row["sol2"]), int(label))
+        TaskItem(
+            f"Question: {row['goal']}\nAnswer:",
+            (TARGET_DELIMITER + row["sol1"], TARGET_DELIMITER + row["sol2"]),
+            int(label),
+        )
         for row, label in zip(rows, labels)
     ]
 
@@ -141,7 +157,7 @@ def parse_hellaswag_text(lines: Sequence[str]) -> list[TaskItem]:
     if len(lines) % 6:
         raise TaskDataError(f"HellaSwag text must have 6 lines per item, got {len(lines)} lines")
     return [
-        TaskItem(lines[i], tuple(" " + ending for ending in lines[i + 2 : i + 6]), int(lines[i + 1]))
+        TaskItem(lines[i], tuple(TARGET_DELIMITER + ending for ending in lines[i + 2 : i + 6]), int(lines[i + 1]))
         for i in range(0, len(lines), 6)
     ]
 
@@ -156,7 +172,7 @@ def parse_hellaswag_rows(rows: Iterable[dict]) -> list[TaskItem]:
     return [
         TaskItem(
             clean(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}"),
-            tuple(" " + clean(ending) for ending in row["endings"]),
+            tuple(TARGET_DELIMITER + clean(ending) for ending in row["endings"]),
             int(row["label"]),
         )
         for row in rows
@@ -265,12 +281,13 @@ def parse_task_argument(argument: str, *, limit: int | None = None) -> Task:
 def continuation_tokens(
     tokenizer: PreTrainedTokenizerBase, context: str, continuation: str
 ) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) the harness's way: trailing spaces join the continuation, and the
-    continuation's ids are those of the whole text past the context's own."""
+    """(context ids, continuation ids) the harness's way: trailing spaces join the continuation, the continuation's
+    ids are those of the whole text past the context's own, and the tokenizer adds its special tokens (BOS where it
+    adds one by default)."""
     stripped = context.rstrip()
     continuation = context[len(stripped) :] + continuation
-    whole = tokenizer(stripped + continuation, add_special_tokens=False).input_ids
-    context_ids = tokenizer(stripped, add_special_tokens=False).input_ids
+    whole = tokenizer(stripped + continuation).input_ids
+    context_ids = tokenizer(stripped).input_ids
     return whole[: len(context_ids)], whole[len(context_ids) :]
 
 
@@ -371,7 +388,9 @@ def answer_task(
             plain.append(answers[-1])
             continue
         sums = [score.log_likelihood for score in item_scores]
-        per_character = [total / len(choice) for total, choice in zip(sums, item.choices)]
+        per_character = [
+            total / len(choice.removeprefix(TARGET_DELIMITER)) for total, choice in zip(sums, item.choices)
+        ]
         answers.append(max(range(len(sums)), key=per_character.__getitem__))
         plain.append(max(range(len(sums)), key=sums.__getitem__))
     gold = [1] * len(task.items) if task.greedy else [item.gold for item in task.items]
@@ -379,15 +398,16 @@ def answer_task(
 
 
 def compare_task_answers(reference: TaskAnswers, modified: TaskAnswers) -> dict:
-    """Accuracy of both (with standard errors), drop and flips, by the task's main rule; plain-sum accuracy too."""
+    """Accuracy of both (with standard errors), drop (with its paired error and McNemar's p) and flips, by the task's
+    main rule; plain-sum accuracy (``acc``) with its error too."""
     if reference.gold != modified.gold:
         raise HemorrhageError(f"the two answer sets of {reference.task} are for different items")
     figures = {"task": reference.task, "metric": reference.metric}
     figures.update(compare_answers(reference.answers, modified.answers, reference.gold))
     for side, answers in (("reference", reference), ("modified", modified)):
-        figures[f"accuracy_unnormalized_{side}"] = sum(
-            a == g for a, g in zip(answers.answers_unnormalized, answers.gold)
-        ) / len(answers.gold)
+        correct = [a == g for a, g in zip(answers.answers_unnormalized, answers.gold)]
+        figures[f"accuracy_unnormalized_{side}"] = sum(correct) / len(correct)
+        figures[f"accuracy_unnormalized_{side}_error"] = accuracy_error(correct)
     return figures
 
 

@@ -1,10 +1,13 @@
 """Task-level hemorrhage on the real task files and the real SmolLM2."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 from conftest import SCALE, shared_data_path
+from lm_eval.api.metrics import mean_stderr
+from scipy import stats
 
 from hemorrhage_hf.modify import apply_modification
 from hemorrhage_hf.tasks.scoring import (
@@ -111,21 +114,42 @@ def test_two_bit_weights_flip_answers(smollm2, piqa, piqa_reference_answers):
     figures = task_hemorrhage(piqa_reference_answers, apply_modification(model, "int2-g64"), tokenizer, piqa)
     assert figures["flip_rate"] > 0.15 and figures["correct_to_incorrect"] > 0
     assert figures["accuracy_modified"] < figures["accuracy_reference"]
-    assert figures["accuracy_reference_error"] == pytest.approx(
-        (figures["accuracy_reference"] * (1 - figures["accuracy_reference"]) / len(piqa)) ** 0.5
-    )
+    # Errors as lm-evaluation-harness computes them (its own mean_stderr), and the paired ones from scipy.
+    answers = figures["answers"]
+    correct = {side: [a == g for a, g in zip(answers[side], answers["gold"])] for side in ("reference", "modified")}
+    for side in ("reference", "modified"):
+        assert figures[f"accuracy_{side}_error"] == pytest.approx(mean_stderr(correct[side]), rel=1e-12)
+    difference = [int(r) - int(m) for r, m in zip(correct["reference"], correct["modified"])]
+    assert figures["accuracy_drop_error"] == pytest.approx(stats.sem(difference), rel=1e-12)
+    down, up = figures["correct_to_incorrect"], figures["incorrect_to_correct"]
+    tail = sum(math.comb(down + up, k) for k in range(min(down, up) + 1)) / 2 ** (down + up)
+    assert figures["mcnemar_p_value"] == pytest.approx(min(1.0, 2 * tail), rel=1e-9)
     assert figures["answers"]["reference"] == piqa_reference_answers.answers and len(
         figures["answers"]["modified"]
     ) == len(piqa)
 
 
-@pytest.mark.heavy
-def test_lambada_greedy_last_word(smollm2):
+#: Answers of the fp32 SmolLM2 measured on 2026-12-06 (AMD EPYC, torch 2.13 CPU). A test allows one item to differ:
+#: a near-tie between two choices may resolve otherwise under another BLAS build.
+MEASURED = {
+    "lambada": [0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 1, 0, 0, 1, 0, 1, 1, 0, 0, 1],  # 11/30
+    "hellaswag": [3, 2, 0, 0, 2, 2, 1, 3],  # acc_norm 1/8 (gold 3, 3, 2, 2, 1, 1, 2, 0)
+    "arc-challenge": [3, 3, 1, 3, 1, 2, 1, 2],  # acc_norm 2/8 (gold 2, 1, 2, 3, 3, 1, 2, 2)
+}
+
+
+@pytest.mark.parametrize(
+    "name, relative", [("lambada", "lambada"), ("hellaswag", "hellaswag"), ("arc-challenge", "arc/ARC-Challenge")]
+)
+def test_smollm2_answers_match_the_measured_ones(smollm2, name, relative):
     model, tokenizer = smollm2
-    task = load_task("lambada", shared_data_path("lambada"), limit=30 * SCALE)
+    task = load_task(name, shared_data_path(relative), limit=len(MEASURED[name]))
     answers = answer_task(model, tokenizer, task)
-    assert set(answers.answers) <= {0, 1} and answers.gold == [1] * len(task)
-    assert 0.1 < answers.accuracy < 0.8
+    assert answers.metric == ("acc" if name == "lambada" else "acc_norm")
+    assert sum(a != m for a, m in zip(answers.answers, MEASURED[name])) <= 1
+    if name == "lambada":
+        assert answers.gold == [1] * len(task)
+        assert abs(sum(answers.answers) - 11) <= 1
 
 
 def test_task_answers_feed_the_metric_answers_config():
