@@ -166,7 +166,7 @@ def test_api_leaderboard_ranks_plots_and_maps(space_url, tmp_path):
     assert float(rows["int8"][2].split(" ± ")[0]) < 0.02 < float(rows["int4-g64"][2].split(" ± ")[0])
     for png in (pareto, layer_map):
         assert Path(png).read_bytes()[:4] == b"\x89PNG"
-    assert map_text.startswith("**Layer map of `int4-g64`** on 16 tokens") and "the top 3 layers (layers." in map_text
+    assert map_text.startswith("**Layer map of `int4-g64`** on 17 tokens") and "the top 3 layers (layers." in map_text
     with pytest.raises(Exception, match="the leaderboard offers only"):
         client.predict(DEFAULT_MODEL_LABEL, ["int4-g64"], "int2", TEXT, api_name="/leaderboard")
 
