@@ -25,7 +25,7 @@ def _spans(windows: list[Window], length: int) -> set[tuple[int, ...]]:
     }
 
 
-def test_samples_continue_prompts_cut_from_the_correction_text_and_score_only_what_was_sampled():
+def test_samples_continue_prompts_cut_from_the_fit_text_and_score_only_what_was_sampled():
     model, sources = tiny_llama(), _source_windows()
     samples = sample_windows(model, sources, tokens=100, window=48, prompt_tokens=8, batch_size=2, progress=False)
     assert [len(w.input_ids) for w in samples] == [48, 48, 48]  # ceil(100 / 40) windows
