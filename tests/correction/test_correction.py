@@ -457,7 +457,7 @@ def test_different_vocabularies_are_refused():
         DecodingCorrection.fit(tiny_llama(vocab_size=64), tiny_llama(vocab_size=96), ids, progress=False)
 
 
-def test_too_short_correction_text_is_refused(smollm2):
+def test_too_short_fit_text_is_refused(smollm2):
     reference, tokenizer = smollm2
     with pytest.raises(CorpusError, match="fit text too short"):
         DecodingCorrection.fit(
