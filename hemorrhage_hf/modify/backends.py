@@ -194,6 +194,9 @@ class BitsAndBytes(LoadTimeBackend):
     def spec(self) -> str:
         return f"bnb-{self.kind}"
 
+    def check(self, model: PreTrainedModel) -> None:
+        """Nothing to refuse: 4-bit blocks of 64 run over the flattened weight, so any layer width works."""
+
     @property
     def scheme(self) -> str:
         if self.kind == "int8":
