@@ -108,6 +108,10 @@ def main() -> None:
         rows.append({"spec": spec, "seconds": seconds, "details": details, "figures": figures})
         del modified
         print("  done " + table_row(rows[-1]), flush=True)
+        if args.json:  # after every spec, with per-token KL: runs on the same windows can be paired later
+            with open(args.json, "w", encoding="utf-8") as handle:
+                kl_lists = {name: [float(value) for value in kl] for name, kl in kl_per_token.items()}
+                json.dump({"rows": rows, "kl_per_token": kl_lists}, handle, default=float)
 
     print()
     print("| spec | backend | KL mean ± SE (block SE) | KL p99 | top-1 | PPL ratio | bits/weight | Linear bytes | s |")
@@ -131,9 +135,6 @@ def main() -> None:
                 f"| `{row['spec']}` | {bits:.3f} | {'yes' if bits <= ours_bits else 'no'} | "
                 f"{difference.mean():+.4f} ± {block_standard_error(difference):.4f} |"
             )
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(rows, handle, indent=1, default=float)
 
 
 if __name__ == "__main__":
