@@ -45,6 +45,9 @@ SUMMARY_ROWS = (
     ("kl_p99", "KL p99", "{:.5f}"),
     ("kl_max", "KL max", "{:.5f}"),
     ("top1_agreement", "top-1 agreement", "{:.2%}"),
+    ("top5_agreement", "top-5 agreement (same 5 tokens)", "{:.2%}"),
+    ("top10_agreement", "top-10 agreement (same 10 tokens)", "{:.2%}"),
+    ("reverse_kl_mean", "reverse KL mean (nats)", "{:.5f}"),
     ("delta_p_mean", "Δp mean", "{:+.4f}"),
     ("delta_p_rms", "Δp RMS", "{:.4f}"),
     ("delta_p_p1", "Δp p1", "{:+.4f}"),
@@ -228,6 +231,23 @@ def _bytes(count: int) -> str:
     return f"{count} B"
 
 
+def confidence_lines(figures: dict) -> list[str]:
+    """KL by bucket of the reference's top-1 probability, as Markdown (empty for reports without it)."""
+    from .measurement.report import CONFIDENCE_BUCKETS
+
+    rows = []
+    for low, high in CONFIDENCE_BUCKETS:
+        key = f"confidence_{low:g}_{high:g}"
+        if f"tokens_{key}" in figures:
+            value = figures.get(f"kl_mean_{key}")
+            text = "—" if value is None or not math.isfinite(value) else f"{value:.5f}"
+            rows.append(f"| {low:g} – {high:g} | {figures[f'tokens_{key}']} | {text} |")
+    if not rows:
+        return []
+    head = ["", "KL by the reference's confidence (its top-1 probability):", "", "| confidence | tokens | KL mean |"]
+    return head + ["|---|---|---|", *rows]
+
+
 def report_markdown(report: HemorrhageReport, plot_files: dict[str, str]) -> str:
     meta = report.metadata
     lines = [
@@ -254,6 +274,7 @@ def report_markdown(report: HemorrhageReport, plot_files: dict[str, str]) -> str
     ]
     lines += [f"| {label} | {value} |" for label, value in summary_rows(report)]
     lines += ["", delta_p_reading(report.figures)]
+    lines += confidence_lines(report.figures)
     if report.figures.get("error_block_tokens"):
         lines += [
             "",

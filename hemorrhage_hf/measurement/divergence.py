@@ -70,6 +70,27 @@ class TokenStatistics:
     same_top1: torch.Tensor
     delta_p: torch.Tensor
     finite: torch.Tensor
+    #: KL(P_mod ‖ P_ref): large where the modified model puts mass the reference ruled out
+    reverse_kl: torch.Tensor
+    #: the two models' 5 (10) most likely tokens are the same set
+    same_top5: torch.Tensor
+    same_top10: torch.Tensor
+    #: the reference's top-1 probability: where it was sure, and where unsure
+    reference_confidence: torch.Tensor
+
+
+#: k of the top-k agreements :class:`TokenStatistics` carries besides top-1.
+AGREEMENT_KS = (5, 10)
+
+
+def same_top_k(reference_top: torch.Tensor, modified_top: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows whose first ``k`` columns of two index tensors ``[n, ≥k]`` (most likely first) hold the same set.
+
+    Example:
+        >>> same_top_k(torch.tensor([[3, 1, 2]]), torch.tensor([[1, 3, 0]]), 2).tolist()
+        [True]
+    """
+    return (reference_top[:, :k].sort(-1).values == modified_top[:, :k].sort(-1).values).all(-1)
 
 
 #: Rows per chunk in :func:`token_statistics`: fp32 temporaries of a 49k vocabulary stay ~3 MB each. Chunks of
@@ -122,6 +143,9 @@ def _chunk_statistics(
     modified_logprobs = log_probs(modified_logits)
     reference_true = reference_logprobs.gather(-1, targets[:, None]).squeeze(-1)
     modified_true = modified_logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    k = min(max(AGREEMENT_KS), reference_logits.shape[-1])
+    reference_top = reference_logprobs.topk(k, dim=-1)
+    modified_top = modified_logprobs.topk(k, dim=-1).indices
     return TokenStatistics(
         kl=kl_divergence(reference_logprobs, modified_logprobs),
         reference_nll=-reference_true,
@@ -129,4 +153,8 @@ def _chunk_statistics(
         same_top1=reference_logits.argmax(-1) == modified_logits.argmax(-1),
         delta_p=modified_true.exp() - reference_true.exp(),
         finite=finite,
+        reverse_kl=kl_divergence(modified_logprobs, reference_logprobs),
+        same_top5=same_top_k(reference_top.indices, modified_top, 5),
+        same_top10=same_top_k(reference_top.indices, modified_top, 10),
+        reference_confidence=reference_top.values[:, 0].exp(),
     )

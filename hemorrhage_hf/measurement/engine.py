@@ -225,6 +225,10 @@ class TokenAccumulator:
             delta_p=arrays["delta_p"].astype(np.float32),
             finite=arrays["finite"].astype(bool),
             target_ids=arrays["target_ids"].astype(np.int64),
+            reverse_kl=arrays["reverse_kl"].astype(np.float32),
+            same_top5=arrays["same_top5"].astype(bool),
+            same_top10=arrays["same_top10"].astype(bool),
+            reference_confidence=arrays["reference_confidence"].astype(np.float32),
         )
 
 

@@ -60,7 +60,14 @@ from ..corpus import Window
 from ..errors import HemorrhageError
 from ..models import cache_dir
 from . import distributed
-from .divergence import TokenStatistics, concatenate_row_chunks, kl_divergence, log_probs
+from .divergence import (
+    AGREEMENT_KS,
+    TokenStatistics,
+    concatenate_row_chunks,
+    kl_divergence,
+    log_probs,
+    same_top_k,
+)
 from .engine import Batch, LogitsModel, batch_windows, is_logits_model, model_outputs
 
 CACHE_FORMAT = "hemorrhage-hf reference cache"
@@ -150,6 +157,8 @@ def _cached_chunk_statistics(entries: dict[str, torch.Tensor], modified_logits: 
     modified_binned, modified_tail = coarse_grain(modified_logprobs, entries["topk_indices"].long())
     modified_true = modified_logprobs.gather(-1, entries["targets"].long()[:, None]).squeeze(-1)
     reference_true = entries["true_logprob"]
+    reference_top = entries["topk_indices"].long()[:, : max(AGREEMENT_KS)]
+    modified_top = modified_logprobs.topk(reference_top.shape[1], dim=-1).indices
     return TokenStatistics(
         kl=coarse_kl(entries["topk_logprobs"], entries["tail_logmass"], modified_binned, modified_tail),
         reference_nll=-reference_true,
@@ -158,6 +167,12 @@ def _cached_chunk_statistics(entries: dict[str, torch.Tensor], modified_logits: 
         delta_p=modified_true.exp() - reference_true.exp(),
         # Per element, as the live path checks: a row *sum* of finite fp16/bf16 logits can overflow (SmolLM2's ~1e6).
         finite=torch.isfinite(modified_logits).all(-1),
+        # Over the same k + 1 bins: a lower bound of the full reverse KL, as the forward one is.
+        reverse_kl=coarse_kl(modified_binned, modified_tail, entries["topk_logprobs"], entries["tail_logmass"]),
+        # Agreement on the top 5 (10) of the cache's k tokens; with k < 10, on its k.
+        same_top5=same_top_k(reference_top, modified_top, 5),
+        same_top10=same_top_k(reference_top, modified_top, 10),
+        reference_confidence=entries["topk_logprobs"][:, 0].exp(),
     )
 
 

@@ -45,6 +45,9 @@ SEVERITY_KL_BANDS = (("none", 0.01), ("mild", 0.1), ("moderate", 0.5))
 COLLAPSE_PPL_RATIO = 10.0
 COLLAPSE_TOP1_AGREEMENT = 0.25
 KL_PERCENTILES = (0.1, 1, 5, 10, 50, 90, 95, 99, 99.9)
+#: Buckets of the reference's top-1 probability for ``kl_mean_confidence_<lo>_<hi>`` (where the reference was unsure
+#: → sure): damage where the reference was sure is the damage users see first.
+CONFIDENCE_BUCKETS = ((0.0, 0.5), (0.5, 0.8), (0.8, 0.95), (0.95, 1.0))
 
 
 #: What each grade means for shipping the modified model in place of its reference.
@@ -102,6 +105,11 @@ class TokenArrays:
     delta_p: np.ndarray
     finite: np.ndarray
     target_ids: np.ndarray
+    #: the richer figures (reverse KL, top-5/10 agreement, the reference's confidence); None where not measured
+    reverse_kl: np.ndarray | None = None
+    same_top5: np.ndarray | None = None
+    same_top10: np.ndarray | None = None
+    reference_confidence: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.kl)
@@ -213,9 +221,41 @@ def summarize(tokens: TokenArrays) -> dict[str, float | int]:
     )
     for percent in KL_PERCENTILES:
         figures[f"kl_percentile_{percent:g}"] = float(np.percentile(kl, percent))
+    figures.update(richer_figures(tokens, kl))
     figures["severity"] = severity_grade(
         kl_mean=kl_mean, ppl_ratio=ppl_ratio, top1_agreement=agreement, non_finite_tokens=non_finite
     )
+    return figures
+
+
+def richer_figures(tokens: TokenArrays, kl: np.ndarray) -> dict[str, float | int]:
+    """Reverse KL, top-5/10 agreement and KL by reference-confidence bucket over finite tokens (empty when the
+    arrays do not carry them).
+
+    Example:
+        >>> import numpy as np
+        >>> ones = np.ones(4, dtype=bool)
+        >>> arrays = TokenArrays(np.zeros(4), np.zeros(4), np.zeros(4), ones, np.zeros(4), ones, np.zeros(4, int),
+        ...     np.zeros(4), ones, ones, np.array([0.1, 0.6, 0.9, 0.99]))
+        >>> richer_figures(arrays, np.array([4.0, 3.0, 2.0, 1.0]))["kl_mean_confidence_0.95_1"]
+        1.0
+    """
+    if tokens.reverse_kl is None:
+        return {}
+    finite = tokens.finite
+    reverse_kl = tokens.reverse_kl[finite].astype(np.float64)
+    reverse_mean, reverse_error = mean_and_error(reverse_kl)
+    figures: dict[str, float | int] = {"reverse_kl_mean": reverse_mean, "reverse_kl_mean_error": reverse_error}
+    for name in ("same_top5", "same_top10"):
+        agreement = getattr(tokens, name)[finite]
+        figures[name.replace("same_", "") + "_agreement"] = float(agreement.mean())
+        figures[name.replace("same_", "") + "_agreement_error_block"] = block_standard_error(agreement)
+    confidence = tokens.reference_confidence[finite]
+    for low, high in CONFIDENCE_BUCKETS:
+        inside = (confidence >= low) & ((confidence < high) if high < 1 else (confidence <= high))
+        key = f"confidence_{low:g}_{high:g}"
+        figures[f"tokens_{key}"] = int(inside.sum())
+        figures[f"kl_mean_{key}"] = float(kl[inside].mean()) if inside.any() else float("nan")
     return figures
 
 

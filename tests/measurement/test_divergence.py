@@ -72,3 +72,23 @@ def test_token_statistics_true_token_figures_and_nan_marking():
 def test_token_statistics_refuses_different_vocabularies():
     with pytest.raises(ValueError, match="share a vocabulary"):
         token_statistics(torch.zeros(2, 5), torch.zeros(2, 6), torch.tensor([0, 1]))
+
+
+def test_richer_token_figures_on_known_distributions():
+    """Reverse KL, top-5/10 agreement and the reference's confidence of 12-token distributions with no ties."""
+    probabilities = torch.tensor([0.3, 0.2, 0.15, 0.1, 0.08, 0.06, 0.04, 0.03, 0.02, 0.01, 0.006, 0.004])
+    reference = probabilities.log().repeat(2, 1)
+    modified = reference.clone()
+    modified[0, [4, 5]] = modified[0, [5, 4]]  # ranks 5 and 6 trade places: the top 5 differ, the top 10 do not
+    modified[1, [9, 10]] = modified[1, [10, 9]]  # ranks 10 and 11 trade places: only the top 10 differ
+    statistics = token_statistics(reference, modified, torch.tensor([0, 0]))
+    assert statistics.same_top5.tolist() == [False, True] and statistics.same_top10.tolist() == [True, False]
+    assert statistics.same_top1.tolist() == [True, True]
+    assert statistics.reference_confidence.tolist() == pytest.approx([0.3, 0.3])
+    p, q = torch.softmax(reference.double(), -1), torch.softmax(modified.double(), -1)
+    expected = (q * (q.log() - p.log())).sum(-1)
+    assert statistics.reverse_kl.double().tolist() == pytest.approx(expected.tolist(), rel=1e-4)
+    skewed = modified.clone()
+    skewed[:, 0] -= 1.0
+    asymmetric = token_statistics(reference, skewed, torch.tensor([0, 0]))
+    assert asymmetric.reverse_kl[0].item() != pytest.approx(asymmetric.kl[0].item(), rel=1e-2)  # not symmetric

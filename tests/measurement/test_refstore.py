@@ -165,3 +165,31 @@ def test_output_head_and_tokenizer_fingerprints():
     assert OutputHead(weight).fingerprint() != OutputHead(weight, softcap=30.0).fingerprint()
     tokenizer = load_tokenizer("default")
     assert tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(load_tokenizer("default"))
+
+
+def test_richer_figures_come_alike_from_the_live_reference_the_store_and_the_cache(tmp_path):
+    from hemorrhage_hf.measurement.refcache import ReferenceCache
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # peaked distributions, so the confidence buckets are all used
+    modified = apply_modification(model, "int8")
+    windows = tiny_windows()
+    live = measure(model, modified, windows, progress=False)
+    store = ReferenceStore.build(model, windows, root=tmp_path / "store", progress=False)
+    stored = measure(store, modified, windows, progress=False)
+    cache = ReferenceCache.build(model, windows, k=16, root=tmp_path / "cache", progress=False)
+    cached = measure(cache, modified, windows, progress=False)
+    buckets = [f"kl_mean_confidence_{low:g}_{high:g}" for low, high in ((0, 0.5), (0.5, 0.8), (0.8, 0.95), (0.95, 1))]
+    for figure in ("reverse_kl_mean", "top5_agreement", "top10_agreement", *buckets):
+        # rel 1e-3: on 32-wide rows the head product in row chunks rounds apart from the model's (SmolLM2: 1e-6)
+        assert stored.figures[figure] == pytest.approx(live.figures[figure], rel=1e-3, nan_ok=True), figure
+    assert cached.figures["top10_agreement"] == live.figures["top10_agreement"]
+    assert cached.figures["reverse_kl_mean"] <= live.figures["reverse_kl_mean"] * (1 + 1e-5)  # a lower bound too
+    assert 0 < live.figures["top10_agreement"] <= live.figures["top1_agreement"]
+    counts = [
+        live.figures[f"tokens_confidence_{low:g}_{high:g}"]
+        for low, high in ((0, 0.5), (0.5, 0.8), (0.8, 0.95), (0.95, 1))
+    ]
+    assert sum(counts) == live.figures["n_tokens"]
+    assert "KL by the reference's confidence" in live.to_markdown()
