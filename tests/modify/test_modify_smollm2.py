@@ -58,8 +58,9 @@ def test_gradient_pruning_is_exact_per_row_and_never_loses_to_wanda_on_its_held_
             zeros = linear.weight == 0
             if spec == "gradient-50":  # half of every row, as Wanda does it, not half of the matrix
                 assert (zeros.sum(1) == linear.in_features // 2).all()
-            else:
-                assert (zeros.reshape(linear.out_features, -1, 4).sum(2) == 2).all()
+            else:  # at most 2 of every 4 kept; a weight already zero in the checkpoint can make a group sparser
+                assert ((~zeros).reshape(linear.out_features, -1, 4).sum(2) <= 2).all()
+    assert pruned.config.hemorrhage_sparsity["overall"] == 0.5
     record = pruned.config.hemorrhage_pruning_alpha
     assert record["candidates"] == list(ALPHA_CANDIDATES)
     fit, held_out = split_held_out(calibration, HELD_OUT_SHARE)
