@@ -38,6 +38,7 @@ COMMANDS = {
     "install-llama-cpp": "build the llama.cpp engine and its converter/quantizer once (needs cmake, a C++ compiler)",
     "locate": "find which decoder layers a modification's damage comes from (the hemorrhage map)",
     "allocate": "pick a mixed-precision spec from a hemorrhage map under a bits-per-weight budget",
+    "leaderboard": "rank many candidates (specs, folders, .gguf files) against one reference pass, with a Pareto plot",
 }
 
 

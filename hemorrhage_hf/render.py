@@ -714,6 +714,47 @@ def allocation_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def leaderboard_markdown(data: Mapping, plot: str | None) -> str:
+    """The leaderboard as Markdown: the ranking table, the paired test between neighbours, and the Pareto plot."""
+    ranking = data["ranking"]
+    lines = [
+        f"# Leaderboard against {data['reference']}",
+        "",
+        f"{ranking[0]['n_tokens']} scored tokens of {data['metadata'].get('corpus', 'text')}, every candidate against "
+        "one exact reference store. ± are batch-means standard errors; bits per weight count scales and zero points "
+        "(nominal for simulated formats, measured for packed ones).",
+        "",
+        "| rank | candidate | KL mean | KL p99 | top-1 | PPL ratio | Δp mean | bits/weight | weight bytes | tokens/s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for rank, row in enumerate(ranking, 1):
+        bits = figure_text(row["bits_per_weight"], "{:.3f}")
+        weight_bytes = _bytes(row["weight_bytes"]) if row["weight_bytes"] else "—"
+        lines.append(
+            f"| {rank} | `{row['candidate']}` | {row['kl_mean']:.4f} ± {row['kl_mean_error_block']:.4f} "
+            f"| {row['kl_p99']:.3f} | {row['top1_agreement']:.1%} | {row['ppl_ratio']:.4f} "
+            f"| {row['delta_p_mean']:+.4f} "
+            f"| {bits} | {weight_bytes} | {row['tokens_per_second']:.0f} |"
+        )
+    if data["neighbour_tests"]:
+        lines += [
+            "",
+            "Each candidate against the one ranked above it (paired per-token KL difference, batch-means SE, t test):",
+            "",
+            "| better | worse | Δ KL | 95 % interval | p |",
+            "|---|---|---:|---|---:|",
+        ]
+        for test in data["neighbour_tests"]:
+            lines.append(
+                f"| `{test['better']}` | `{test['worse']}` "
+                f"| {test['mean_difference']:+.4f} ± {test['standard_error']:.4f} "
+                f"| {test['ci_low']:+.4f} … {test['ci_high']:+.4f} | {test['p_value']:.2g} |"
+            )
+    if plot:
+        lines += ["", f"![KL against bits per weight]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
 def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the (bits, KL) points no other point beats on both (fewer or equal bits and lower KL), by bits.
 

@@ -1,0 +1,267 @@
+"""One reference, many candidates: rank quantizations (and any other modification) against one exact reference store.
+
+The reference runs once, into an exact reference store (:mod:`hemorrhage_hf.measurement.refstore`); then each
+candidate (a spec applied to the reference, or a checkpoint folder, ``.gguf`` file or Hub id) is loaded, measured
+against the store and freed before the next, so one candidate is in memory at a time beside the reference. Candidates
+are ranked by mean KL; each is compared with the next better one by a paired test on the per-token KL differences
+(batch-means standard error, :func:`~hemorrhage_hf.measurement.statistics.paired_difference`), so "A beats B" comes
+with its confidence.
+
+Example:
+    >>> from hemorrhage_hf.comparison import TextSource
+    >>> board = rank_candidates("default", ["int8", "int4-g64"], source=TextSource(max_tokens=1024))  # doctest: +SKIP
+    >>> [entry.name for entry in board.entries]  # doctest: +SKIP
+    ['int8', 'int4-g64']
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import io
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from .atomic import atomic_write_text, write_json
+from .comparison import (
+    LoadOptions,
+    ModelLike,
+    TextSource,
+    _check_modified,
+    _modification_details,
+    _modify,
+    _run_metadata,
+    check_engine_tokenization,
+)
+from .errors import HemorrhageError, SpecError
+from .measurement.engine import measure
+from .measurement.refstore import build_reference_file
+from .measurement.statistics import paired_difference
+from .models import assert_same_tokenizer, load_tokenizer, model_label
+from .modify import parse_spec
+from .modify.calibration import CalibrationSettings
+
+#: The figures each row of the leaderboard carries, from the candidate's report.
+ROW_FIGURES = (
+    "kl_mean",
+    "kl_mean_error_block",
+    "kl_p99",
+    "top1_agreement",
+    "ppl_ratio",
+    "delta_p_mean",
+    "n_tokens",
+)
+
+
+def is_model_candidate(candidate: str) -> bool:
+    """A candidate names a model (folder, ``.gguf`` file, Hub id) unless it is a modification spec.
+
+    Example:
+        >>> is_model_candidate("int4-g64"), is_model_candidate("model-Q4_K_M.gguf")
+        (False, True)
+    """
+    if os.path.exists(candidate) or candidate.endswith(".gguf"):
+        return True
+    try:
+        parse_spec(candidate)
+    except SpecError:
+        return True
+    return False
+
+
+@dataclass
+class LeaderboardEntry:
+    """One candidate's figures, footprint and speed; ``kl`` holds its per-token KL for the paired tests."""
+
+    name: str
+    figures: dict
+    footprint: dict
+    tokens_per_second: float
+    kl: np.ndarray = field(repr=False)
+
+    def row(self) -> dict:
+        return {
+            "candidate": self.name,
+            **{key: self.figures.get(key) for key in ROW_FIGURES},
+            "bits_per_weight": self.footprint.get("bits_per_weight"),
+            "footprint_source": self.footprint.get("source"),
+            "weight_bytes": self.footprint.get("weight_bytes"),
+            "tokens_per_second": self.tokens_per_second,
+        }
+
+
+@dataclass
+class Leaderboard:
+    """Candidates ranked by mean KL (best first), with a paired test between each and the one ranked above it."""
+
+    reference: str
+    metadata: dict
+    entries: list[LeaderboardEntry]
+
+    def comparisons(self) -> list[dict]:
+        """For each neighbouring pair: how much more KL the lower-ranked candidate has, with its paired test."""
+        return [
+            {"better": better.name, "worse": worse.name, **paired_difference(worse.kl, better.kl)}
+            for better, worse in zip(self.entries, self.entries[1:])
+        ]
+
+    def to_dict(self) -> dict:
+        return {
+            "reference": self.reference,
+            "metadata": self.metadata,
+            "ranking": [entry.row() for entry in self.entries],
+            "neighbour_tests": self.comparisons(),
+        }
+
+    def save(self, output_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
+        """leaderboard.json, .csv, .md and (with ``plots``) pareto.png, written atomically."""
+        from .render import leaderboard_markdown, plot_pareto
+
+        output = Path(output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        data = self.to_dict()
+        paths = {name: output / f"leaderboard.{name}" for name in ("json", "csv", "md")}
+        write_json(paths["json"], data)
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(data["ranking"][0]))
+        writer.writeheader()
+        writer.writerows(data["ranking"])
+        atomic_write_text(paths["csv"], buffer.getvalue())
+        plot_rows = [
+            {
+                "spec": row["candidate"],
+                "bits_per_weight": row["bits_per_weight"],
+                "kl_mean": row["kl_mean"],
+                "kl_mean_error": row["kl_mean_error_block"],
+            }
+            for row in data["ranking"]
+            if row["bits_per_weight"] is not None
+        ]
+        if plots and plot_rows:
+            paths["png"] = output / "pareto.png"
+            plot_pareto(plot_rows, paths["png"], title=f"candidates against {self.reference}")
+        atomic_write_text(paths["md"], leaderboard_markdown(data, "pareto.png" if "png" in paths else None))
+        return paths
+
+
+def _check_names(candidates: Sequence[str]) -> None:
+    if not candidates:
+        raise HemorrhageError("a leaderboard needs at least one candidate")
+    if len(set(candidates)) != len(candidates):
+        raise HemorrhageError(f"a candidate is named twice: {sorted(candidates)}")
+
+
+def _check_tokenizers(candidates: Sequence[str], tokenizer: PreTrainedTokenizerBase, load: LoadOptions) -> None:
+    """Candidate models must cut text into the reference's tokens: checked before the reference runs."""
+    for candidate in candidates:
+        if is_model_candidate(candidate):
+            assert_same_tokenizer(tokenizer, load_tokenizer(candidate, trust_remote_code=load.trust_remote_code))
+
+
+def rank_candidates(
+    reference: ModelLike,
+    candidates: Sequence[str],
+    *,
+    source: TextSource | None = None,
+    load: LoadOptions | None = None,
+    calibration: CalibrationSettings | None = None,
+    batch_size: int = 1,
+    store_root: str | Path | None = None,
+    progress: bool = True,
+) -> Leaderboard:
+    """Measure every candidate against one exact store of ``reference`` on ``source``, and rank them by mean KL.
+
+    ``tokens_per_second`` is the candidate's measuring speed on this machine: its forward pass plus the store's head
+    products and the per-token figures, the same work for every candidate, so the column ranks speed fairly.
+    """
+    source, load = source or TextSource(), load or LoadOptions()
+    _check_names(candidates)
+    load.check_engine(reference, *candidates)
+    reference_model, tokenizer = load.model(reference)
+    if tokenizer is None:
+        raise HemorrhageError("the reference model object has no name to load its tokenizer from")
+    _check_tokenizers(candidates, tokenizer, load)
+    windows = source.windows(tokenizer)
+    check_engine_tokenization(tokenizer, source, reference_model)
+    metadata = {"window": source.window, "max_tokens": source.max_tokens, "dtype": str(load.dtype)}
+    metadata.update(_run_metadata(source, windows, tokenizer, reference=reference_model))
+    store = build_reference_file(
+        reference_model,
+        windows,
+        tokenizer=tokenizer,
+        root=store_root,
+        batch_size=batch_size,
+        progress=progress,
+        description={"reference": _reference_name(reference)},
+    )
+    entries = []
+    for candidate in candidates:
+        entries.append(
+            _measure_candidate(
+                candidate,
+                reference_model,
+                tokenizer,
+                store,
+                windows,
+                source,
+                load,
+                calibration,
+                batch_size=batch_size,
+                progress=progress,
+            )
+        )
+        gc.collect()
+    entries.sort(key=lambda entry: entry.figures["kl_mean"])
+    return Leaderboard(_reference_name(reference), metadata, entries)
+
+
+def _reference_name(reference: ModelLike) -> str:
+    return model_label(reference) if isinstance(reference, str) else getattr(reference, "name_or_path", "reference")
+
+
+def _measure_candidate(
+    candidate: str,
+    reference_model,
+    tokenizer: PreTrainedTokenizerBase,
+    store,
+    windows,
+    source: TextSource,
+    load: LoadOptions,
+    calibration: CalibrationSettings | None,
+    *,
+    batch_size: int,
+    progress: bool,
+) -> LeaderboardEntry:
+    if is_model_candidate(candidate):
+        modified, modified_tokenizer = load.model(candidate)
+        _check_modified(None, modified, tokenizer, modified_tokenizer)
+        check_engine_tokenization(tokenizer, source, modified)
+        spec = None
+    else:
+        modified, spec = _modify(reference_model, candidate, tokenizer, calibration, progress=progress), candidate
+    details = _modification_details(modified, spec) or {}
+    started = time.perf_counter()
+    report = measure(
+        store,
+        modified,
+        windows,
+        batch_size=batch_size,
+        progress=progress,
+        description=f"measuring {candidate}",
+        metadata={"modification": candidate},
+    )
+    seconds = time.perf_counter() - started
+    del modified
+    return LeaderboardEntry(
+        name=candidate,
+        figures=report.figures,
+        footprint=details.get("footprint", {}),
+        tokens_per_second=report.figures["n_tokens"] / seconds,
+        kl=np.asarray(report.tokens.kl, dtype=np.float64),
+    )
