@@ -131,12 +131,15 @@ def test_tiny_bits_sweep_writes_everything_and_resumes(tmp_path):
 def test_every_model_family_sweeps_a_tiny_model(tmp_path):
     """Each family's first two levels are valid specs of the registry: an identity level is exactly zero."""
     tokenizer = load_tokenizer("default")  # calibration text is tokenized with it, so the vocabulary must match
-    model = tiny_llama(n_layers=4, vocab_size=len(tokenizer), hidden=96, heads=6, kv_heads=2)
+    # 128 wide: every backend family must accept its default group size (HQQ refuses groups that do not divide)
+    model = tiny_llama(n_layers=4, vocab_size=len(tokenizer), hidden=128, heads=8, kv_heads=2)
     windows = make_windows(torch.arange(100) * 7919 % len(tokenizer), window=50)
     calibration_text = tmp_path / "calibration.txt"  # short, so tokenizing it per family stays cheap
     calibration_text.write_text(shared_data_path("wikitext-2-raw/wiki.valid.raw").read_text()[:20_000])
     for name, family in FAMILIES.items():
-        if family.kind != "model":
+        # llm-compressor's GPTQ reads the model's processor from its folder, which a random tiny model has not;
+        # tests/modify/test_backends.py runs GPTQ on a saved tiny model.
+        if family.kind != "model" or name.endswith(":gptq"):
             continue
         levels = list(family.default_levels[:2])
         result = run_sweep(
@@ -204,7 +207,9 @@ def test_smollm2_weight_bits_threshold(smollm2, wiki_windows, tmp_path):
         )
     else:
         assert 4 <= threshold["level"] <= 6
-    assert result.thresholds()["kl_mean"]["tolerance"]["level_before"]["level"] == "5"  # KL ≤ 0.1 down to 5 bits
+    # The exact KL (the sweep measures against the exact reference store) stays ≤ 0.1 down to 6 bits; int5-g64
+    # exceeds it here (a top-k cache's lower bound of the KL had put it under).
+    assert result.thresholds()["kl_mean"]["tolerance"]["level_before"]["level"] == "6"
 
 
 @pytest.mark.heavy
