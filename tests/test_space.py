@@ -144,7 +144,9 @@ def test_api_threshold_sweep_feeds_the_card(space_url, tmp_path):
     assert Path(plot).read_bytes()[:4] == b"\x89PNG"
     assert table["headers"][:4] == ["level", "spec", "PPL ratio", "KL mean (nats)"]
     levels = {row[0]: row for row in table["data"]}
-    assert levels["32"][1] == "(unmodified)" and float(levels["32"][3]) == 0  # the identity level bleeds nothing
+    # The identity level bleeds nothing: the store recomputes the head's product in row chunks, so its KL is zero up
+    # to float rounding (-4e-9 measured on this text).
+    assert levels["32"][1] == "(unmodified)" and abs(float(levels["32"][3])) < 1e-6
     assert float(levels["32"][2]) == 1
     kl = [float(levels[level][3]) for level in ("8", "4", "2")]
     assert kl == sorted(kl) and kl[-1] > 1  # fewer bits, more hemorrhage; 2 bits collapses

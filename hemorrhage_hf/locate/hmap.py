@@ -16,9 +16,9 @@ Example:
     >>> hmap = HemorrhageMap(full_kl=1.0, full_kl_error=0.1, n_tokens=100, units=[
     ...     UnitFigures(Unit(0), 0.7, 0.05, 0.35, 0.04), UnitFigures(Unit(1), 0.2, 0.02, 0.75, 0.08)])
     >>> [(unit.name, round(share, 3)) for unit, share in hmap.ranked()]
-    [('layers.0', 0.737), ('layers.1', 0.263)]
+    [('layers.0', 0.75), ('layers.1', 0.25)]
     >>> round(hmap.concentration(1), 3)
-    0.737
+    0.75
 """
 
 from __future__ import annotations

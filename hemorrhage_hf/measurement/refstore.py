@@ -27,7 +27,7 @@ Example:
     >>> from hemorrhage_hf.measurement.refstore import OutputHead
     >>> head = OutputHead(weight=torch.eye(3), softcap=2.0)
     >>> [round(x, 4) for x in head(torch.tensor([[10.0, 0.0, -1.0]]))[0].tolist()]  # 2·tanh(logit / 2)
-    [1.9732, 0.0, -0.9242]
+    [1.9998, 0.0, -0.9242]
 """
 
 from __future__ import annotations

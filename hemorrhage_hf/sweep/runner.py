@@ -476,10 +476,12 @@ def run_sweep(
                     calibration_ids = (calibration or CalibrationSettings()).windows(tokenizer)
                 modified = apply_modification(reference, spec, calibration=calibration_ids, progress=progress)
             label = f"level {level} ({spec or 'unmodified'})"
-            footprint = linear_footprint(modified)  # before running it: some backends repack on the first pass
+            # Read before running it (some backends repack on the first pass); a llama.cpp model's weights are its
+            # GGUF file's, whose bits per weight the gguf family's strength already is.
+            bits = linear_footprint(modified).bits_per_weight if isinstance(modified, PreTrainedModel) else None
             report = measure(cache, modified, windows, batch_size=batch_size, progress=progress, description=label)
             figures = dict(report.figures)
-            figures["bits_per_weight"] = footprint.bits_per_weight
+            figures["bits_per_weight"] = bits
             answers = {}
             for task, task_reference in zip(tasks, reference_answers):
                 task_figures = task_hemorrhage(
