@@ -176,7 +176,7 @@ def dtype_speed(reference, modified, windows, dtype: str, rounds: int) -> dict:
     }
 
 
-@torch.inference_mode()
+@torch.no_grad()  # inference_mode breaks quantized tensor subclasses (quanto)
 def overhead(modified, correction: DecodingCorrection, prompt_ids: torch.Tensor, steps: int, pairs: int) -> dict:
     """Per-step time of greedy decoding with and without the correction, and of the call alone.
 

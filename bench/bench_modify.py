@@ -48,7 +48,7 @@ UNCALIBRATED = {"expansion": ("expand-identity-4", "expand-dup-4"), "kv": ("kv8"
 GRADIENT = {"50%": ("wanda-50", "gradient-50"), "2:4": ("2:4-wanda", "2:4-gradient")}
 
 
-@torch.inference_mode()
+@torch.no_grad()  # inference_mode breaks quantized tensor subclasses (quanto)
 def perplexity(model, windows) -> float:
     total, count = 0.0, 0
     for window in windows:
