@@ -32,7 +32,7 @@ from hemorrhage_hf.modify.calibration import CalibrationSettings
 from hemorrhage_hf.sweep.runner import SweepOptions, resolve_family, run_sweep
 
 
-@torch.inference_mode()
+@torch.no_grad()  # inference_mode breaks quantized tensor subclasses (quanto)
 def bare_passes(model, windows, n_passes: int) -> float:
     started = time.perf_counter()
     for _ in range(n_passes):
