@@ -80,6 +80,11 @@ EVAL_METRICS = (
     ("top1_agreement", "top1_agreement", "Top-1 agreement with the base model"),
     ("delta_p_mean", "delta_p", "Mean Δp of the true token"),
 )
+#: (task figure, model-index metric type, metric name) each task of ``CardOptions.tasks`` reports.
+TASK_EVAL_METRICS = (
+    ("accuracy_modified", "accuracy", "Accuracy"),
+    ("flip_rate", "flip_rate", "Answer flips versus the base model"),
+)
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _TOP_LEVEL_KEY = re.compile(r"^(?P<key>[^\s#:\-][^:]*):(\s|$)")
 
@@ -269,29 +274,19 @@ def eval_results(report: HemorrhageReport, options: CardOptions | None = None) -
                 metric_name=options.threshold.get("name", "Robustness threshold"),
             )
         )
-    for task in options.tasks:
-        results.append(
-            EvalResult(
-                task_type=TASK_TYPE,
-                task_name=TASK_NAME,
-                dataset_type=task["task"],
-                dataset_name=task["task"],
-                metric_type="accuracy",
-                metric_value=task["accuracy_modified"],
-                metric_name="Accuracy",
-            )
+    results += [
+        EvalResult(
+            task_type=TASK_TYPE,
+            task_name=TASK_NAME,
+            dataset_type=task["task"],
+            dataset_name=task["task"],
+            metric_type=metric_type,
+            metric_value=task[key],
+            metric_name=name,
         )
-        results.append(
-            EvalResult(
-                task_type=TASK_TYPE,
-                task_name=TASK_NAME,
-                dataset_type=task["task"],
-                dataset_name=task["task"],
-                metric_type="flip_rate",
-                metric_value=task["flip_rate"],
-                metric_name="Answer flips versus the base model",
-            )
-        )
+        for task in options.tasks
+        for key, metric_type, name in TASK_EVAL_METRICS
+    ]
     return results
 
 

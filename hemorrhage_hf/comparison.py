@@ -53,8 +53,9 @@ class TextSource:
     """What to measure on, and how to cut it into windows.
 
     The text is ``texts`` (independent documents, each windowed alone), else ``text`` (named ``label`` in the
-    report), else the ``corpus`` (``"python-docs"`` or a file path), cut to ``max_tokens``. ``scoring="llama.cpp"``
-    cuts and scores it as llama.cpp's ``perplexity`` does (:func:`~hemorrhage_hf.corpus.llamacpp_chunks`).
+    report), else the ``corpus`` (``"python-docs"`` or a file path), from its token ``skip_tokens`` on (text held out
+    from an earlier measurement), cut to ``max_tokens``. ``scoring="llama.cpp"`` cuts and scores it as llama.cpp's
+    ``perplexity`` does (:func:`~hemorrhage_hf.corpus.llamacpp_chunks`).
 
     Example:
         >>> TextSource(text="One sentence. Another one.", window=8).describe()
@@ -69,12 +70,15 @@ class TextSource:
     stride: int | None = None
     max_tokens: int | None = None
     scoring: str = SLIDING_SCORING
+    skip_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 2:
             raise CorpusError(f"max_tokens must be at least 2, got {self.max_tokens}")
         if self.texts is not None and self.scoring != SLIDING_SCORING:
             raise CorpusError("llama.cpp scoring cuts one long text into chunks; give one text, not several")
+        if self.texts is not None and self.skip_tokens:
+            raise CorpusError("skip_tokens skips into one long text; give one text, not several")
 
     def describe(self) -> str:
         """The label the report gives this text."""
@@ -95,7 +99,13 @@ class TextSource:
             return [w for document in documents for w in document]
         (text,) = self.resolved_texts()
         return tokenize_corpus(
-            tokenizer, text, window=self.window, stride=self.stride, max_tokens=self.max_tokens, scoring=self.scoring
+            tokenizer,
+            text,
+            window=self.window,
+            stride=self.stride,
+            max_tokens=self.max_tokens,
+            scoring=self.scoring,
+            skip_tokens=self.skip_tokens,
         )
 
     def scoring_metadata(self, tokenizer: PreTrainedTokenizerBase) -> dict:

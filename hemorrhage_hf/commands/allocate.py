@@ -4,6 +4,7 @@ judged on held-out text."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from .common import (
     add_text_arguments,
     calibration_settings,
     load_options,
-    text_from_arguments,
+    text_source,
 )
 
 EPILOG = """examples:
@@ -93,7 +94,6 @@ def held_out_skip(map_metadata: dict, corpus_label: str, skip_tokens: int | None
 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import atomic_write_text
-    from ..corpus import tokenize_corpus
     from ..locate import HemorrhageMap
     from ..locate.allocate import allocate, base_quantization, measure_specs
     from ..modify import parse_spec
@@ -106,17 +106,15 @@ def run(args: argparse.Namespace) -> int:
     base_quantization(base)
     for spec in args.compare:
         parse_spec(spec)  # a bad spec fails before any model loads
-    text, corpus_label = text_from_arguments(args)
-    skip = held_out_skip(hmap.metadata, corpus_label, args.skip_tokens)
+    source = text_source(args)
+    skip = held_out_skip(hmap.metadata, source.describe(), args.skip_tokens)
     reference, tokenizer = load_options(args).model(args.reference)
     allocation = allocate(reference, hmap, base=base, budget_bits=args.budget_bits, family=args.family)
     result = {"allocation": vars(allocation), "spec": allocation.spec, "map": str(args.map)}
     if not args.no_judge:
-        windows = tokenize_corpus(
-            tokenizer, text, window=args.window, stride=args.stride, max_tokens=args.max_tokens, skip_tokens=skip
-        )
+        windows = dataclasses.replace(source, skip_tokens=skip).windows(tokenizer)
         specs = list(dict.fromkeys([parse_spec(base).spec, allocation.spec, *args.compare]))
-        result["held_out"] = {"corpus": corpus_label, "skip_tokens": skip, "n_windows": len(windows)}
+        result["held_out"] = {"corpus": source.describe(), "skip_tokens": skip, "n_windows": len(windows)}
         result["judged"] = measure_specs(
             reference, tokenizer, windows, specs, calibration=calibration_settings(args), progress=not args.quiet
         )

@@ -194,6 +194,58 @@ def text_from_arguments(args: argparse.Namespace) -> tuple[str, str]:
     return load_corpus(source), source
 
 
+def text_source(args: argparse.Namespace):
+    """The :class:`~hemorrhage_hf.comparison.TextSource` the text arguments name: the text read now (so a missing
+    file fails before any model loads), its label, and how it is cut into windows (``--scoring`` where the command
+    has it).
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> add_text_arguments(parser, max_tokens=1024, window=256)
+        >>> source = text_source(parser.parse_args([]))
+        >>> source.describe(), source.window, source.max_tokens
+        ('python-docs', 256, 1024)
+    """
+    from ..comparison import TextSource
+    from ..corpus import SLIDING_SCORING
+
+    text, label = text_from_arguments(args)
+    return TextSource(
+        text=text,
+        label=label,
+        window=args.window,
+        stride=args.stride,
+        max_tokens=args.max_tokens,
+        scoring=getattr(args, "scoring", SLIDING_SCORING),
+    )
+
+
+def resolve_models(args: argparse.Namespace):
+    """(reference, modified, tokenizer) that ``--reference`` and ``--modified``/``--modification`` name, loaded with
+    the model arguments; a modification calibrates on the calibration arguments, under a progress bar unless
+    ``--quiet``."""
+    from ..comparison import resolve_pair
+
+    return resolve_pair(
+        args.reference,
+        args.modified,
+        modification=args.modification,
+        load=load_options(args),
+        calibration=calibration_settings(args),
+        progress=not args.quiet,
+    )
+
+
+def modified_label(args: argparse.Namespace, reference_label: str | None = None) -> str:
+    """How reports name the modified model: ``--modified`` as given, else ``REF + SPEC``.
+
+    Example:
+        >>> modified_label(argparse.Namespace(reference="default", modified=None, modification="int8"))
+        'default + int8'
+    """
+    return args.modified or f"{reference_label or args.reference} + {args.modification}"
+
+
 def add_spec_command(subparsers, *, name: str, family: str, description: str, epilog: str) -> None:
     """A ``NAME --reference REF --modification SPEC --output DIR`` command applying one spec of ``family``."""
     parser = subparsers.add_parser(

@@ -12,8 +12,8 @@ from .common import (
     add_modified_arguments,
     add_reference_argument,
     add_text_arguments,
-    calibration_settings,
-    load_options,
+    modified_label,
+    resolve_models,
     text_from_arguments,
 )
 
@@ -154,21 +154,14 @@ def _families_argument(value: str) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..comparison import resolve_pair
     from ..correction.fit import LogitFitOptions, NetworkOptions
     from ..correction.processor import CorrectionWarning, DecodingCorrection
 
     text, corpus_label = text_from_arguments(args)
-    reference, modified, tokenizer = resolve_pair(
-        args.reference,
-        args.modified,
-        modification=args.modification,
-        load=load_options(args),
-        calibration=calibration_settings(args),
-    )
+    reference, modified, tokenizer = resolve_models(args)
     metadata = {
         "reference": args.reference,
-        "modified": args.modified or f"{args.reference} + {args.modification}",
+        "modified": modified_label(args),
         "corpus": corpus_label,
         "window": args.window,
         "max_tokens": args.max_tokens,

@@ -11,9 +11,9 @@ from .common import (
     add_modified_arguments,
     add_reference_argument,
     add_text_arguments,
-    calibration_settings,
     load_options,
-    text_from_arguments,
+    resolve_models,
+    text_source,
 )
 
 EPILOG = """examples:
@@ -75,30 +75,19 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import write_json
-    from ..comparison import resolve_pair
-    from ..corpus import tokenize_corpus
     from ..measurement.decoding import Decoding, corpus_prompts, decoding_divergence, generation_divergence
     from ..measurement.engine import run_environment
-    from ..models import load_model, model_label
+    from ..models import model_label
     from ..render import decoding_table
 
     decodings = [Decoding.parse(spec) for spec in args.decoding]
     reference_decoding = Decoding.parse(args.reference_decoding)
-    text, corpus_label = text_from_arguments(args)
+    source = text_source(args)
     if args.modified or args.modification:
-        reference, modified, tokenizer = resolve_pair(
-            args.reference,
-            args.modified,
-            modification=args.modification,
-            load=load_options(args),
-            calibration=calibration_settings(args),
-        )
+        reference, modified, tokenizer = resolve_models(args)
     else:
-        (reference, tokenizer), modified = (
-            load_model(args.reference, dtype=args.dtype, trust_remote_code=args.trust_remote_code),
-            None,
-        )
-    windows = tokenize_corpus(tokenizer, text, window=args.window, stride=args.stride, max_tokens=args.max_tokens)
+        (reference, tokenizer), modified = load_options(args).model(args.reference), None
+    windows = source.windows(tokenizer)
     distributions = decoding_divergence(
         reference,
         windows,
@@ -127,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     output = {
         "reference": model_label(args.reference),
         "modified": args.modified or args.modification or "(same model)",
-        "corpus": corpus_label,
+        "corpus": source.describe(),
         **run_environment(),
         "distributions": distributions,
         "generations": generations,

@@ -15,7 +15,7 @@ from .common import (
     calibration_settings,
     check_gates,
     load_options,
-    text_from_arguments,
+    text_source,
 )
 
 #: Tokens measured unless --max-tokens says otherwise, as for `report`.
@@ -57,17 +57,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..comparison import TextSource
     from ..leaderboard import rank_candidates
     from ..render import leaderboard_markdown
 
-    text, corpus_label = text_from_arguments(args)
     board = rank_candidates(
         args.reference,
         args.candidates,
-        source=TextSource(
-            text=text, label=corpus_label, window=args.window, stride=args.stride, max_tokens=args.max_tokens
-        ),
+        source=text_source(args),
         load=load_options(args),
         calibration=calibration_settings(args),
         batch_size=args.batch_size,

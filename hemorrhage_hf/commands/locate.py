@@ -11,9 +11,9 @@ from .common import (
     add_modified_arguments,
     add_reference_argument,
     add_text_arguments,
-    calibration_settings,
-    load_options,
-    text_from_arguments,
+    modified_label,
+    resolve_models,
+    text_source,
 )
 
 EPILOG = """examples:
@@ -48,33 +48,23 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..comparison import resolve_pair
-    from ..corpus import tokenize_corpus
     from ..locate import locate
     from ..render import hemorrhage_map_summary
 
-    text, corpus_label = text_from_arguments(args)
-    reference, modified, tokenizer = resolve_pair(
-        args.reference,
-        args.modified,
-        modification=args.modification,
-        load=load_options(args),
-        calibration=calibration_settings(args),
-        progress=not args.quiet,
-    )
-    windows = tokenize_corpus(tokenizer, text, window=args.window, stride=args.stride, max_tokens=args.max_tokens)
+    source = text_source(args)
+    reference, modified, tokenizer = resolve_models(args)
     hmap = locate(
         reference,
         modified,
-        windows,
+        source.windows(tokenizer),
         parts=args.parts,
         batch_size=args.batch_size,
         progress=not args.quiet,
         metadata={
             "reference": args.reference,
-            "modified": args.modified or f"{args.reference} + {args.modification}",
+            "modified": modified_label(args),
             "modification": args.modification,
-            "corpus": corpus_label,
+            "corpus": source.describe(),
             "window": args.window,
             "max_tokens": args.max_tokens,
         },

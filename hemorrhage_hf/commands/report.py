@@ -22,7 +22,8 @@ from .common import (
     calibration_settings,
     check_gates,
     load_options,
-    text_from_arguments,
+    modified_label,
+    text_source,
 )
 from .correct import CORRECTED, load_correction, save_corrected_report
 
@@ -99,33 +100,26 @@ def add_parser(subparsers) -> None:
 def measurement_plan(args: argparse.Namespace, corpus_label: str) -> str:
     """One line saying what is about to run and how to make it bigger or smaller, before any model loads."""
     amount = "all tokens" if args.max_tokens is None else f"the first {args.max_tokens} tokens"
-    modified = args.modified or f"{args.reference} + {args.modification}"
     return (
-        f"measuring {amount} of {corpus_label} in windows of {args.window}: {args.reference} against {modified} "
+        f"measuring {amount} of {corpus_label} in windows of {args.window}: {args.reference} against "
+        f"{modified_label(args)} "
         "(--max-tokens N or all sets the amount)"
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..comparison import MeasureOptions, TextSource, compare
+    from ..comparison import MeasureOptions, compare
     from ..render import console_table, variant_table
 
-    text, corpus_label = text_from_arguments(args)
+    source = text_source(args)
     correction = load_correction(args.correction) if args.correction else None  # bad folders fail before models load
     if not args.quiet:
-        print(measurement_plan(args, corpus_label), file=sys.stderr)
+        print(measurement_plan(args, source.describe()), file=sys.stderr)
     report = compare(
         args.reference,
         args.modified,
         modification=args.modification,
-        source=TextSource(
-            text=text,
-            label=corpus_label,
-            window=args.window,
-            stride=args.stride,
-            max_tokens=args.max_tokens,
-            scoring=args.scoring,
-        ),
+        source=source,
         load=load_options(args),
         calibration=calibration_settings(args),
         options=MeasureOptions(

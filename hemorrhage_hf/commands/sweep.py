@@ -14,7 +14,8 @@ from .common import (
     add_text_arguments,
     add_top_k_argument,
     calibration_settings,
-    text_from_arguments,
+    load_options,
+    text_source,
 )
 
 EPILOG = """examples:
@@ -119,9 +120,8 @@ def parse_tolerances(arguments: list[str]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..corpus import tokenize_corpus
     from ..errors import HemorrhageError
-    from ..models import load_model, model_label
+    from ..models import model_label
     from ..render import sweep_table
     from ..sweep.runner import SweepOptions, resolve_family, run_sweep
     from ..tasks.scoring import parse_task_argument
@@ -130,17 +130,15 @@ def run(args: argparse.Namespace) -> int:
     levels = [level.strip() for level in args.levels.split(",")] if args.levels else None
     tolerances = parse_tolerances(args.tolerance)
     tasks = [parse_task_argument(argument, limit=args.task_limit) for argument in args.task]
-    text, corpus_label = text_from_arguments(args)
+    source = text_source(args)
     gguf_levels = None
     if family.kind == "gguf":
-        reference, tokenizer, gguf_levels = _gguf_reference(args, text)
+        reference, tokenizer, gguf_levels = _gguf_reference(args, source.text)
     elif args.engine != "torch":
         raise HemorrhageError("--engine llama.cpp runs GGUF files: sweep the gguf family with it")
     else:
-        reference, tokenizer = load_model(args.reference, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    windows = tokenize_corpus(
-        tokenizer, text, window=args.window, stride=args.stride, max_tokens=args.max_tokens, scoring=args.scoring
-    )
+        reference, tokenizer = load_options(args).model(args.reference)
+    windows = source.windows(tokenizer)
     result = run_sweep(
         reference,
         tokenizer,
@@ -160,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         output_dir=args.output,
         metadata={
             "reference": model_label(args.reference),
-            "corpus": corpus_label,
+            "corpus": source.describe(),
             "window": args.window,
             "stride": args.stride or args.window,
             "max_tokens": args.max_tokens,

@@ -12,8 +12,8 @@ from .common import (
     add_model_arguments,
     add_modified_arguments,
     add_reference_argument,
-    calibration_settings,
-    load_options,
+    modified_label,
+    resolve_models,
 )
 
 EPILOG = """examples:
@@ -59,20 +59,13 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..atomic import write_json
-    from ..comparison import resolve_pair
     from ..measurement.engine import run_environment
     from ..models import model_label
     from ..render import tasks_table
     from ..tasks.scoring import parse_task_argument, task_hemorrhage
 
     tasks = [parse_task_argument(argument, limit=args.limit) for argument in args.task]
-    reference, modified, tokenizer = resolve_pair(
-        args.reference,
-        args.modified,
-        modification=args.modification,
-        load=load_options(args),
-        calibration=calibration_settings(args),
-    )
+    reference, modified, tokenizer = resolve_models(args)
     results = {}
     for task in tasks:
         results[task.name] = {
@@ -83,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         }
     output = {
         "reference": model_label(args.reference),
-        "modified": args.modified or f"{model_label(args.reference)} + {args.modification}",
+        "modified": modified_label(args, model_label(args.reference)),
         **run_environment(),
         "tasks": results,
     }

@@ -31,7 +31,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..comparison import resolve_pair
-from ..corpus import PYTHON_DOCS, tokenize_corpus
+from ..corpus import PYTHON_DOCS, Window, tokenize_corpus
 from ..errors import HemorrhageError
 from ..measurement.engine import measure
 from ..measurement.report import HemorrhageReport
@@ -187,6 +187,18 @@ def bounded_text_windows(tokenizer: PreTrainedTokenizerBase, text: str, limits: 
     if n_tokens > limits.text_tokens:
         raise HemorrhageError(f"the text has {n_tokens} tokens; this Space measures at most {limits.text_tokens}")
     return tokenize_corpus(tokenizer, text, window=max(n_tokens, 2))
+
+
+def leading_window(
+    tokenizer: PreTrainedTokenizerBase, text: str, most: int, *, least: int = 2, purpose: str = "a measurement"
+) -> list[Window]:
+    """The first ``most`` tokens of ``text`` (all of them where it is shorter) as one window; a text of fewer than
+    ``least`` tokens is refused, naming the ``purpose`` it is too short for."""
+    n_tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
+    if n_tokens < least:
+        raise HemorrhageError(f"the text has {n_tokens} tokens; {purpose} needs at least {least}")
+    window = min(n_tokens, most)
+    return tokenize_corpus(tokenizer, text, window=window, max_tokens=window)
 
 
 def token_pieces(tokenizer: PreTrainedTokenizerBase, text: str, target_ids: np.ndarray) -> list[str]:
@@ -383,9 +395,7 @@ def run_threshold_sweep(
     if not 2 <= len(levels) <= limits.sweep_levels:
         raise HemorrhageError(f"give between 2 and {limits.sweep_levels} levels, got {len(levels)}: {levels}")
     reference, tokenizer = cache.reference(model_label)
-    n_tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
-    window = max(2, min(n_tokens, limits.sweep_tokens))
-    windows = tokenize_corpus(tokenizer, text, window=window, max_tokens=window)
+    windows = leading_window(tokenizer, text, limits.sweep_tokens, purpose="a threshold sweep")
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="hemorrhage-space-sweep-"))
     result = run_sweep(
         reference,
@@ -396,7 +406,7 @@ def run_threshold_sweep(
         calibration=limits.calibration,
         options=SweepOptions(cache_root=cache.reference_cache_root),
         output_dir=output_dir,
-        metadata={"reference": model_label, "corpus": TEXT_LABEL, "window": window},
+        metadata={"reference": model_label, "corpus": TEXT_LABEL, "window": len(windows[0].input_ids)},
     )
     curves = [curve for curve in result.curves if any(curve.key in entry["figures"] for entry in result.levels)]
     return ThresholdSweep(
@@ -455,11 +465,7 @@ def run_leaderboard(
     if not 1 <= len(specs) <= limits.leaderboard_specs:
         raise HemorrhageError(f"pick between 1 and {limits.leaderboard_specs} candidates, got {len(specs)}")
     reference, tokenizer = cache.reference(model_label)
-    n_tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
-    if n_tokens < 16:
-        raise HemorrhageError(f"the text has {n_tokens} tokens; the leaderboard needs at least 16")
-    window = min(n_tokens, limits.leaderboard_tokens)
-    windows = tokenize_corpus(tokenizer, text, window=window, max_tokens=window)
+    windows = leading_window(tokenizer, text, limits.leaderboard_tokens, least=16, purpose="the leaderboard")
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="hemorrhage-space-leaderboard-"))
     measured = measure_specs(
         reference,
@@ -472,11 +478,10 @@ def run_leaderboard(
     )
     measured.sort(key=lambda row: row["kl_mean"])
     plot_pareto(measured, output_dir / "pareto.png", title=f"{model_label}, {measured[0]['n_tokens']} tokens")
-    map_window = min(n_tokens, limits.map_tokens)
     hmap = locate(
         reference,
         cache.modified(model_label, map_spec),
-        tokenize_corpus(tokenizer, text, window=map_window, max_tokens=map_window),
+        leading_window(tokenizer, text, limits.map_tokens),
         metadata={"reference": model_label, "modified": map_spec, "corpus": TEXT_LABEL},
     )
     plot_hemorrhage_map(hmap, output_dir / "locate.png")
