@@ -7,6 +7,10 @@ are ranked by mean KL; each is compared with the next better one by a paired tes
 (batch-means standard error, :func:`~hemorrhage_hf.measurement.statistics.paired_difference`), so "A beats B" comes
 with its confidence.
 
+With ``tasks`` (:mod:`hemorrhage_hf.tasks.scoring`), the reference and every candidate, while in memory, also answer
+each task's items; each row carries the candidate's accuracy and its drop against the reference (paired error,
+McNemar's exact p of its flips), and neighbours are compared by McNemar's exact test on their per-item correctness.
+
 Example:
     >>> from hemorrhage_hf.comparison import TextSource
     >>> board = rank_candidates("default", ["int8", "int4-g64"], source=TextSource(max_tokens=1024))  # doctest: +SKIP
@@ -46,6 +50,8 @@ from .measurement.statistics import paired_difference
 from .models import assert_same_tokenizer, load_tokenizer, model_label
 from .modify import parse_spec
 from .modify.calibration import CalibrationSettings
+from .tasks.flips import accuracy_error, compare_answers
+from .tasks.scoring import Task, TaskAnswers, answer_task, compare_task_answers
 
 #: The figures each row of the leaderboard carries, from the candidate's report.
 ROW_FIGURES = (
@@ -57,6 +63,18 @@ ROW_FIGURES = (
     "delta_p_mean",
     "n_tokens",
 )
+#: Per task, ``{task}_{column}`` of each row: the candidate's figure under the key of
+#: :func:`~hemorrhage_hf.tasks.scoring.compare_task_answers`.
+TASK_COLUMNS = {
+    "accuracy": "accuracy_modified",
+    "accuracy_error": "accuracy_modified_error",
+    "accuracy_unnormalized": "accuracy_unnormalized_modified",
+    "accuracy_drop": "accuracy_drop",
+    "accuracy_drop_error": "accuracy_drop_error",
+    "mcnemar_p_value": "mcnemar_p_value",
+    "correct_to_incorrect": "correct_to_incorrect",
+    "incorrect_to_correct": "incorrect_to_correct",
+}
 
 
 def is_model_candidate(candidate: str) -> bool:
@@ -77,16 +95,22 @@ def is_model_candidate(candidate: str) -> bool:
 
 @dataclass
 class LeaderboardEntry:
-    """One candidate's figures, footprint and speed; ``kl`` holds its per-token KL for the paired tests."""
+    """One candidate's figures, footprint and speed; ``kl`` holds its per-token KL for the paired tests.
+
+    ``tasks`` maps a task name to :func:`~hemorrhage_hf.tasks.scoring.compare_task_answers` against the reference,
+    ``correct`` to the candidate's per-item correctness, for McNemar's test between neighbours.
+    """
 
     name: str
     figures: dict
     footprint: dict
     tokens_per_second: float
     kl: np.ndarray = field(repr=False)
+    tasks: dict[str, dict] = field(default_factory=dict)
+    correct: dict[str, list[bool]] = field(default_factory=dict, repr=False)
 
     def row(self) -> dict:
-        return {
+        row = {
             "candidate": self.name,
             **{key: self.figures.get(key) for key in ROW_FIGURES},
             "bits_per_weight": self.footprint.get("bits_per_weight"),
@@ -94,6 +118,30 @@ class LeaderboardEntry:
             "weight_bytes": self.footprint.get("weight_bytes"),
             "tokens_per_second": self.tokens_per_second,
         }
+        for task, figures in self.tasks.items():
+            row.update({f"{task}_{column}": figures[key] for column, key in TASK_COLUMNS.items()})
+        return row
+
+
+def task_neighbour_test(better: Sequence[bool], worse: Sequence[bool]) -> dict:
+    """Two candidates' per-item correctness on one task: accuracy difference (better − worse) with its paired
+    error, and McNemar's exact p of the items only one of them got right.
+
+    Example:
+        >>> test = task_neighbour_test([1, 1, 1, 0, 1, 1], [1, 0, 0, 0, 1, 0])
+        >>> [test[key] for key in ("accuracy_difference", "only_better_correct", "only_worse_correct")]
+        [0.5, 3, 0]
+        >>> test["mcnemar_p_value"]  # three flips, all one way: 2 · (1/2)³
+        0.25
+    """
+    figures = compare_answers(list(better), list(worse))
+    return {
+        "accuracy_difference": figures["accuracy_drop"],
+        "accuracy_difference_error": figures["accuracy_drop_error"],
+        "only_better_correct": figures["correct_to_incorrect"],
+        "only_worse_correct": figures["incorrect_to_correct"],
+        "mcnemar_p_value": figures["mcnemar_p_value"],
+    }
 
 
 @dataclass
@@ -103,18 +151,45 @@ class Leaderboard:
     reference: str
     metadata: dict
     entries: list[LeaderboardEntry]
+    #: the reference's own answers to each task, by task name
+    reference_answers: dict[str, TaskAnswers] = field(default_factory=dict)
 
     def comparisons(self) -> list[dict]:
-        """For each neighbouring pair: how much more KL the lower-ranked candidate has, with its paired test."""
+        """For each neighbouring pair: how much more KL the lower-ranked candidate has, with its paired test, and
+        per task the accuracy difference with McNemar's exact test (``tasks``)."""
         return [
-            {"better": better.name, "worse": worse.name, **paired_difference(worse.kl, better.kl)}
+            {
+                "better": better.name,
+                "worse": worse.name,
+                **paired_difference(worse.kl, better.kl),
+                "tasks": {
+                    task: task_neighbour_test(better.correct[task], worse.correct[task]) for task in better.correct
+                },
+            }
             for better, worse in zip(self.entries, self.entries[1:])
         ]
+
+    def reference_tasks(self) -> dict[str, dict]:
+        """Per task: its rule, item count, source and the reference's accuracy (acc_norm or acc) with its error."""
+        figures = {}
+        for task, answers in self.reference_answers.items():
+            correct = [a == g for a, g in zip(answers.answers, answers.gold)]
+            plain = [a == g for a, g in zip(answers.answers_unnormalized, answers.gold)]
+            figures[task] = {
+                "metric": answers.metric,
+                "n_items": len(correct),
+                "source": self.metadata["tasks"][task]["source"],
+                "accuracy": answers.accuracy,
+                "accuracy_error": accuracy_error(correct),
+                "accuracy_unnormalized": sum(plain) / len(plain),
+            }
+        return figures
 
     def to_dict(self) -> dict:
         return {
             "reference": self.reference,
             "metadata": self.metadata,
+            "reference_tasks": self.reference_tasks(),
             "ranking": [entry.row() for entry in self.entries],
             "neighbour_tests": self.comparisons(),
         }
@@ -173,15 +248,21 @@ def rank_candidates(
     calibration: CalibrationSettings | None = None,
     batch_size: int = 1,
     store_root: str | Path | None = None,
+    tasks: Sequence[Task] = (),
+    task_batch_size: int = 16,
     progress: bool = True,
 ) -> Leaderboard:
     """Measure every candidate against one exact store of ``reference`` on ``source``, and rank them by mean KL.
 
     ``tokens_per_second`` is the candidate's measuring speed on this machine: its forward pass plus the store's head
-    products and the per-token figures, the same work for every candidate, so the column ranks speed fairly.
+    products and the per-token figures, the same work for every candidate, so the column ranks speed fairly (task
+    scoring is not counted in it). ``tasks`` (loaded beforehand, so that missing data stops the run before any model
+    loads) are answered by the reference once and by each candidate while it is in memory.
     """
     source, load = source or TextSource(), load or LoadOptions()
     _check_names(candidates)
+    if len({task.name for task in tasks}) != len(tasks):
+        raise HemorrhageError(f"a task is named twice: {sorted(task.name for task in tasks)}")
     load.check_engine(reference, *candidates)
     reference_model, tokenizer = load.model(reference)
     if tokenizer is None:
@@ -191,6 +272,8 @@ def rank_candidates(
     check_engine_tokenization(tokenizer, source, reference_model)
     metadata = {"window": source.window, "max_tokens": source.max_tokens, "dtype": str(load.dtype)}
     metadata.update(_run_metadata(source, windows, tokenizer, reference=reference_model))
+    if tasks:
+        metadata["tasks"] = {task.name: {"source": task.source, "n_items": len(task)} for task in tasks}
     store = build_reference_file(
         reference_model,
         windows,
@@ -200,6 +283,8 @@ def rank_candidates(
         progress=progress,
         description={"reference": _reference_name(reference)},
     )
+    scorer = TaskScorer(tokenizer, tasks, batch_size=task_batch_size, progress=progress)
+    reference_answers = scorer.answers(reference_model, role="reference")
     entries = []
     for candidate in candidates:
         entries.append(
@@ -212,13 +297,33 @@ def rank_candidates(
                 source,
                 load,
                 calibration,
+                scorer=scorer,
+                reference_answers=reference_answers,
                 batch_size=batch_size,
                 progress=progress,
             )
         )
         gc.collect()
     entries.sort(key=lambda entry: entry.figures["kl_mean"])
-    return Leaderboard(_reference_name(reference), metadata, entries)
+    return Leaderboard(_reference_name(reference), metadata, entries, reference_answers)
+
+
+@dataclass
+class TaskScorer:
+    """Answers ``tasks`` with one model at a time, the way ``hemorrhage-hf tasks`` scores them."""
+
+    tokenizer: PreTrainedTokenizerBase
+    tasks: Sequence[Task]
+    batch_size: int = 16
+    progress: bool = True
+
+    def answers(self, model, *, role: str) -> dict[str, TaskAnswers]:
+        return {
+            task.name: answer_task(
+                model, self.tokenizer, task, batch_size=self.batch_size, progress=self.progress, role=role
+            )
+            for task in self.tasks
+        }
 
 
 def _reference_name(reference: ModelLike) -> str:
@@ -235,6 +340,8 @@ def _measure_candidate(
     load: LoadOptions,
     calibration: CalibrationSettings | None,
     *,
+    scorer: TaskScorer,
+    reference_answers: dict[str, TaskAnswers],
     batch_size: int,
     progress: bool,
 ) -> LeaderboardEntry:
@@ -257,6 +364,7 @@ def _measure_candidate(
         metadata={"modification": candidate},
     )
     seconds = time.perf_counter() - started
+    answers = scorer.answers(modified, role=candidate)
     del modified
     return LeaderboardEntry(
         name=candidate,
@@ -264,4 +372,6 @@ def _measure_candidate(
         footprint=details.get("footprint", {}),
         tokens_per_second=report.figures["n_tokens"] / seconds,
         kl=np.asarray(report.tokens.kl, dtype=np.float64),
+        tasks={task: compare_task_answers(reference_answers[task], mine) for task, mine in answers.items()},
+        correct={task: [a == g for a, g in zip(mine.answers, mine.gold)] for task, mine in answers.items()},
     )

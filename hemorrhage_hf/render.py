@@ -715,7 +715,8 @@ def allocation_markdown(result: dict) -> str:
 
 
 def leaderboard_markdown(data: Mapping, plot: str | None) -> str:
-    """The leaderboard as Markdown: the ranking table, the paired test between neighbours, and the Pareto plot."""
+    """The leaderboard as Markdown: the ranking table, the paired test between neighbours, a section per task
+    (accuracy, drop, McNemar between neighbours), and the Pareto plot."""
     ranking = data["ranking"]
     lines = [
         f"# Leaderboard against {data['reference']}",
@@ -750,9 +751,51 @@ def leaderboard_markdown(data: Mapping, plot: str | None) -> str:
                 f"| {test['mean_difference']:+.4f} ± {test['standard_error']:.4f} "
                 f"| {test['ci_low']:+.4f} … {test['ci_high']:+.4f} | {test['p_value']:.2g} |"
             )
+    for task, reference in data.get("reference_tasks", {}).items():
+        lines += _leaderboard_task_lines(task, reference, ranking, data["neighbour_tests"])
     if plot:
         lines += ["", f"![KL against bits per weight]({plot})"]
     return "\n".join(lines) + "\n"
+
+
+def _leaderboard_task_lines(task: str, reference: Mapping, ranking: Sequence[Mapping], tests: Sequence[Mapping]):
+    """One task's section of the leaderboard: each candidate's accuracy and drop, then McNemar between neighbours."""
+    metric = reference["metric"]
+    lines = [
+        "",
+        f"## {task}",
+        "",
+        f"{reference['n_items']} items of {reference['source']}, scored as lm-evaluation-harness does ({metric}; "
+        f"± standard errors, the drop's paired). Reference: {reference['accuracy']:.1%} ± "
+        f"{reference['accuracy_error']:.1%}. McNemar's exact p tests the flips (c→i against i→c).",
+        "",
+        f"| rank | candidate | {metric} | drop vs reference | c→i | i→c | McNemar p |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for rank, row in enumerate(ranking, 1):
+        lines.append(
+            f"| {rank} | `{row['candidate']}` | {row[f'{task}_accuracy']:.1%} ± {row[f'{task}_accuracy_error']:.1%} "
+            f"| {row[f'{task}_accuracy_drop']:+.1%} ± {row[f'{task}_accuracy_drop_error']:.1%} "
+            f"| {row[f'{task}_correct_to_incorrect']} | {row[f'{task}_incorrect_to_correct']} "
+            f"| {row[f'{task}_mcnemar_p_value']:.2g} |"
+        )
+    if tests:
+        lines += [
+            "",
+            "Each candidate against the one ranked above it by KL (items only one of the two got right):",
+            "",
+            f"| better by KL | worse by KL | Δ {metric} | only better right | only worse right | McNemar p |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for test in tests:
+            figures = test["tasks"][task]
+            lines.append(
+                f"| `{test['better']}` | `{test['worse']}` "
+                f"| {figures['accuracy_difference']:+.1%} ± {figures['accuracy_difference_error']:.1%} "
+                f"| {figures['only_better_correct']} | {figures['only_worse_correct']} "
+                f"| {figures['mcnemar_p_value']:.2g} |"
+            )
+    return lines
 
 
 def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:

@@ -27,9 +27,13 @@ EPILOG = """examples:
   hemorrhage-hf leaderboard --reference default int8 int4-g64 awq-int4-g64 bnb-nf4 --output out/board
   hemorrhage-hf leaderboard --reference ./my-model ./my-model-gptq ./my-model-awq int4-g64 --text-file wiki.valid.raw \\
       --fail-above kl_mean=0.1 --output out/board
+  hemorrhage-hf leaderboard --reference default int8 int4-g64 int3-g64 --task arc-easy=data/arc/ARC-Easy \
+      --task-limit 500 --output out/board
 
 candidates: modification specs (applied to the reference) and models (folders, .gguf files, Hub ids), mixed freely.
 cost: one reference pass into the exact store, then one forward pass per candidate; one candidate in memory at a time
+tasks: lambada, arc-easy, arc-challenge, piqa, hellaswag, scored as `hemorrhage-hf tasks` scores them; each row gets
+  the accuracy and its drop against the reference, neighbours McNemar's exact test on the items only one got right
 """
 
 
@@ -50,6 +54,17 @@ def add_parser(subparsers) -> None:
     add_engine_argument(parser)
     add_calibration_arguments(parser)
     add_gate_arguments(parser, GATE_FIGURES)
+    parser.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="NAME[=PATH]",
+        help="also score every candidate on a task from a local file/folder or a `datasets` id (repeatable)",
+    )
+    parser.add_argument("--task-limit", type=int, default=None, metavar="N", help="first N items of each task")
+    parser.add_argument(
+        "--task-batch-size", type=int, default=16, metavar="B", help="task sequences per forward pass (default: 16)"
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip pareto.png")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for leaderboard.json/.csv/.md/.png")
@@ -59,7 +74,10 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..leaderboard import rank_candidates
     from ..render import leaderboard_markdown
+    from ..tasks.scoring import parse_task_argument
 
+    # Task data is read first: an unknown task or missing file stops the run before any model loads.
+    tasks = [parse_task_argument(argument, limit=args.task_limit) for argument in args.task]
     board = rank_candidates(
         args.reference,
         args.candidates,
@@ -67,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         load=load_options(args),
         calibration=calibration_settings(args),
         batch_size=args.batch_size,
+        tasks=tasks,
+        task_batch_size=args.task_batch_size,
         progress=not args.quiet,
     )
     board.save(args.output, plots=not args.no_plots)
