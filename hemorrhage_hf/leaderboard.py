@@ -108,6 +108,8 @@ class LeaderboardEntry:
     kl: np.ndarray = field(repr=False)
     tasks: dict[str, dict] = field(default_factory=dict)
     correct: dict[str, list[bool]] = field(default_factory=dict, repr=False)
+    #: wall-clock seconds of loading or modifying (``prepare``), measuring and answering tasks
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict:
         row = {
@@ -153,6 +155,8 @@ class Leaderboard:
     entries: list[LeaderboardEntry]
     #: the reference's own answers to each task, by task name
     reference_answers: dict[str, TaskAnswers] = field(default_factory=dict)
+    #: wall-clock seconds of the reference's stages (``load``, ``store``, ``tasks``) and of the whole run (``total``)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def comparisons(self) -> list[dict]:
         """For each neighbouring pair: how much more KL the lower-ranked candidate has, with its paired test, and
@@ -192,6 +196,7 @@ class Leaderboard:
             "reference_tasks": self.reference_tasks(),
             "ranking": [entry.row() for entry in self.entries],
             "neighbour_tests": self.comparisons(),
+            "seconds": {**self.seconds, "candidates": {entry.name: entry.seconds for entry in self.entries}},
         }
 
     def save(self, output_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
@@ -260,11 +265,13 @@ def rank_candidates(
     loads) are answered by the reference once and by each candidate while it is in memory.
     """
     source, load = source or TextSource(), load or LoadOptions()
+    started = time.perf_counter()
     _check_names(candidates)
     if len({task.name for task in tasks}) != len(tasks):
         raise HemorrhageError(f"a task is named twice: {sorted(task.name for task in tasks)}")
     load.check_engine(reference, *candidates)
     reference_model, tokenizer = load.model(reference)
+    seconds = {"load": time.perf_counter() - started}
     if tokenizer is None:
         raise HemorrhageError("the reference model object has no name to load its tokenizer from")
     _check_tokenizers(candidates, tokenizer, load)
@@ -274,6 +281,7 @@ def rank_candidates(
     metadata.update(_run_metadata(source, windows, tokenizer, reference=reference_model))
     if tasks:
         metadata["tasks"] = {task.name: {"source": task.source, "n_items": len(task)} for task in tasks}
+    stage = time.perf_counter()
     store = build_reference_file(
         reference_model,
         windows,
@@ -283,8 +291,10 @@ def rank_candidates(
         progress=progress,
         description={"reference": _reference_name(reference)},
     )
+    seconds["store"], stage = time.perf_counter() - stage, time.perf_counter()
     scorer = TaskScorer(tokenizer, tasks, batch_size=task_batch_size, progress=progress)
     reference_answers = scorer.answers(reference_model, role="reference")
+    seconds["tasks"] = time.perf_counter() - stage
     entries = []
     for candidate in candidates:
         entries.append(
@@ -305,7 +315,8 @@ def rank_candidates(
         )
         gc.collect()
     entries.sort(key=lambda entry: entry.figures["kl_mean"])
-    return Leaderboard(_reference_name(reference), metadata, entries, reference_answers)
+    seconds["total"] = time.perf_counter() - started
+    return Leaderboard(_reference_name(reference), metadata, entries, reference_answers, seconds)
 
 
 @dataclass
@@ -345,6 +356,7 @@ def _measure_candidate(
     batch_size: int,
     progress: bool,
 ) -> LeaderboardEntry:
+    started = time.perf_counter()
     if is_model_candidate(candidate):
         modified, modified_tokenizer = load.model(candidate)
         _check_modified(None, modified, tokenizer, modified_tokenizer)
@@ -353,6 +365,7 @@ def _measure_candidate(
     else:
         modified, spec = _modify(reference_model, candidate, tokenizer, calibration, progress=progress), candidate
     details = _modification_details(modified, spec) or {}
+    seconds = {"prepare": time.perf_counter() - started}
     started = time.perf_counter()
     report = measure(
         store,
@@ -363,15 +376,17 @@ def _measure_candidate(
         description=f"measuring {candidate}",
         metadata={"modification": candidate},
     )
-    seconds = time.perf_counter() - started
+    seconds["measure"], started = time.perf_counter() - started, time.perf_counter()
     answers = scorer.answers(modified, role=candidate)
+    seconds["tasks"] = time.perf_counter() - started
     del modified
     return LeaderboardEntry(
         name=candidate,
         figures=report.figures,
         footprint=details.get("footprint", {}),
-        tokens_per_second=report.figures["n_tokens"] / seconds,
+        tokens_per_second=report.figures["n_tokens"] / seconds["measure"],
         kl=np.asarray(report.tokens.kl, dtype=np.float64),
         tasks={task: compare_task_answers(reference_answers[task], mine) for task, mine in answers.items()},
         correct={task: [a == g for a, g in zip(mine.answers, mine.gold)] for task, mine in answers.items()},
+        seconds=seconds,
     )
