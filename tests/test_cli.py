@@ -89,3 +89,25 @@ def test_max_tokens_all_means_the_whole_text():
     assert args.max_tokens is None
     with pytest.raises(SystemExit):
         build_parser(only="report").parse_args(["report", "--reference", "r", "--modified", "m", "--max-tokens", "1"])
+
+
+@pytest.mark.parametrize(
+    "command", ["report", "locate", "decode", "correct", "tasks", "leaderboard", "sweep", "allocate"]
+)
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_a_batch_size_below_one_is_refused_before_any_model_loads(command, value, capsys):
+    # locate and tasks used to crash on 0 deep inside their batching loops.
+    arguments = {
+        "report": ["--modification", "int8"],
+        "locate": ["--modification", "int8"],
+        "decode": ["--decoding", "none"],
+        "correct": ["--modification", "int8"],
+        "tasks": ["--modification", "int8", "--task", "piqa"],
+        "leaderboard": ["int8"],
+        "sweep": ["--family", "bits"],
+        "allocate": ["--map", "m", "--budget-bits", "4.5"],
+    }[command]
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--reference", "r", *arguments, "--batch-size", value, "--output", "o"])
+    assert exit_.value.code == 2
+    assert f"argument --batch-size: expected a whole number of at least 1, got '{value}'" in capsys.readouterr().err

@@ -79,6 +79,22 @@ def max_tokens_argument(value: str) -> int | None:
     return count
 
 
+def positive_int_argument(value: str) -> int:
+    """A count of at least 1 (``--batch-size``): zero or less would measure nothing.
+
+    Example:
+        >>> positive_int_argument("8")
+        8
+    """
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {value!r}")
+    return count
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
@@ -156,7 +172,11 @@ def add_text_arguments(
         "(default: W, i.e. non-overlapping windows)",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=1, metavar="B", help="windows per forward pass (default: %(default)s)"
+        "--batch-size",
+        type=positive_int_argument,
+        default=1,
+        metavar="B",
+        help="windows per forward pass (default: %(default)s)",
     )
 
 

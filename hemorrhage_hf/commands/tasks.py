@@ -13,6 +13,7 @@ from .common import (
     add_modified_arguments,
     add_reference_argument,
     modified_label,
+    positive_int_argument,
     resolve_models,
 )
 
@@ -47,7 +48,11 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task")
     parser.add_argument(
-        "--batch-size", type=int, default=16, metavar="B", help="sequences per forward pass (default: %(default)s)"
+        "--batch-size",
+        type=positive_int_argument,
+        default=16,
+        metavar="B",
+        help="sequences per forward pass (default: %(default)s)",
     )
     add_calibration_arguments(parser)
     add_model_arguments(parser)
