@@ -241,7 +241,9 @@ def _modify(
     spec = parse_spec(modification)
     calibration_ids = (calibration or CalibrationSettings()).windows(tokenizer) if spec.needs_calibration else None
     # With progress on, the modification shows its own labelled bar ("quantizing int4-g64"): seconds to minutes.
-    return apply_modification(reference, spec, calibration=calibration_ids, in_place=in_place, progress=progress)
+    return apply_modification(
+        reference, spec, calibration=calibration_ids, tokenizer=tokenizer, in_place=in_place, progress=progress
+    )
 
 
 def _check_modified(

@@ -107,7 +107,9 @@ def test_a_batch_size_below_one_is_refused_before_any_model_loads(command, value
         "sweep": ["--family", "bits"],
         "allocate": ["--map", "m", "--budget-bits", "4.5"],
     }[command]
-    with pytest.raises(SystemExit) as exit_:
-        main([command, "--reference", "r", *arguments, "--batch-size", value, "--output", "o"])
-    assert exit_.value.code == 2
-    assert f"argument --batch-size: expected a whole number of at least 1, got '{value}'" in capsys.readouterr().err
+    options = ["--batch-size", "--task-batch-size"] if command == "leaderboard" else ["--batch-size"]
+    for option in options:
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--reference", "r", *arguments, option, value, "--output", "o"])
+        assert exit_.value.code == 2
+        assert f"argument {option}: expected a whole number of at least 1, got '{value}'" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from .common import (
     calibration_settings,
     check_gates,
     load_options,
+    positive_int_argument,
     text_source,
 )
 
@@ -63,7 +64,11 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--task-limit", type=int, default=None, metavar="N", help="first N items of each task")
     parser.add_argument(
-        "--task-batch-size", type=int, default=16, metavar="B", help="task sequences per forward pass (default: 16)"
+        "--task-batch-size",
+        type=positive_int_argument,
+        default=16,
+        metavar="B",
+        help="task sequences per forward pass (default: 16)",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip pareto.png")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

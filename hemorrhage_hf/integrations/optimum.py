@@ -77,7 +77,9 @@ class _SpecApplier:
         calibration_ids = (
             (calibration or CalibrationSettings()).windows(self.tokenizer) if modification.needs_calibration else None
         )
-        modified = apply_modification(self.model, modification, calibration=calibration_ids, progress=progress)
+        modified = apply_modification(
+            self.model, modification, calibration=calibration_ids, tokenizer=self.tokenizer, progress=progress
+        )
         save_dir = Path(save_dir)
         modification.save(modified, save_dir)
         self.tokenizer.save_pretrained(save_dir)

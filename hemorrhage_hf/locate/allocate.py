@@ -216,7 +216,7 @@ def measure_specs(
     for spec in specs:
         modification = parse_spec(spec)
         ids = (calibration or CalibrationSettings()).windows(tokenizer) if modification.needs_calibration else None
-        modified = apply_modification(reference, modification, calibration=ids, progress=progress)
+        modified = apply_modification(reference, modification, calibration=ids, tokenizer=tokenizer, progress=progress)
         report = measure(store, modified, windows, progress=progress, metadata={"modification": spec})
         kl[spec] = report.tokens.kl
         results.append(

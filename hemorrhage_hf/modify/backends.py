@@ -17,7 +17,9 @@ spec                              library call                                sa
 
 ``torchao-int4wo-g{G}`` is refused: torchao 0.18 has no CPU int4 weight-only path. Backends are optional
 (``pip install "hemorrhage-hf[backends]"``); a spec whose backend is missing fails when it is parsed, before any model
-loads. The output head is left unquantized, as each library does by default.
+loads. The output head is left unquantized, as each library does by default. ``gptq-*`` also needs the model's
+tokenizer, as llm-compressor refuses to calibrate without one: ``apply_modification(..., tokenizer=...)``, else the
+one ``model.name_or_path`` holds; a model with neither is refused before any weight changes.
 
 A backend's model is built from the float reference without touching it: bitsandbytes and torchao quantize while
 loading, so the reference is saved to a temporary folder and loaded back with the backend's config; the others
@@ -32,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.metadata
 import importlib.util
 import json
@@ -39,7 +42,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..atomic import atomic_write_text
 from ..config_keys import MODIFICATION_ATTRIBUTE
@@ -367,6 +370,20 @@ class Gptq(CompressedTensors):
 
     method = "gptq"
     needs_calibration = True
+    #: The model's tokenizer: llm-compressor refuses to calibrate without a processor.
+    tokenizer: PreTrainedTokenizerBase | None = None
+
+    def with_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> Gptq:
+        given = copy.copy(self)
+        given.tokenizer = tokenizer
+        return given
+
+    def apply(
+        self, model: PreTrainedModel, calibration: torch.Tensor | None = None, *, progress: bool = False
+    ) -> PreTrainedModel:
+        if self.tokenizer is None:  # found (or refused) before any weight changes
+            return self.with_tokenizer(saved_tokenizer(model, self.spec)).apply(model, calibration, progress=progress)
+        return super().apply(model, calibration, progress=progress)
 
     @property
     def scheme(self) -> str:
@@ -382,22 +399,42 @@ class Gptq(CompressedTensors):
 
         rows = calibration.tolist()
         dataset = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(row) for row in rows]})
-        return dict(dataset=dataset, num_calibration_samples=len(rows), max_seq_length=calibration.shape[1])
+        return dict(
+            dataset=dataset,
+            processor=self.tokenizer,
+            num_calibration_samples=len(rows),
+            max_seq_length=calibration.shape[1],
+        )
+
+
+def saved_tokenizer(model: PreTrainedModel, spec: str) -> PreTrainedTokenizerBase:
+    """The tokenizer ``model.name_or_path`` names (a folder, a .gguf file or a Hub id); :class:`BackendError` saying
+    what to pass where there is none."""
+    from ..models import load_tokenizer
+
+    name = model.name_or_path
+    problem = "the model has no name_or_path to load it from"
+    if name:
+        try:
+            return load_tokenizer(name)
+        except (HemorrhageError, OSError, ValueError) as error:
+            problem = f"none could be loaded from its name_or_path {name!r} ({type(error).__name__}: {error})"
+    raise BackendError(
+        f"{spec} calibrates through llm-compressor, which needs the model's tokenizer, and {problem}. Pass it: "
+        f"apply_modification(model, {spec!r}, calibration=..., tokenizer=tokenizer) (compare(..., tokenizer=...) "
+        "passes it on), or load the model from a folder or Hub id that holds its tokenizer"
+    )
 
 
 @contextlib.contextmanager
 def _loadable_config(model: PreTrainedModel):
-    """llm-compressor re-reads the model's config (and, with a dataset, a tokenizer) from ``name_or_path``: point it
-    at a folder that has them for models built in memory."""
-    source = Path(model.config._name_or_path or "")
-    if (source / "config.json").is_file() and any(source.glob("tokenizer*")):
+    """llm-compressor re-reads the model's config from ``name_or_path``: point it at a folder that has one for
+    models built in memory."""
+    if (Path(model.config._name_or_path or "") / "config.json").is_file():
         yield
         return
     with tempfile.TemporaryDirectory(prefix="hemorrhage-config-") as folder:
         model.config.save_pretrained(folder)
-        if (source / "config.json").is_file():
-            for tokenizer_file in source.glob("tokenizer*"):
-                (Path(folder) / tokenizer_file.name).write_bytes(tokenizer_file.read_bytes())
         original = model.config._name_or_path
         model.config._name_or_path = folder
         try:

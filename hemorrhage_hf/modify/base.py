@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config_keys import MODIFICATION_ATTRIBUTE
 from ..errors import ModificationError, SpecError
@@ -64,6 +64,11 @@ class Modification(ABC):
         self, model: PreTrainedModel, calibration: torch.Tensor | None = None, *, progress: bool = False
     ) -> PreTrainedModel:
         """Modify ``model`` in place and return it. ``calibration`` is a ``[n, seq_len]`` LongTensor of token ids."""
+
+    def with_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> Modification:
+        """This modification, given the model's tokenizer. Only a backend whose library insists on one keeps it
+        (``gptq-*``: llm-compressor); the others need none and return themselves."""
+        return self
 
     def restore(self, model: PreTrainedModel) -> PreTrainedModel:
         """Re-install what the saved weights cannot carry, on a model reloaded from a checkpoint of this
@@ -167,10 +172,14 @@ def apply_modification(
     spec: str | Modification,
     *,
     calibration: torch.Tensor | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     in_place: bool = False,
     progress: bool = False,
 ) -> PreTrainedModel:
     """Return a modified copy of ``model`` (or ``model`` itself with ``in_place``), recording the spec in its config.
+
+    ``tokenizer`` is the model's, for a backend whose library needs one (``gptq-*``); without it, such a backend
+    loads the one ``model.name_or_path`` holds, and refuses the model before any weight changes if there is none.
 
     A quantized ``model`` is never copied (that would corrupt some backends' packed state): it is refused, unless
     ``in_place``. Backends that quantize while loading (bitsandbytes, torchao) always return a new model, built
@@ -182,6 +191,8 @@ def apply_modification(
     ``from_pretrained`` restores it.
     """
     modification = parse_spec(spec) if isinstance(spec, str) else spec
+    if tokenizer is not None:
+        modification = modification.with_tokenizer(tokenizer)
     if modification.needs_calibration:
         check_calibration(calibration, model, modification)
     if in_place and not modification.builds_new_model:

@@ -474,7 +474,9 @@ def run_sweep(
             else:
                 if calibration_ids is None and parse_spec(spec).needs_calibration:
                     calibration_ids = (calibration or CalibrationSettings()).windows(tokenizer)
-                modified = apply_modification(reference, spec, calibration=calibration_ids, progress=progress)
+                modified = apply_modification(
+                    reference, spec, calibration=calibration_ids, tokenizer=tokenizer, progress=progress
+                )
             label = f"level {level} ({spec or 'unmodified'})"
             # Read before running it (some backends repack on the first pass); a llama.cpp model's weights are its
             # GGUF file's, whose bits per weight the gguf family's strength already is.

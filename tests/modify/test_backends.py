@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hemorrhage_hf.comparison import MeasureOptions, TextSource, compare
@@ -23,6 +24,7 @@ from hemorrhage_hf.measurement.refcache import ReferenceCache
 from hemorrhage_hf.metric import _text_hemorrhage
 from hemorrhage_hf.models import default_model_dir, load_model
 from hemorrhage_hf.modify import apply_modification, describe_model, parse_spec, quantized_backend
+from hemorrhage_hf.modify.calibration import CalibrationSettings
 from hemorrhage_hf.render import report_markdown
 
 TEXT = (
@@ -205,3 +207,32 @@ def test_a_group_size_that_does_not_divide_a_layer_is_refused_before_any_weight_
         apply_modification(reference, "hqq-int4-g96", in_place=True)
     assert type(reference.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert torch.equal(reference.model.layers[0].self_attn.q_proj.weight, before)
+
+
+@needs("llmcompressor")
+def test_gptq_on_a_model_built_in_memory_takes_its_tokenizer_or_says_to_pass_it(tiny):
+    _, tokenizer = tiny
+    model = tiny_llama(n_layers=1, vocab_size=len(tokenizer), hidden=64)  # built here: no folder holds its tokenizer
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(BackendError, match=r"gptq-w4a16-g64 .* needs the model's tokenizer.*tokenizer=tokenizer"):
+        apply_modification(model, "gptq-w4a16-g64", calibration=calibration(tokenizer), in_place=True)
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert quantized_backend(model) is None
+    # Given the tokenizer (compare passes its own on), GPTQ runs: every weight of a group is a whole multiple,
+    # within 4 signed bits, of that group's scale.
+    report = compare(
+        model,
+        modification="gptq-w4a16-g64",
+        tokenizer=tokenizer,
+        source=TextSource(text=TEXT, window=32),
+        options=MeasureOptions(progress=False),
+        calibration=CalibrationSettings(n_sequences=4, seq_len=64),
+    )
+    assert report.metadata["modification_details"]["backend"] == "llmcompressor"
+    assert 0 < report.figures["kl_mean"] < 0.5
+    quantized = apply_modification(model, "gptq-w4a16-g64", calibration=calibration(tokenizer), tokenizer=tokenizer)
+    projection = quantized.model.layers[0].mlp.down_proj
+    steps = projection.weight / projection.weight_scale.repeat_interleave(64, dim=1)
+    assert torch.allclose(steps, steps.round(), atol=1e-3)
+    assert steps.round().min() >= -8 and steps.round().max() <= 7
+    assert not torch.equal(projection.weight, before["model.layers.0.mlp.down_proj.weight"])
