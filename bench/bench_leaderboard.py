@@ -6,7 +6,8 @@ sides alike):
                   fresh exact store (written to disk), each candidate's forward pass, the store's head products and
                   every per-token figure, the ranking and the paired tests
   bare_s        = K + 1 bare forward passes (the reference and each quantized candidate, logits only, no_grad,
-                  use_cache=False) plus the K head products the store needs (stored hidden states × head weight)
+                  use_cache=False) plus the K head products the store needs (stored hidden states × head weight,
+                  256 rows at a time)
   ratio         = leaderboard_s / bare_s, per repeat
   prepare_s     = what the leaderboard spent loading the reference and quantizing the candidates, reported apart
 
@@ -31,8 +32,8 @@ from hemorrhage_hf.measurement.refstore import OutputHead
 from hemorrhage_hf.models import load_model
 from hemorrhage_hf.modify import apply_modification
 
-#: Rows per head product, as the store computes them (a few rows of reference logits at a time).
-HEAD_ROWS = 64
+#: Rows per bare head product: large enough that streaming the head's weight costs little beside the arithmetic.
+HEAD_ROWS = 256
 
 
 @torch.no_grad()

@@ -120,18 +120,19 @@ def token_statistics(
 
 
 def concatenate_row_chunks(
-    function: Callable[..., dict[str, torch.Tensor]], *tensors: torch.Tensor
+    function: Callable[..., dict[str, torch.Tensor]], *tensors: torch.Tensor, rows: int = STATISTICS_CHUNK_ROWS
 ) -> dict[str, torch.Tensor]:
-    """``function`` of the same :data:`STATISTICS_CHUNK_ROWS`-row slices of every tensor, its dicts concatenated.
+    """``function`` of the same ``rows``-row slices of every tensor, its dicts concatenated.
 
-    Every path that computes per-token figures (live, cached, building the cache) slices alike: reductions such as
-    ``logsumexp`` split their work differently for different row counts, and a cached identity level must match
-    its reference bit for bit.
+    Every path that computes per-token figures (live, cached, building the cache) slices alike, in
+    :data:`STATISTICS_CHUNK_ROWS` rows: reductions such as ``logsumexp`` split their work differently for different
+    row counts, and a cached identity level must match its reference bit for bit. A larger ``rows`` that is a
+    multiple of it (for work done once per block, such as a matrix product) keeps the figures' slices the same.
     """
     parts = []
-    for start in range(0, max(len(tensors[0]), 1), STATISTICS_CHUNK_ROWS):
-        rows = slice(start, start + STATISTICS_CHUNK_ROWS)
-        parts.append(function(*(tensor[rows] for tensor in tensors)))
+    for start in range(0, max(len(tensors[0]), 1), rows):
+        rows_slice = slice(start, start + rows)
+        parts.append(function(*(tensor[rows_slice] for tensor in tensors)))
     return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
