@@ -20,6 +20,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from .errors import HemorrhageError
+
 
 def _final_mode(path: Path) -> int:
     """The permissions the written file gets: an existing file's own, else what the umask gives a new file.
@@ -75,3 +77,25 @@ def json_safe(value):
 def write_json(path: str | Path, data) -> None:
     """Write ``data`` as indented JSON (non-finite numbers as null), atomically."""
     atomic_write_text(path, json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(
+    path: str | Path, *, missing: str, error: type[HemorrhageError] = HemorrhageError, kind: str = "valid JSON"
+):
+    """The JSON document in ``path``; ``error(missing)`` where there is no such file, and an ``error`` naming the
+    file and the parse problem where it is not ``kind``.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "figures.json"
+        >>> write_json(path, {"kl_mean": 0.5})
+        >>> read_json(path, missing="no figures")
+        {'kl_mean': 0.5}
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as problem:
+        raise error(f"{path} is not {kind}: {problem}") from problem

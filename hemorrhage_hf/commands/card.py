@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from ..errors import HemorrhageError
@@ -49,13 +48,9 @@ def add_parser(subparsers) -> None:
 
 
 def _read_json(path: str, what: str):
-    file = Path(path)
-    if not file.is_file():
-        raise HemorrhageError(f"{what} file not found: {file}")
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise HemorrhageError(f"{file} is not valid JSON: {error}") from error
+    from ..atomic import read_json
+
+    return read_json(path, missing=f"{what} file not found: {path}")
 
 
 def task_results(data, source: str) -> list[dict]:

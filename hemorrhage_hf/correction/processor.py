@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import LogitsProcessor
 
-from ..atomic import atomic_path, atomic_write_text
+from ..atomic import atomic_path, atomic_write_text, read_json
 from ..errors import CorrectionError
 from .corrections import CorrectionParameters
 
@@ -233,13 +233,10 @@ class DecodingCorrection(LogitsProcessor):
                 f"{folder} holds a processor saved under the former name 'decoding calibration' "
                 f"({FORMER_CONFIG_NAME}); fit it again with `hemorrhage-hf correct`"
             )
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise CorrectionError(f"{folder} is not a saved correction: {path.name} is missing")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise CorrectionError(f"{config_path} is not valid JSON: {error}") from error
+        missing = f"{folder} is not a saved correction: {{}} is missing"
+        config = read_json(config_path, missing=missing.format(CONFIG_NAME), error=CorrectionError)
+        if not weights_path.is_file():
+            raise CorrectionError(missing.format(WEIGHTS_NAME))
         if config.get("format") != FORMAT or config.get("format_version") not in READABLE_VERSIONS:
             raise CorrectionError(
                 f"{config_path} is not a {FORMAT} config this version reads (format {config.get('format')!r}, "

@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, read_json
 from ..errors import HemorrhageError
 from .stack import Unit
 
@@ -137,13 +137,7 @@ class HemorrhageMap:
         path = Path(path)
         if path.is_dir():
             path = path / "locate.json"
-        if not path.is_file():
-            raise HemorrhageError(f"no hemorrhage map at {path}: run `hemorrhage-hf locate` first")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise HemorrhageError(f"{path} is not valid JSON: {error}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, missing=f"no hemorrhage map at {path}: run `hemorrhage-hf locate` first"))
 
     def save(self, output_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
         from ..render import hemorrhage_map_markdown, plot_hemorrhage_map

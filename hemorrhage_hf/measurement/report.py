@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..atomic import json_safe
+from ..atomic import json_safe, read_json
 from ..errors import HemorrhageError
 from .statistics import block_standard_error, default_block_size, iid_standard_error
 
@@ -303,13 +303,7 @@ class HemorrhageReport:
     @classmethod
     def load(cls, path: str | Path) -> HemorrhageReport:
         """Read a ``report.json`` written by :meth:`save`."""
-        path = Path(path)
-        if not path.is_file():
-            raise HemorrhageError(f"report file not found: {path}")
-        try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as error:
-            raise HemorrhageError(f"{path} is not a hemorrhage report JSON: {error}") from error
+        return cls.from_dict(read_json(path, missing=f"report file not found: {path}", kind="a hemorrhage report JSON"))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
