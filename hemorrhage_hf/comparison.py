@@ -13,7 +13,6 @@ Example:
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from .corpus import (
 from .errors import CorpusError, HemorrhageError, ModificationError, TokenizerMismatchError
 from .llamacpp.engine import ENGINE_NAME, ENGINES, TORCH_ENGINE, LlamaCppModel, is_gguf, load_llamacpp_model
 from .measurement.engine import LogitsModel, is_logits_model, measure
+from .measurement.memory import release_freed_memory, return_large_blocks
 from .measurement.refstore import build_reference_file
 from .measurement.report import HemorrhageReport
 from .models import assert_same_tokenizer, load_model, load_tokenizer, model_label
@@ -178,7 +178,9 @@ class MeasureOptions:
     With ``sequential`` only one model is in memory at a time: the reference runs first into an exact reference
     store (:mod:`hemorrhage_hf.measurement.refstore`: its output head once and d numbers per token), is freed (or,
     for a modification of a reference loaded here, modified in place), then the modified model runs against the
-    store. Peak memory halves and every figure stays exact; layer statistics are not available. With ``top_k`` the
+    store. Peak memory halves and every figure stays exact; layer statistics are not available. So that freed
+    temporaries do not pile up in the heap, it fixes glibc's mmap threshold for the rest of the process
+    (:mod:`hemorrhage_hf.measurement.memory`). With ``top_k`` the
     reference goes into a top-k cache instead (:mod:`hemorrhage_hf.measurement.refcache`, ~8·k bytes per token):
     KL becomes its lower bound, stated in the report with k and the tail mass.
 
@@ -412,6 +414,8 @@ def _compare_sequential(
 ) -> HemorrhageReport:
     loaded_here = isinstance(reference, str)
     load.check_engine(reference, modified)
+    # Freed temporaries must leave the process, or the heap keeps about as much as a second model (see memory.py).
+    return_large_blocks()
     reference_model, tokenizer = load.model(reference, tokenizer)
     windows = source.windows(tokenizer)
     check_engine_tokenization(tokenizer, source, reference_model)
@@ -430,7 +434,7 @@ def _compare_sequential(
         modified_tokenizer = tokenizer
     else:
         del reference_model
-        gc.collect()
+        release_freed_memory()
         modified_model, modified_tokenizer = load.model(modified)
     _check_modified(None, modified_model, tokenizer, modified_tokenizer)
     check_engine_tokenization(tokenizer, source, modified_model)

@@ -384,6 +384,7 @@ class ShardedReference:
     def _load(self, index: int) -> dict[str, torch.Tensor]:
         # Measurement reads shards in order; keeping the last one makes that one read per shard.
         if self._shard_index != index:
+            self._shard, self._shard_index = {}, None  # the last shard goes before the next is read: never two at once
             self._shard = self._read_shard(self.header["shards"][index])
             self._shard_index = index
         return self._shard
