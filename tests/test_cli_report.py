@@ -1,10 +1,12 @@
 """`hemorrhage-hf report` end to end on the real SmolLM2 and real text."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
+from conftest import SCALE
 
 from hemorrhage_hf.cli import build_parser, main
 from hemorrhage_hf.commands.common import GATE_FAILED
@@ -111,3 +113,59 @@ def test_bad_input_exits_2_with_a_message(tmp_path, arguments, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.heavy
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_a_backend_checkpoint_saved_by_quantize_reports_the_figures_of_the_live_spec(tmp_path, smollm2, wikitext_text):
+    # bitsandbytes 4-bit: its CPU forward repacks the weights, so quantize must save before any forward pass.
+    text_file = tmp_path / "wiki.txt"
+    text_file.write_text(wikitext_text[:20_000], encoding="utf-8")
+    checkpoint, live, saved = tmp_path / "nf4", tmp_path / "live", tmp_path / "saved"
+    measured = ["--text-file", str(text_file), "--max-tokens", str(256 * SCALE), "--window", "128", "--no-plots"]
+    assert (
+        main(
+            ["quantize", "--reference", "default", "--modification", "bnb-nf4", "--quiet", "--output", str(checkpoint)]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "report",
+                "--reference",
+                "default",
+                "--modified",
+                str(checkpoint),
+                *measured,
+                "--quiet",
+                "--output",
+                str(saved),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "report",
+                "--reference",
+                "default",
+                "--modification",
+                "bnb-nf4",
+                *measured,
+                "--quiet",
+                "--output",
+                str(live),
+            ]
+        )
+        == 0
+    )
+    live_report, saved_report = (json.loads((folder / "report.json").read_text()) for folder in (live, saved))
+    assert 0.1 < live_report["kl_mean"] < 1.0  # nf4 bleeds measurably on SmolLM2; a corrupt reload would collapse
+    for figure in ("kl_mean", "kl_p99", "ppl_modified", "ppl_reference"):
+        assert saved_report[figure] == pytest.approx(live_report[figure], rel=1e-5), figure
+    assert saved_report["top1_agreement"] == live_report["top1_agreement"]
+    details = saved_report["metadata"]["modification_details"]
+    assert (details["backend"], details["spec"]) == ("bitsandbytes", "bnb-nf4")
+    assert details["footprint"] == live_report["metadata"]["modification_details"]["footprint"]
