@@ -149,14 +149,21 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 class _HeadInput:
-    """A forward pre-hook keeping what enters the output head (after any scaling a model applies before it)."""
+    """A forward pre-hook keeping what enters the output head (after any scaling a model applies before it).
 
-    def __init__(self, model: PreTrainedModel):
+    With ``last_only`` the head then computes the last position alone: the store keeps no logits, and a window's
+    full-vocabulary logits (~100 MB for 512 tokens of a 49k vocabulary) would be most of what the pass holds beyond
+    the model's weights.
+    """
+
+    def __init__(self, model: PreTrainedModel, *, last_only: bool):
         self.value: torch.Tensor | None = None
+        self._last_only = last_only
         self._handle = model.get_output_embeddings().register_forward_pre_hook(self._keep)
 
-    def _keep(self, module, args) -> None:
+    def _keep(self, module, args) -> tuple | None:
         self.value = args[0]
+        return (args[0][..., -1:, :], *args[1:]) if self._last_only else None
 
     def close(self) -> None:
         self._handle.remove()
@@ -257,7 +264,8 @@ class ReferenceStore(ShardedReference):
         self._head = head
 
     def batch_entries(self, model: PreTrainedModel, batch: Batch) -> dict[str, torch.Tensor]:
-        head_input = _HeadInput(model)
+        # The first batch's logits check the stored head against the model's own; later batches need no logits.
+        head_input = _HeadInput(model, last_only=self._head_checked)
         try:
             outputs = model_outputs(model, batch.input_ids)
         finally:

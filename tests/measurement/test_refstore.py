@@ -117,6 +117,15 @@ def test_a_head_with_an_unknown_transform_is_refused(tmp_path):
         ReferenceStore.build(model, tiny_windows(), root=tmp_path, progress=False)
 
 
+def test_the_store_pass_computes_full_logits_only_to_check_the_head(tmp_path):
+    model = tiny_llama()
+    positions = []  # logit rows per window the head computes
+    model.get_output_embeddings().register_forward_hook(lambda module, args, logits: positions.append(logits.shape[1]))
+    store = ReferenceStore.build(model, tiny_windows(), root=tmp_path, progress=False)
+    assert positions[0] == 20 and set(positions[1:]) == {1}, positions
+    assert store.n_tokens == sum(window.n_scored for window in tiny_windows())
+
+
 def test_known_soft_capping_is_stored_and_reproduced(tmp_path):
     """Gemma 2 caps its logits after the head (30 · tanh(z / 30)); the store reproduces them exactly."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
