@@ -10,10 +10,8 @@ SmolLM2-135M in sequential mode, the heap kept ~300 MB more than was alive after
 
 Elsewhere than glibc (macOS, musl) both functions do nothing but collect garbage.
 
-Example:
-    >>> from hemorrhage_hf.measurement.memory import release_freed_memory, return_large_blocks
-    >>> return_large_blocks() in (True, False)  # False where malloc is not glibc's
-    True
+Example (``return_large_blocks`` is not shown running: it changes malloc for the rest of the process):
+    >>> from hemorrhage_hf.measurement.memory import release_freed_memory
     >>> release_freed_memory()
 """
 
