@@ -5,7 +5,7 @@ mapped and unmapped each time, so freed temporaries leave the process (lower pea
 fault per 4 KiB of each such block. This measures that price on the both-models path: the same ``compare`` of
 ``default`` against ``int4-g64`` on the first ``--tokens`` tokens of Python's docs, each run in a fresh process, with
 glibc's default (dynamic) threshold and with ``MALLOC_MMAP_THRESHOLD_`` fixed at 1 MiB, alternating. Model loading
-and one warm-up measurement are outside the timed part. Prints every time and the ratio of the medians.
+and one warm-up measurement (512 tokens) are outside the timed part. Prints every time and the ratio of the medians.
 
 Usage: python bench/bench_mmap_threshold.py [--tokens 1024] [--repeats 2]
 """
@@ -29,7 +29,7 @@ torch.set_num_threads(2)
 reference, tokenizer = load_model("default")
 modified = copy.deepcopy(reference)
 apply_modification(modified, "int4-g64")
-compare(reference, modified, tokenizer=tokenizer, source=TextSource(max_tokens=256))
+compare(reference, modified, tokenizer=tokenizer, source=TextSource(max_tokens=512))
 started = time.perf_counter()
 compare(reference, modified, tokenizer=tokenizer, source=TextSource(max_tokens=int(sys.argv[1])))
 print(time.perf_counter() - started)
