@@ -1,8 +1,8 @@
 """Benchmark of what ``--sequential``'s fixed malloc threshold costs in time.
 
-Sequential mode calls :func:`hemorrhage_hf.measurement.memory.return_large_blocks`: every block of 1 MiB or more is
-mapped and unmapped each time, so freed temporaries leave the process (lower peak memory), at the price of a page
-fault per 4 KiB of each such block. This measures that price on the both-models path: the same ``compare`` of
+Sequential mode runs inside :func:`hemorrhage_hf.measurement.memory.large_blocks_returned`: every block of 1 MiB or
+more is mapped and unmapped each time, so freed temporaries leave the process (lower peak memory), at the price of a
+page fault per 4 KiB of each such block. This measures that price on the both-models path: the same ``compare`` of
 ``default`` against ``int4-g64`` on the first ``--tokens`` tokens of Python's docs, each run in a fresh process, with
 glibc's default (dynamic) threshold and with ``MALLOC_MMAP_THRESHOLD_`` fixed at 1 MiB, alternating. Model loading
 and one warm-up measurement (512 tokens) are outside the timed part. Prints every time and the ratio of the medians.

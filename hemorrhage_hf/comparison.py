@@ -32,7 +32,7 @@ from .corpus import (
 from .errors import CorpusError, HemorrhageError, ModificationError, TokenizerMismatchError
 from .llamacpp.engine import ENGINE_NAME, ENGINES, TORCH_ENGINE, LlamaCppModel, is_gguf, load_llamacpp_model
 from .measurement.engine import LogitsModel, is_logits_model, measure
-from .measurement.memory import release_freed_memory, return_large_blocks
+from .measurement.memory import large_blocks_returned, release_freed_memory
 from .measurement.refstore import build_reference_file
 from .measurement.report import HemorrhageReport
 from .models import assert_same_tokenizer, load_model, load_tokenizer, model_label
@@ -179,7 +179,7 @@ class MeasureOptions:
     store (:mod:`hemorrhage_hf.measurement.refstore`: its output head once and d numbers per token), is freed (or,
     for a modification of a reference loaded here, modified in place), then the modified model runs against the
     store. Peak memory halves and every figure stays exact; layer statistics are not available. So that freed
-    temporaries do not pile up in the heap, it fixes glibc's mmap threshold for the rest of the process
+    temporaries do not pile up in the heap, glibc's mmap threshold is fixed low while it runs
     (:mod:`hemorrhage_hf.measurement.memory`). With ``top_k`` the
     reference goes into a top-k cache instead (:mod:`hemorrhage_hf.measurement.refcache`, ~8·k bytes per token):
     KL becomes its lower bound, stated in the report with k and the tail mass.
@@ -412,32 +412,36 @@ def _compare_sequential(
     load: LoadOptions,
     calibration: CalibrationSettings | None,
 ) -> HemorrhageReport:
-    loaded_here = isinstance(reference, str)
-    load.check_engine(reference, modified)
     # Freed temporaries must leave the process, or the heap keeps about as much as a second model (see memory.py).
-    return_large_blocks()
-    reference_model, tokenizer = load.model(reference, tokenizer)
-    windows = source.windows(tokenizer)
-    check_engine_tokenization(tokenizer, source, reference_model)
-    metadata.update(_run_metadata(source, windows, tokenizer, reference=reference_model), sequential=True)
-    store_options = dict(
-        batch_size=options.batch_size,
-        description={"reference": metadata["reference"]},
-        progress=options.progress,
-    )
-    cache = build_reference_file(reference_model, windows, top_k=options.top_k, tokenizer=tokenizer, **store_options)
-    if modification is not None:
-        # A reference this call loaded is nobody else's: modify it in place instead of holding a copy beside it.
-        modified_model = _modify(
-            reference_model, modification, tokenizer, calibration, in_place=loaded_here, progress=options.progress
+    with large_blocks_returned():
+        loaded_here = isinstance(reference, str)
+        load.check_engine(reference, modified)
+        reference_model, tokenizer = load.model(reference, tokenizer)
+        windows = source.windows(tokenizer)
+        check_engine_tokenization(tokenizer, source, reference_model)
+        metadata.update(_run_metadata(source, windows, tokenizer, reference=reference_model), sequential=True)
+        store_options = dict(
+            batch_size=options.batch_size,
+            description={"reference": metadata["reference"]},
+            progress=options.progress,
         )
-        modified_tokenizer = tokenizer
-    else:
-        del reference_model
-        release_freed_memory()
-        modified_model, modified_tokenizer = load.model(modified)
-    _check_modified(None, modified_model, tokenizer, modified_tokenizer)
-    check_engine_tokenization(tokenizer, source, modified_model)
-    metadata.update(_run_metadata(source, windows, tokenizer, modified=modified_model))
-    metadata["modification_details"] = _modification_details(modified_model, modification)
-    return measure(cache, modified_model, windows, metadata=metadata, **options.engine_options(metadata["modified"]))
+        cache = build_reference_file(
+            reference_model, windows, top_k=options.top_k, tokenizer=tokenizer, **store_options
+        )
+        if modification is not None:
+            # A reference this call loaded is nobody else's: modify it in place instead of holding a copy beside it.
+            modified_model = _modify(
+                reference_model, modification, tokenizer, calibration, in_place=loaded_here, progress=options.progress
+            )
+            modified_tokenizer = tokenizer
+        else:
+            del reference_model
+            release_freed_memory()
+            modified_model, modified_tokenizer = load.model(modified)
+        _check_modified(None, modified_model, tokenizer, modified_tokenizer)
+        check_engine_tokenization(tokenizer, source, modified_model)
+        metadata.update(_run_metadata(source, windows, tokenizer, modified=modified_model))
+        metadata["modification_details"] = _modification_details(modified_model, modification)
+        return measure(
+            cache, modified_model, windows, metadata=metadata, **options.engine_options(metadata["modified"])
+        )

@@ -6,12 +6,18 @@ heap's trim threshold to twice that: from then on blocks of that size come from 
 in the process. Measuring allocates many temporaries of a few megabytes per window (16 rows of full-vocabulary
 log-probabilities: ~3 MB each for a 49k vocabulary), spread over the threads torch computes on; measured on
 SmolLM2-135M in sequential mode, the heap kept ~300 MB more than was alive after one window, half a model's weights.
-:func:`return_large_blocks` fixes the threshold instead: blocks of 1 MiB or more are mapped and unmapped every time.
+:func:`large_blocks_returned` fixes the threshold for the duration of a block of code: there blocks of 1 MiB or more
+are mapped and unmapped every time. Each mapping costs page faults (kernel time), so afterwards the threshold is
+fixed high (glibc's own ceiling for it, 32 MiB) and the rest of the process allocates from the heap as glibc's
+adjusted threshold would have let it.
 
 Elsewhere than glibc (macOS, musl) both functions do nothing but collect garbage.
 
-Example (``return_large_blocks`` is not shown running: it changes malloc for the rest of the process):
-    >>> from hemorrhage_hf.measurement.memory import release_freed_memory
+Example:
+    >>> import torch
+    >>> from hemorrhage_hf.measurement.memory import large_blocks_returned, release_freed_memory
+    >>> with large_blocks_returned():
+    ...     block = torch.ones(1 << 20)  # 4 MiB: mapped, and unmapped when freed
     >>> release_freed_memory()
 """
 
@@ -20,10 +26,15 @@ from __future__ import annotations
 import ctypes
 import gc
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
-#: mallopt's parameter number for the mmap threshold (glibc's malloc.h)
+#: mallopt's parameter numbers (glibc's malloc.h)
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+#: glibc's ceiling for its self-adjusted mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX)
+_HEAP_BLOCK_CEILING = 32 << 20
 #: Blocks this large or larger are mapped on allocation and unmapped when freed. A page fault per 4 KiB of them is
 #: the price; per block it stays small against the full-vocabulary arithmetic that fills it.
 LARGE_BLOCK_BYTES = 1 << 20
@@ -36,11 +47,21 @@ def _glibc() -> ctypes.CDLL | None:
     return ctypes.CDLL("libc.so.6")
 
 
-def return_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> bool:
-    """Serve every block of ``threshold`` bytes or more with its own mapping, returned to the system when freed,
-    for the rest of the process (glibc then never raises the threshold again). True where it took effect."""
+@contextmanager
+def large_blocks_returned(threshold: int = LARGE_BLOCK_BYTES) -> Iterator[bool]:
+    """Inside, serve every block of ``threshold`` bytes or more with its own mapping, returned to the system when
+    freed; on leaving, serve blocks below 32 MiB from the heap (and trim it only past twice that), as glibc's adjusted
+    threshold would. Yields whether it took effect (False where malloc is not glibc's)."""
     libc = _glibc()
-    return libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, threshold) == 1
+    if libc is None:
+        yield False
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    try:
+        yield True
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCK_CEILING)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _HEAP_BLOCK_CEILING)
 
 
 def release_freed_memory() -> None:
