@@ -95,6 +95,43 @@ def positive_int_argument(value: str) -> int:
     return count
 
 
+def add_task_arguments(
+    parser: argparse.ArgumentParser, *, help: str, required: bool = False, option_prefix: str = "--task-"
+) -> None:
+    """``--task NAME[=PATH]`` (repeatable) with the number of items and the batch size to score it with.
+
+    ``tasks``, where every option is about tasks, calls the last two ``--limit`` and ``--batch-size``
+    (``option_prefix="--"``); commands that also measure text call them ``--task-limit`` and ``--task-batch-size``.
+    Either way they land in ``args.task_limit`` and ``args.task_batch_size``; :func:`tasks_from_arguments` reads them.
+    """
+    parser.add_argument(
+        "--task", action="append", required=required, default=None if required else [], metavar="NAME[=PATH]", help=help
+    )
+    parser.add_argument(
+        f"{option_prefix}limit",
+        dest="task_limit",
+        type=positive_int_argument,
+        default=None,
+        metavar="N",
+        help="score the first N items of each task (default: all)",
+    )
+    parser.add_argument(
+        f"{option_prefix}batch-size",
+        dest="task_batch_size",
+        type=positive_int_argument,
+        default=16,
+        metavar="B",
+        help="task sequences per forward pass (default: %(default)s)",
+    )
+
+
+def tasks_from_arguments(args: argparse.Namespace) -> list:
+    """The :class:`~hemorrhage_hf.tasks.scoring.Task` of every ``--task``, cut to ``--task-limit`` items."""
+    from ..tasks.scoring import parse_task_argument
+
+    return [parse_task_argument(argument, limit=args.task_limit) for argument in args.task]
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",

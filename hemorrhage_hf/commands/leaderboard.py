@@ -11,11 +11,12 @@ from .common import (
     add_gate_arguments,
     add_model_arguments,
     add_reference_argument,
+    add_task_arguments,
     add_text_arguments,
     calibration_settings,
     check_gates,
     load_options,
-    positive_int_argument,
+    tasks_from_arguments,
     text_source,
 )
 
@@ -55,20 +56,8 @@ def add_parser(subparsers) -> None:
     add_engine_argument(parser)
     add_calibration_arguments(parser)
     add_gate_arguments(parser, GATE_FIGURES)
-    parser.add_argument(
-        "--task",
-        action="append",
-        default=[],
-        metavar="NAME[=PATH]",
-        help="also score every candidate on a task from a local file/folder or a `datasets` id (repeatable)",
-    )
-    parser.add_argument("--task-limit", type=int, default=None, metavar="N", help="first N items of each task")
-    parser.add_argument(
-        "--task-batch-size",
-        type=positive_int_argument,
-        default=16,
-        metavar="B",
-        help="task sequences per forward pass (default: 16)",
+    add_task_arguments(
+        parser, help="also score every candidate on a task from a local file/folder or a `datasets` id (repeatable)"
     )
     parser.add_argument("--no-plots", action="store_true", help="skip pareto.png")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -79,10 +68,9 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..leaderboard import rank_candidates
     from ..render import leaderboard_markdown
-    from ..tasks.scoring import parse_task_argument
 
     # Task data is read first: an unknown task or missing file stops the run before any model loads.
-    tasks = [parse_task_argument(argument, limit=args.task_limit) for argument in args.task]
+    tasks = tasks_from_arguments(args)
     board = rank_candidates(
         args.reference,
         args.candidates,

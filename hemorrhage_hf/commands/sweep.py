@@ -11,10 +11,12 @@ from .common import (
     add_model_arguments,
     add_reference_argument,
     add_scoring_argument,
+    add_task_arguments,
     add_text_arguments,
     add_top_k_argument,
     calibration_settings,
     load_options,
+    tasks_from_arguments,
     text_source,
 )
 
@@ -78,15 +80,11 @@ def add_parser(subparsers) -> None:
         metavar="DIR",
         help="where the reference store (or top-k cache) lives (default: ~/.cache/hemorrhage_hf/reference-store)",
     )
-    parser.add_argument(
-        "--task",
-        action="append",
-        default=[],
-        metavar="NAME[=PATH]",
+    add_task_arguments(
+        parser,
         help="also score a task at every level: lambada, arc-easy, arc-challenge, piqa, hellaswag, "
         "from a local file/folder or a `datasets` id (repeatable)",
     )
-    parser.add_argument("--task-limit", type=int, default=None, metavar="N", help="first N items of each task")
     parser.add_argument(
         "--tolerance",
         action="append",
@@ -124,12 +122,11 @@ def run(args: argparse.Namespace) -> int:
     from ..models import model_label
     from ..render import sweep_table
     from ..sweep.runner import SweepOptions, resolve_family, run_sweep
-    from ..tasks.scoring import parse_task_argument
 
     family = resolve_family(args.family, identity_levels=args.identity_level)
     levels = [level.strip() for level in args.levels.split(",")] if args.levels else None
     tolerances = parse_tolerances(args.tolerance)
-    tasks = [parse_task_argument(argument, limit=args.task_limit) for argument in args.task]
+    tasks = tasks_from_arguments(args)
     source = text_source(args)
     gguf_levels = None
     if family.kind == "gguf":
@@ -150,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         options=SweepOptions(
             top_k=args.top_k,
             batch_size=args.batch_size,
+            task_batch_size=args.task_batch_size,
             cache_root=args.cache_dir,
             tolerances=tolerances,
             plots=not args.no_plots,

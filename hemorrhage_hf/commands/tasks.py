@@ -12,9 +12,10 @@ from .common import (
     add_model_arguments,
     add_modified_arguments,
     add_reference_argument,
+    add_task_arguments,
     modified_label,
-    positive_int_argument,
     resolve_models,
+    tasks_from_arguments,
 )
 
 EPILOG = """examples:
@@ -39,20 +40,11 @@ def add_parser(subparsers) -> None:
     )
     add_reference_argument(parser)
     add_modified_arguments(parser)
-    parser.add_argument(
-        "--task",
-        action="append",
-        required=True,
-        metavar="NAME[=PATH]",
+    add_task_arguments(
+        parser,
         help="a task and its data file, folder or `datasets` id (repeatable)",
-    )
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task")
-    parser.add_argument(
-        "--batch-size",
-        type=positive_int_argument,
-        default=16,
-        metavar="B",
-        help="sequences per forward pass (default: %(default)s)",
+        required=True,
+        option_prefix="--",
     )
     add_calibration_arguments(parser)
     add_model_arguments(parser)
@@ -67,16 +59,16 @@ def run(args: argparse.Namespace) -> int:
     from ..measurement.engine import run_environment
     from ..models import model_label
     from ..render import tasks_table
-    from ..tasks.scoring import parse_task_argument, task_hemorrhage
+    from ..tasks.scoring import task_hemorrhage
 
-    tasks = [parse_task_argument(argument, limit=args.limit) for argument in args.task]
+    tasks = tasks_from_arguments(args)
     reference, modified, tokenizer = resolve_models(args)
     results = {}
     for task in tasks:
         results[task.name] = {
             "source": task.source,
             **task_hemorrhage(
-                reference, modified, tokenizer, task, batch_size=args.batch_size, progress=not args.quiet
+                reference, modified, tokenizer, task, batch_size=args.task_batch_size, progress=not args.quiet
             ),
         }
     output = {
