@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 
 import numpy as np
@@ -63,6 +64,16 @@ def table_row(row: dict) -> str:
         f"{f['ppl_ratio']:.4f} | {footprint['bits_per_weight']:.3f} ({footprint['source']}) | "
         f"{footprint['weight_bytes'] / 2**20:.1f} MiB | {row['seconds']:.1f} |"
     )
+
+
+def split_specs(specs: str) -> list[str]:
+    """Comma-separated specs; a comma followed by a digit continues a mixed spec's layer list.
+
+    Example:
+        >>> split_specs("int8,awq-int4-g64+int5-g64@layers.2,11,int4-g64")
+        ['int8', 'awq-int4-g64+int5-g64@layers.2,11', 'int4-g64']
+    """
+    return re.split(r",(?=\D)", specs)
 
 
 def main() -> None:
@@ -111,8 +122,8 @@ def main() -> None:
     )
 
     rows, kl_per_token = [], {}
-    specs = args.specs.split(",")
-    specs += [spec for spec in args.ours.split(",") if spec not in specs]
+    specs = split_specs(args.specs)
+    specs += [spec for spec in split_specs(args.ours) if spec not in specs]
     for spec in specs:
         try:
             modification = parse_spec(spec)
@@ -162,7 +173,7 @@ def print_tables(rows: list[dict], kl_per_token: dict, ours: str) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(table_row(row))
-    print_goal(rows, kl_per_token, [spec for spec in ours.split(",") if spec in kl_per_token])
+    print_goal(rows, kl_per_token, [spec for spec in split_specs(ours) if spec in kl_per_token])
 
 
 def print_goal(rows: list[dict], kl_per_token: dict, ours: list[str]) -> None:
