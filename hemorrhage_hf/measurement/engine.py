@@ -33,6 +33,7 @@ from ..corpus import Window
 from ..errors import HemorrhageError, ModificationError
 from . import distributed
 from .divergence import TokenStatistics, cosine_distance, js_divergence, relative_l2, token_statistics
+from .memory import return_free_pages
 from .report import HemorrhageReport, LayerFigures, TokenArrays
 
 #: ``transform(input_ids [B, T], logits [B, T, V]) -> logits [B, T, V]``, applied to the modified model's logits
@@ -428,6 +429,7 @@ def measure(
                 layer_accumulator.add(reference_outputs, modified_outputs, *batch.prediction_positions())
             # Drop this batch's outputs before the next forward pass, not after it: they are most of the peak.
             del modified_outputs, reference_outputs
+            return_free_pages()
             bar.update(len(batch.first_scored))
     tokens = TokenAccumulator().merge(distributed.gather(tokens))
     if layer_accumulator is not None:

@@ -15,10 +15,11 @@ Elsewhere than glibc (macOS, musl) both functions do nothing but collect garbage
 
 Example:
     >>> import torch
-    >>> from hemorrhage_hf.measurement.memory import large_blocks_returned, release_freed_memory
+    >>> from hemorrhage_hf.measurement.memory import large_blocks_returned, release_freed_memory, return_free_pages
     >>> with large_blocks_returned():
     ...     block = torch.ones(1 << 20)  # 4 MiB: mapped, and unmapped when freed
-    >>> release_freed_memory()
+    >>> return_free_pages()  # after each batch
+    >>> release_freed_memory()  # after a model is dropped
 """
 
 from __future__ import annotations
@@ -64,10 +65,21 @@ def large_blocks_returned(threshold: int = LARGE_BLOCK_BYTES) -> Iterator[bool]:
         libc.mallopt(_M_TRIM_THRESHOLD, 2 * _HEAP_BLOCK_CEILING)
 
 
+def return_free_pages() -> None:
+    """Hand the free pages of every malloc arena back to the system, holes inside the heap included.
+
+    Called after every measured batch: without it, the blocks a batch freed stay in the process, the next batch's
+    temporaries land elsewhere, and resident memory climbs with the length of the text (measured on SmolLM2 in
+    both-models mode: peak growth 1.50× the two models' weights at 2,044 tokens, 2.50× at 99,804). A trim costs a
+    walk over the arenas, small against a forward pass.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def release_freed_memory() -> None:
     """Collect garbage (a model freed in a reference cycle goes now, not at some later collection), then hand the
     free pages of every malloc arena back to the system."""
     gc.collect()
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    return_free_pages()

@@ -69,6 +69,7 @@ from .divergence import (
     same_top_k,
 )
 from .engine import Batch, LogitsModel, batch_windows, is_logits_model, model_outputs
+from .memory import return_free_pages
 
 CACHE_FORMAT = "hemorrhage-hf reference cache"
 # 2: float64 tails; 3: entries built in the row chunks that read them. A cache must come from the code that reads it.
@@ -506,6 +507,7 @@ class ShardedReference:
             for batch in batch_windows(windows[start:stop], batch_size):
                 for name, values in self.batch_entries(model, batch).items():
                     pending[name].append(values)
+                return_free_pages()
                 done += len(batch.first_scored)
                 bar.update(len(batch.first_scored))
                 if sum(len(part) for part in pending["targets"]) >= shard_tokens or done == stop:
