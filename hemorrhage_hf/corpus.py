@@ -121,6 +121,38 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
 
 
+#: Tokens a prefix of the text must yield beyond those kept: only the last few tokens before a cut can differ from
+#: the whole text's (a merge or a run of whitespace the cut splits), never dozens.
+PREFIX_MARGIN_TOKENS = 64
+#: First guess of characters per token when cutting a prefix (English prose runs ~4–5 for BPE vocabularies); a wrong
+#: guess costs another, doubled, prefix, never a different result.
+_CHARACTERS_PER_TOKEN = 6
+
+
+def _leading_token_ids(tokenizer: PreTrainedTokenizerBase, text: str, count: int) -> torch.Tensor:
+    """The first ``count`` token ids of ``text``, tokenizing only a prefix of it when that is enough.
+
+    The prefix ends at a line break and must yield :data:`PREFIX_MARGIN_TOKENS` more tokens than are kept, so the
+    kept ones are those of the whole text; measuring 4,096 tokens of a long corpus need not tokenize all of it.
+
+    Example:
+        >>> from hemorrhage_hf.models import load_tokenizer
+        >>> tokenizer = load_tokenizer("default")
+        >>> text = python_docs_text()
+        >>> bool((_leading_token_ids(tokenizer, text, 100) == _token_ids(tokenizer, text)[:100]).all())
+        True
+    """
+    length = (count + PREFIX_MARGIN_TOKENS) * _CHARACTERS_PER_TOKEN
+    while length < len(text):
+        cut = text.rfind("\n", 0, length)
+        if cut > 0:
+            token_ids = _token_ids(tokenizer, text[:cut])
+            if len(token_ids) >= count + PREFIX_MARGIN_TOKENS:
+                return token_ids[:count]
+        length *= 2
+    return _token_ids(tokenizer, text)[:count]
+
+
 def llamacpp_chunks(token_ids: torch.Tensor, *, window: int, bos_id: int | None) -> list[Window]:
     """Chunks as llama.cpp's ``perplexity`` cuts them: the text (after a BOS where the tokenizer adds one) in
     ``len // window`` non-overlapping chunks; each chunk's first token replaced by BOS (where there is one); the
@@ -181,9 +213,10 @@ def tokenize_corpus(
         raise CorpusError("the text is empty or only whitespace")
     if skip_tokens < 0:
         raise CorpusError(f"skip_tokens must not be negative, got {skip_tokens}")
-    token_ids = _token_ids(tokenizer, text)[skip_tokens:]
-    if max_tokens is not None:
-        token_ids = token_ids[:max_tokens]
+    if max_tokens is None:
+        token_ids = _token_ids(tokenizer, text)[skip_tokens:]
+    else:
+        token_ids = _leading_token_ids(tokenizer, text, skip_tokens + max_tokens)[skip_tokens:]
     if len(token_ids) < window:
         raise CorpusError(
             f"the text has {len(token_ids)} tokens{' (after skipped tokens and --max-tokens)' if max_tokens else ''}, "

@@ -77,3 +77,13 @@ def test_calibration_windows_seeded_distinct_and_bounded(smollm2):
     assert len({tuple(row.tolist()) for row in first}) == 4
     with pytest.raises(CorpusError, match="too short"):
         calibration_windows(tokenizer, text[:500], n_sequences=64, seq_len=512)
+
+
+@pytest.mark.parametrize("max_tokens, skip_tokens", [(256, 0), (4096, 0), (1000, 1536), (30_000, 100)])
+def test_the_first_tokens_of_a_long_text_are_those_of_the_whole_text(smollm2, wikitext_text, max_tokens, skip_tokens):
+    tokenizer = smollm2[1]
+    for text in (wikitext_text, python_docs_text()):
+        whole = tokenizer(text, add_special_tokens=False).input_ids
+        windows = tokenize_corpus(tokenizer, text, window=256, max_tokens=max_tokens, skip_tokens=skip_tokens)
+        measured = torch.cat([window.input_ids for window in windows]).tolist()
+        assert measured == whole[skip_tokens : skip_tokens + max_tokens]
