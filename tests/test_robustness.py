@@ -54,7 +54,14 @@ def test_sigint_mid_run_leaves_no_output_file(tmp_path, wikitext_text):
     output = tmp_path / "out"
     command = [argument for argument in _report_command(text_file, output) if argument != "--quiet"]
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # A test run started in the background (`make test &`) inherits an ignored SIGINT, and a Python started with
+        # SIGINT ignored never raises KeyboardInterrupt: give the command the terminal's default, as a user's has.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # Interrupt once the progress bar shows it is measuring: a fixed sleep was not enough on a busy machine.
     seen = ""
