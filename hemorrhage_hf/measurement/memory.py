@@ -11,7 +11,7 @@ are mapped and unmapped every time. Each mapping costs page faults (kernel time)
 fixed high (glibc's own ceiling for it, 32 MiB) and the rest of the process allocates from the heap as glibc's
 adjusted threshold would have let it.
 
-Elsewhere than glibc (macOS, musl) both functions do nothing but collect garbage.
+Elsewhere than glibc (macOS, musl) these functions do nothing but collect garbage.
 
 Example:
     >>> import torch
@@ -69,9 +69,8 @@ def return_free_pages() -> None:
     """Hand the free pages of every malloc arena back to the system, holes inside the heap included.
 
     Called after every measured batch: without it, the blocks a batch freed stay in the process, the next batch's
-    temporaries land elsewhere, and resident memory climbs with the length of the text (measured on SmolLM2 in
-    both-models mode: peak growth 1.50× the two models' weights at 2,044 tokens, 2.50× at 99,804). A trim costs a
-    walk over the arenas, small against a forward pass.
+    temporaries land elsewhere, and resident memory climbs with the length of the text (BENCHMARKS.md, peak
+    memory). A trim costs a walk over the arenas, small against a forward pass.
     """
     libc = _glibc()
     if libc is not None:
