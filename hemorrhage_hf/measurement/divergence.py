@@ -31,9 +31,15 @@ def kl_divergence(reference_logprobs: torch.Tensor, modified_logprobs: torch.Ten
     Bins the reference gives zero probability contribute nothing (0·log 0 = 0), so vocabularies masked to -inf
     stay finite; a bin the reference uses and the modified model rules out gives +inf, as it should.
     """
-    reference_probs = reference_logprobs.exp()
-    terms = reference_probs * (reference_logprobs - modified_logprobs)
-    return torch.where(reference_probs > 0, terms, torch.zeros_like(terms)).sum(-1)
+    return _expected_difference(reference_logprobs, reference_logprobs - modified_logprobs)
+
+
+def _expected_difference(logprobs: torch.Tensor, difference: torch.Tensor) -> torch.Tensor:
+    """Σ p·difference over the last dimension, p = exp(logprobs), counting nothing where p = 0 (where ``difference``
+    may be ±inf or NaN from a -inf log-probability). Overwrites nothing it was given."""
+    probs = logprobs.exp()
+    used = probs > 0
+    return torch.where(used, probs.mul_(difference), 0).sum(-1)
 
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -139,7 +145,8 @@ def concatenate_row_chunks(
 def _chunk_statistics(
     reference_logits: torch.Tensor, modified_logits: torch.Tensor, targets: torch.Tensor
 ) -> TokenStatistics:
-    finite = torch.isfinite(modified_logits).all(-1)
+    # A NaN or ±inf logit makes the row's fp32 sum non-finite: one read of the row instead of an elementwise test.
+    finite = torch.isfinite(modified_logits.sum(-1, dtype=torch.float32))
     reference_logprobs = log_probs(reference_logits)
     modified_logprobs = log_probs(modified_logits)
     reference_true = reference_logprobs.gather(-1, targets[:, None]).squeeze(-1)
@@ -147,14 +154,18 @@ def _chunk_statistics(
     k = min(max(AGREEMENT_KS), reference_logits.shape[-1])
     reference_top = reference_logprobs.topk(k, dim=-1)
     modified_top = modified_logprobs.topk(k, dim=-1).indices
+    # Both directions share one difference: KL(P‖Q) = Σ p·(log p − log q), KL(Q‖P) = Σ q·(log q − log p).
+    difference = reference_logprobs - modified_logprobs
+    kl = _expected_difference(reference_logprobs, difference)
+    reverse_kl = _expected_difference(modified_logprobs, difference.neg_())
     return TokenStatistics(
-        kl=kl_divergence(reference_logprobs, modified_logprobs),
+        kl=kl,
         reference_nll=-reference_true,
         modified_nll=-modified_true,
         same_top1=reference_logits.argmax(-1) == modified_logits.argmax(-1),
         delta_p=modified_true.exp() - reference_true.exp(),
         finite=finite,
-        reverse_kl=kl_divergence(modified_logprobs, reference_logprobs),
+        reverse_kl=reverse_kl,
         same_top5=same_top_k(reference_top.indices, modified_top, 5),
         same_top10=same_top_k(reference_top.indices, modified_top, 10),
         reference_confidence=reference_top.values[:, 0].exp(),
