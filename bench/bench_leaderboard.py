@@ -28,7 +28,7 @@ from hemorrhage_hf.comparison import TextSource
 from hemorrhage_hf.corpus import python_docs_text
 from hemorrhage_hf.leaderboard import rank_candidates
 from hemorrhage_hf.measurement.engine import batch_windows
-from hemorrhage_hf.measurement.refstore import OutputHead
+from hemorrhage_hf.measurement.head import OutputHead
 from hemorrhage_hf.models import load_model
 from hemorrhage_hf.modify import apply_modification
 

@@ -33,6 +33,7 @@ from ..corpus import Window
 from ..errors import HemorrhageError, ModificationError
 from . import distributed
 from .divergence import TokenStatistics, cosine_distance, js_divergence, relative_l2, token_statistics
+from .head import HeadInputs, HeadRows, OutputHead
 from .memory import return_free_pages
 from .report import HemorrhageReport, LayerFigures, TokenArrays
 
@@ -307,8 +308,13 @@ class ReferenceSource(Protocol):
     ) -> None:
         """Start a pass over ``windows`` comparing ``modified``; raise where this source cannot serve it."""
 
+    def modified_head(self) -> OutputHead | None:
+        """After :meth:`begin`: the modified model's head, where :meth:`compare` takes the modified logits as
+        :class:`~hemorrhage_hf.measurement.head.HeadRows` (computed a block of rows at a time, never a whole
+        window's at once); None where it takes them whole."""
+
     def compare(
-        self, batch: Batch, modified_logits: torch.Tensor, targets: torch.Tensor
+        self, batch: Batch, modified_logits: torch.Tensor | HeadRows, targets: torch.Tensor
     ) -> tuple[TokenStatistics, Any]:
         """Per-token statistics of the batch's scored positions, and the reference model outputs (None if absent)."""
 
@@ -333,6 +339,9 @@ class LiveReference:
         modified: PreTrainedModel | LogitsModel | None = None,
     ) -> None:
         self.layers, self.attention = layers or attention, attention
+
+    def modified_head(self) -> None:
+        return None
 
     def compare(self, batch: Batch, modified_logits: torch.Tensor, targets: torch.Tensor):
         outputs = model_outputs(self.model, batch.input_ids, layers=self.layers, attention=self.attention)
@@ -411,15 +420,26 @@ def measure(
     )
     tokens = TokenAccumulator()
     attention_context = eager_attention(reference, modified) if attention else contextlib.nullcontext()
+    modified_head = source.modified_head()
+    head_inputs = HeadInputs(modified) if modified_head is not None else contextlib.nullcontext()
     # Under `accelerate launch` each process measures its own contiguous shard; the shards are merged below.
     shard = distributed.local_windows(windows, batch_size)
     show_progress = progress and distributed.is_main_process()
-    with attention_context, tqdm(total=len(shard), desc=description, unit="window", disable=not show_progress) as bar:
+    with (
+        attention_context,
+        head_inputs,
+        tqdm(total=len(shard), desc=description, unit="window", disable=not show_progress) as bar,
+    ):
         for batch in batch_windows(shard, batch_size):
             want_hidden = layer_accumulator is not None
             modified_outputs = model_outputs(modified, batch.input_ids, layers=want_hidden, attention=attention)
             targets = batch.targets()
-            statistics, reference_outputs = source.compare(batch, batch.scored(modified_outputs.logits), targets)
+            if modified_head is not None:  # the model computed its last position's logits only
+                modified_head.check(head_inputs.last(), modified_outputs.logits, modified)
+                modified_logits = HeadRows(modified_head, batch.scored(head_inputs.value))
+            else:
+                modified_logits = batch.scored(modified_outputs.logits)
+            statistics, reference_outputs = source.compare(batch, modified_logits, targets)
             tokens.add(statistics, targets)
             for name, transform in variants.items():
                 variant_logits = batch.scored(transform(batch.input_ids, modified_outputs.logits))
@@ -428,7 +448,7 @@ def measure(
             if layer_accumulator is not None:
                 layer_accumulator.add(reference_outputs, modified_outputs, *batch.prediction_positions())
             # Drop this batch's outputs before the next forward pass, not after it: they are most of the peak.
-            del modified_outputs, reference_outputs
+            del modified_outputs, modified_logits, reference_outputs
             return_free_pages()
             bar.update(len(batch.first_scored))
     tokens = TokenAccumulator().merge(distributed.gather(tokens))

@@ -415,6 +415,9 @@ class ShardedReference:
         # Under `accelerate launch`, measure() runs this process's share of the windows only.
         self._cursor = self.header["window_token_offsets"][distributed.local_bounds(len(windows), batch_size)[0]]
 
+    def modified_head(self) -> None:
+        return None  # subclasses that recompute logits from hidden states say otherwise
+
     def check_windows(self, windows: Sequence[Window]) -> None:
         """Raise unless ``windows`` are the token windows this folder was built on."""
         if windows_fingerprint(windows) != self.header["windows_fingerprint"]:

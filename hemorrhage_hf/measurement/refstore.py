@@ -9,12 +9,15 @@ Granite's ``logits_scaling``, Gemma 2's final soft-capping). The store keeps
 - per scored token: ``h`` (fp32 by default, bf16 optional) and the true next token (int32);
 - once: the head's weight and bias and its post-head transform (``head.safetensors``).
 
-Reading recomputes ``head(h)`` a few rows at a time, so every figure — the full-vocabulary KL included — is exact,
-not a bound. Per token this is ``4·d + 4`` bytes (SmolLM2-135M, d = 576: 2,308 B, against 196,608 B for fp32 logits
-and 98,304 B for llama.cpp's uint16 logits); the head (113 MB for SmolLM2) is stored once.
+Reading recomputes ``head(h)`` a block of rows at a time (:mod:`hemorrhage_hf.measurement.head`), so every
+figure — the full-vocabulary KL included — is exact, not a bound. Per token this is ``4·d + 4`` bytes (SmolLM2-135M,
+d = 576: 2,308 B, against 196,608 B for fp32 logits and 98,304 B for llama.cpp's uint16 logits); the head (113 MB
+for SmolLM2) is stored once.
 
-A model whose logits are not ``head(h)`` under a known transform is refused: the first batch of every build
-compares ``head(h)`` with the model's own logits and stops with :class:`UnknownHeadError` if they differ.
+A model whose logits are not ``head(h)`` under a known transform is refused: every batch of a build compares
+``head(h)`` with the model's own logits at the window's last position (the only logits the pass computes) and stops
+with :class:`~hemorrhage_hf.measurement.head.UnknownHeadError` if they differ. A modified model with a plain head is
+compared the same way: its logits, too, are computed a block of rows at a time from what enters its head.
 
 The folder, its key (model fingerprint, windows fingerprint, store dtype, batch size), checksums, resuming and the
 per-process shards under ``accelerate launch`` are those of
@@ -24,7 +27,7 @@ saying which.
 
 Example:
     >>> import torch
-    >>> from hemorrhage_hf.measurement.refstore import OutputHead
+    >>> from hemorrhage_hf.measurement.head import OutputHead
     >>> head = OutputHead(weight=torch.eye(3), softcap=2.0)
     >>> [round(x, 4) for x in head(torch.tensor([[10.0, 0.0, -1.0]]))[0].tolist()]  # 2·tanh(logit / 2)
     [1.9998, 0.0, -0.9242]
@@ -35,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,8 +47,8 @@ from ..corpus import Window
 from ..errors import TokenizerMismatchError
 from .divergence import STATISTICS_CHUNK_ROWS, TokenStatistics, concatenate_row_chunks, token_statistics
 from .engine import Batch, LogitsModel, is_logits_model, model_outputs
+from .head import HeadInputs, HeadRows, OutputHead, UnknownHeadError
 from .refcache import (
-    DEFAULT_SHARD_TOKENS,
     DEFAULT_TOP_K,
     ReferenceCache,
     ReferenceCacheError,
@@ -59,85 +61,20 @@ STORE_FORMAT = "hemorrhage-hf reference store"
 STORE_VERSION = 1
 STORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HEAD_FILE = "head.safetensors"
-#: ``head(h)`` must reproduce the model's logits within this, relative to the largest logit, or the model is refused
-HEAD_CHECK_TOLERANCE = 1e-4
-#: Rows of reference logits recomputed per head product (SmolLM2: 12.6 MB). Each product streams the whole head
-#: (113 MB for SmolLM2) through the CPU: 16-row products took ~2.7× the time of 64-row ones over 1,024 SmolLM2
-#: rows on 2 shared cores. The per-token figures are still computed in their usual 16-row slices within each block.
-HEAD_BLOCK_ROWS = 4 * STATISTICS_CHUNK_ROWS
+#: Rows of logits recomputed per head product, for the reference and the modified model alike (SmolLM2: 25 MB
+#: each). Each product streams the whole head (113 MB for SmolLM2) through the CPU: over 1,024 rows of SmolLM2's head
+#: on 2 cores, products of 16 rows took 1.25 s, of 64 rows 0.60 s, of 128 or 256 rows 0.50 s. The per-token figures
+#: are still computed in their usual 16-row slices within each block.
+HEAD_BLOCK_ROWS = 8 * STATISTICS_CHUNK_ROWS
+
+
+#: Stored hidden states per shard file, in bytes: measuring holds one shard in memory, building one being filled, so it
+#: adds to the peak; 8 MiB is ~3,600 SmolLM2 tokens in fp32.
+SHARD_BYTES = 8 << 20
 
 
 class ReferenceStoreError(ReferenceCacheError):
     """A reference store is corrupt, incomplete, or was made for another reference, tokenizer or text."""
-
-
-class UnknownHeadError(ReferenceStoreError):
-    """The model's logits are not its output head applied to its final hidden state under a known transform."""
-
-
-@dataclass(frozen=True)
-class OutputHead:
-    """``logits = softcap · tanh((scale · (h Wᵀ + b)) / softcap)``; no soft-capping where ``softcap`` is None.
-
-    Example:
-        >>> import torch
-        >>> OutputHead(weight=torch.ones(2, 3), scale=0.5)(torch.ones(1, 3)).tolist()
-        [[1.5, 1.5]]
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    scale: float = 1.0
-    softcap: float | None = None
-
-    @classmethod
-    def of(cls, model: PreTrainedModel) -> OutputHead:
-        """The head of a causal LM with the post-head transforms transformers' families apply after it."""
-        head = model.get_output_embeddings()
-        if type(head) is not torch.nn.Linear:
-            raise UnknownHeadError(
-                f"{type(model).__name__}'s output head is a {type(head).__name__}, not a plain Linear: the store "
-                "cannot recompute its logits"
-            )
-        config = model.config.get_text_config()
-        scale = float(getattr(config, "logit_scale", None) or 1.0)  # Cohere: logits · logit_scale
-        if getattr(config, "logits_scaling", None):  # Granite: logits / logits_scaling
-            scale /= float(config.logits_scaling)
-        softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2 and 3
-        bias = head.bias.detach() if head.bias is not None else None
-        return cls(head.weight.detach(), bias, scale, float(softcap) if softcap else None)
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
-        if self.scale != 1.0:
-            logits = logits * self.scale
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-    @property
-    def vocab_size(self) -> int:
-        return self.weight.shape[0]
-
-    def fingerprint(self) -> str:
-        """SHA-256 of the weight, bias and transform: two heads compute the same logits iff this matches."""
-        digest = hashlib.sha256(json.dumps({"scale": self.scale, "softcap": self.softcap}).encode())
-        for tensor in (self.weight, self.bias):
-            if tensor is not None:
-                tensor = tensor.detach().cpu().contiguous()
-                digest.update(f"{tensor.dtype}:{tuple(tensor.shape)}".encode())
-                digest.update(tensor.view(torch.uint8).numpy().data)
-        return digest.hexdigest()
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {"weight": self.weight.contiguous()}
-        if self.bias is not None:
-            tensors["bias"] = self.bias.contiguous()
-        return tensors
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], transform: dict) -> OutputHead:
-        return cls(tensors["weight"], tensors.get("bias"), transform["scale"], transform["softcap"])
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -146,27 +83,6 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     digest.update(json.dumps(tokenizer.all_special_tokens).encode())
     return digest.hexdigest()
-
-
-class _HeadInput:
-    """A forward pre-hook keeping what enters the output head (after any scaling a model applies before it).
-
-    With ``last_only`` the head then computes the last position alone: the store keeps no logits, and a window's
-    full-vocabulary logits (~100 MB for 512 tokens of a 49k vocabulary) would be most of what the pass holds beyond
-    the model's weights.
-    """
-
-    def __init__(self, model: PreTrainedModel, *, last_only: bool):
-        self.value: torch.Tensor | None = None
-        self._last_only = last_only
-        self._handle = model.get_output_embeddings().register_forward_pre_hook(self._keep)
-
-    def _keep(self, module, args) -> tuple | None:
-        self.value = args[0]
-        return (args[0][..., -1:, :], *args[1:]) if self._last_only else None
-
-    def close(self) -> None:
-        self._handle.remove()
 
 
 class ReferenceStore(ShardedReference):
@@ -196,7 +112,7 @@ class ReferenceStore(ShardedReference):
         super().__init__(directory, header)
         self._head: OutputHead | None = None
         self._head_shared = False  # True while _head is a modified model's own (identical) head
-        self._head_checked = False
+        self._modified_head: OutputHead | None = None
 
     @classmethod
     def build(
@@ -208,7 +124,7 @@ class ReferenceStore(ShardedReference):
         tokenizer: PreTrainedTokenizerBase | None = None,
         batch_size: int = 1,
         root: str | Path | None = None,
-        shard_tokens: int = DEFAULT_SHARD_TOKENS,
+        shard_tokens: int | None = None,
         description: dict | None = None,
         progress: bool = True,
     ) -> ReferenceStore:
@@ -220,7 +136,8 @@ class ReferenceStore(ShardedReference):
             tokenizer: recorded (as :func:`tokenizer_fingerprint`) so the store is refused for another tokenizer.
             batch_size: windows per forward pass; measure with the same batch size (it is part of the key).
             root: parent folder of stores (default ``<cache_dir()>/reference-store``).
-            shard_tokens: scored tokens per shard file, the unit an interrupted build resumes from.
+            shard_tokens: scored tokens per shard file, the unit an interrupted build resumes from (default: as
+                many as fill :data:`SHARD_BYTES`).
             description: free-form labels (model name, corpus) written into the header for people to read.
         """
         if is_logits_model(model):
@@ -243,7 +160,7 @@ class ReferenceStore(ShardedReference):
             },
             batch_size=batch_size,
             root=root,
-            shard_tokens=shard_tokens,
+            shard_tokens=shard_tokens or max(1, SHARD_BYTES // (head.weight.shape[1] * STORE_DTYPES[dtype].itemsize)),
             description=description,
             progress=progress,
         )
@@ -264,30 +181,12 @@ class ReferenceStore(ShardedReference):
         self._head = head
 
     def batch_entries(self, model: PreTrainedModel, batch: Batch) -> dict[str, torch.Tensor]:
-        # The first batch's logits check the stored head against the model's own; later batches need no logits.
-        head_input = _HeadInput(model, last_only=self._head_checked)
-        try:
-            outputs = model_outputs(model, batch.input_ids)
-        finally:
-            head_input.close()
-        hidden = batch.scored(head_input.value)
-        if not self._head_checked:
-            self._check_head(model, hidden, batch.scored(outputs.logits))
-        del outputs
+        with HeadInputs(model) as head_inputs:
+            last_logits = model_outputs(model, batch.input_ids).logits
+        # Under `accelerate launch` only the main process prepares (and holds) the head.
+        (self._head or OutputHead.of(model)).check(head_inputs.last(), last_logits, model)
+        hidden = batch.scored(head_inputs.value)
         return {"hidden": hidden.to(STORE_DTYPES[self.header["dtype"]]), "targets": batch.targets().to(torch.int32)}
-
-    def _check_head(self, model: PreTrainedModel, hidden: torch.Tensor, logits: torch.Tensor) -> None:
-        """Refuse a model whose logits the stored head cannot reproduce (an unknown transform after the head)."""
-        recomputed = (self._head or OutputHead.of(model))(hidden[:16])
-        error = (recomputed.float() - logits[:16].float()).abs().max().item()
-        allowed = HEAD_CHECK_TOLERANCE * max(1.0, logits[:16].float().abs().max().item())
-        if not error <= allowed:
-            raise UnknownHeadError(
-                f"{type(model).__name__}'s logits are not its output head applied to its final hidden state with "
-                f"the known transforms (logit scaling, final soft-capping): they differ by {error:.3g}. Its "
-                "post-head transform is unknown, so it cannot be stored exactly; use the top-k cache instead"
-            )
-        self._head_checked = True
 
     # --- reading ------------------------------------------------------------------------------------------------------
 
@@ -311,20 +210,20 @@ class ReferenceStore(ShardedReference):
         super().begin(windows, batch_size=batch_size, layers=layers, attention=attention)
         if self._head_shared:
             self._head, self._head_shared = None, False  # never keep an earlier modified model's tensor alive
-        if modified is not None:
-            self._share_head(modified)
+        self._modified_head = None
+        if modified is not None and not is_logits_model(modified):
+            try:
+                self._modified_head = OutputHead.of(modified)
+            except UnknownHeadError:
+                return  # compared from its whole logits
+            # A modification that left the head alone: the same numbers, without a second copy of the largest matrix
+            if self._modified_head.fingerprint() == self.header["head"]["fingerprint"]:
+                self._head, self._head_shared = self._modified_head, True
 
-    def _share_head(self, modified: PreTrainedModel) -> None:
-        """Use the modified model's own head where it is the stored one (a modification that left the head alone):
-        the same numbers, without a second copy of the largest matrix in memory."""
-        if is_logits_model(modified):
-            return
-        try:
-            candidate = OutputHead.of(modified)
-        except UnknownHeadError:
-            return
-        if candidate.fingerprint() == self.header["head"]["fingerprint"]:
-            self._head, self._head_shared = candidate, True
+    def modified_head(self) -> OutputHead | None:
+        """The modified model's own head, through which :meth:`compare` takes its logits a block of rows at a time
+        (:class:`~hemorrhage_hf.measurement.head.HeadRows`); None where it is not a plain head (then whole logits)."""
+        return self._modified_head
 
     @property
     def head(self) -> OutputHead:
@@ -360,13 +259,13 @@ class ReferenceStore(ShardedReference):
                 "share a vocabulary"
             )
 
-    def compare(self, batch: Batch, modified_logits: torch.Tensor, targets: torch.Tensor):
+    def compare(self, batch: Batch, modified_logits: torch.Tensor | HeadRows, targets: torch.Tensor):
         self.check_vocabulary(modified_logits.shape[-1], "the modified model")
         entries = self.next_entries(targets)
         head = self.head
 
-        # The reference's logits exist a block of rows at a time only (~13 MB), never for a whole batch (~100 MB
-        # per 512-token window of a 49k vocabulary): one model's weights and the modified logits are the peak.
+        # The reference's logits, and the modified model's where it is given as HeadRows, exist a block of rows at a
+        # time only (~25 MB each), never for a whole batch (~100 MB per 512-token window of a 49k vocabulary).
         def block(hidden: torch.Tensor, logits: torch.Tensor, block_targets: torch.Tensor) -> dict:
             return vars(token_statistics(head(hidden), logits, block_targets))
 

@@ -10,14 +10,10 @@ from conftest import SCALE, StopAfter, tiny_llama
 from hemorrhage_hf.comparison import MeasureOptions, TextSource, compare
 from hemorrhage_hf.corpus import make_windows, tokenize_corpus
 from hemorrhage_hf.errors import TokenizerMismatchError
+from hemorrhage_hf.measurement import refstore
 from hemorrhage_hf.measurement.engine import measure
-from hemorrhage_hf.measurement.refstore import (
-    OutputHead,
-    ReferenceStore,
-    ReferenceStoreError,
-    UnknownHeadError,
-    tokenizer_fingerprint,
-)
+from hemorrhage_hf.measurement.head import OutputHead, UnknownHeadError
+from hemorrhage_hf.measurement.refstore import ReferenceStore, ReferenceStoreError, tokenizer_fingerprint
 from hemorrhage_hf.models import load_tokenizer
 from hemorrhage_hf.modify import apply_modification
 
@@ -117,13 +113,53 @@ def test_a_head_with_an_unknown_transform_is_refused(tmp_path):
         ReferenceStore.build(model, tiny_windows(), root=tmp_path, progress=False)
 
 
-def test_the_store_pass_computes_full_logits_only_to_check_the_head(tmp_path):
+def test_the_store_pass_computes_the_last_position_logits_alone(tmp_path):
     model = tiny_llama()
-    positions = []  # logit rows per window the head computes
-    model.get_output_embeddings().register_forward_hook(lambda module, args, logits: positions.append(logits.shape[1]))
+    rows = _head_rows_per_call(model)
     store = ReferenceStore.build(model, tiny_windows(), root=tmp_path, progress=False)
-    assert positions[0] == 20 and set(positions[1:]) == {1}, positions
+    assert rows == [1] * len(tiny_windows()), rows
     assert store.n_tokens == sum(window.n_scored for window in tiny_windows())
+
+
+def _head_rows_per_call(model) -> list[int]:
+    """Logit rows per call of ``model``'s output head, recorded from now on."""
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, logits: rows.append(logits.shape[-2]))
+    return rows
+
+
+def test_a_modified_model_with_a_plain_head_never_computes_a_whole_window_of_logits(tmp_path):
+    reference, windows = tiny_llama(), tiny_windows()
+    store = ReferenceStore.build(reference, windows, root=tmp_path, progress=False)
+    modified = apply_modification(reference, "int4-g16")
+    live = measure(reference, modified, windows, progress=False).figures
+    rows = _head_rows_per_call(modified)
+    stored = measure(store, modified, windows, progress=False).figures
+    assert rows == [1] * len(windows), rows  # the last position, to check the head against; the rest in blocks
+    for figure in FIGURES:
+        assert stored[figure] == pytest.approx(live[figure], rel=1e-6, abs=1e-9), figure
+
+
+def test_a_modified_model_whose_head_is_not_a_plain_linear_is_compared_from_its_whole_logits(tmp_path):
+    reference, windows = tiny_llama(), tiny_windows()
+    store = ReferenceStore.build(reference, windows, root=tmp_path, progress=False)
+    modified = apply_modification(reference, "int4-g16")
+    modified.lm_head = torch.nn.Sequential(modified.lm_head)  # what a quantization backend's module looks like
+    live = measure(reference, modified, windows, progress=False).figures
+    rows = _head_rows_per_call(modified)
+    stored = measure(store, modified, windows, progress=False).figures
+    assert rows == [20] * len(windows), rows
+    for figure in FIGURES:
+        assert stored[figure] == pytest.approx(live[figure], rel=1e-6, abs=1e-9), figure
+
+
+def test_a_modified_model_whose_logits_its_head_does_not_give_is_refused(tmp_path):
+    reference, windows = tiny_llama(), tiny_windows()
+    store = ReferenceStore.build(reference, windows, root=tmp_path, progress=False)
+    modified = apply_modification(reference, "int4-g16")
+    modified.config.final_logit_softcapping = 0.5  # a transform its forward does not apply
+    with pytest.raises(UnknownHeadError, match="post-head transform is unknown"):
+        measure(store, modified, windows, progress=False)
 
 
 def test_known_soft_capping_is_stored_and_reproduced(tmp_path):
@@ -147,6 +183,16 @@ def test_known_soft_capping_is_stored_and_reproduced(tmp_path):
     hidden = store.tokens(0, 5)["hidden"]
     assert store.head(hidden).abs().max() < 0.5  # the cap is applied on read
     assert measure(store, model, tiny_windows(), progress=False).figures["kl_max"] == pytest.approx(0, abs=1e-6)
+
+
+def test_shards_hold_about_shard_bytes_of_hidden_states_by_default(tmp_path, monkeypatch):
+    """One shard is in memory while measuring: its size follows the hidden size and dtype, not a token count."""
+    monkeypatch.setattr(refstore, "SHARD_BYTES", 40 * 32 * 2)  # 40 tokens of d = 32 in bf16, 20 in fp32
+    for dtype, tokens_per_shard in (("fp32", 20), ("bf16", 40)):
+        store = ReferenceStore.build(tiny_llama(), tiny_windows(), dtype=dtype, root=tmp_path, progress=False)
+        first, last = zip(*(shard["tokens"] for shard in store.header["shards"]))
+        # A shard closes at the first window that fills it: 19 scored tokens per window here.
+        assert [b - a for a, b in zip(first, last)][:-1] == [38 if tokens_per_shard == 20 else 57] * (len(first) - 1)
 
 
 def test_an_interrupted_store_resumes_and_a_corrupt_head_is_refused(tmp_path):
