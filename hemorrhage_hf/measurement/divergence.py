@@ -37,9 +37,25 @@ def kl_divergence(reference_logprobs: torch.Tensor, modified_logprobs: torch.Ten
 def _expected_difference(logprobs: torch.Tensor, difference: torch.Tensor) -> torch.Tensor:
     """Σ p·difference over the last dimension, p = exp(logprobs), counting nothing where p = 0 (where ``difference``
     may be ±inf or NaN from a -inf log-probability). Overwrites nothing it was given."""
-    probs = logprobs.exp()
-    used = probs > 0
-    return torch.where(used, probs.mul_(difference), 0).sum(-1)
+    expected = logprobs.exp().mul_(difference).sum(-1)
+    # Only a row holding 0·(±inf) or NaN sums to NaN: mask those rows alone, sparing every other row two passes.
+    undefined = expected.isnan()
+    if undefined.any():
+        probs = logprobs[undefined].exp()
+        expected[undefined] = torch.where(probs > 0, probs * difference[undefined], 0).sum(-1)
+    return expected
+
+
+def _argmax(logits: torch.Tensor, top: torch.return_types.topk) -> torch.Tensor:
+    """``logits.argmax(-1)`` from the row's ``top`` (≥ 2 largest of a monotone function of ``logits``, most likely
+    first): their first index wherever it is strictly largest; argmax itself (the first maximal index) on ties."""
+    if top.values.shape[-1] < 2:
+        return logits.argmax(-1)
+    first = top.indices[:, 0]
+    tied = top.values[:, 0] == top.values[:, 1]
+    if tied.any():
+        first = torch.where(tied, logits.argmax(-1), first)
+    return first
 
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -153,7 +169,7 @@ def _chunk_statistics(
     modified_true = modified_logprobs.gather(-1, targets[:, None]).squeeze(-1)
     k = min(max(AGREEMENT_KS), reference_logits.shape[-1])
     reference_top = reference_logprobs.topk(k, dim=-1)
-    modified_top = modified_logprobs.topk(k, dim=-1).indices
+    modified_top = modified_logprobs.topk(k, dim=-1)
     # Both directions share one difference: KL(P‖Q) = Σ p·(log p − log q), KL(Q‖P) = Σ q·(log q − log p).
     difference = reference_logprobs - modified_logprobs
     kl = _expected_difference(reference_logprobs, difference)
@@ -162,11 +178,11 @@ def _chunk_statistics(
         kl=kl,
         reference_nll=-reference_true,
         modified_nll=-modified_true,
-        same_top1=reference_logits.argmax(-1) == modified_logits.argmax(-1),
+        same_top1=_argmax(reference_logits, reference_top) == _argmax(modified_logits, modified_top),
         delta_p=modified_true.exp() - reference_true.exp(),
         finite=finite,
         reverse_kl=reverse_kl,
-        same_top5=same_top_k(reference_top.indices, modified_top, 5),
-        same_top10=same_top_k(reference_top.indices, modified_top, 10),
+        same_top5=same_top_k(reference_top.indices, modified_top.indices, 5),
+        same_top10=same_top_k(reference_top.indices, modified_top.indices, 10),
         reference_confidence=reference_top.values[:, 0].exp(),
     )

@@ -92,3 +92,18 @@ def test_richer_token_figures_on_known_distributions():
     skewed[:, 0] -= 1.0
     asymmetric = token_statistics(reference, skewed, torch.tensor([0, 0]))
     assert asymmetric.reverse_kl[0].item() != pytest.approx(asymmetric.kl[0].item(), rel=1e-2)  # not symmetric
+
+
+def test_token_statistics_top1_is_the_first_maximal_token_and_masked_bins_count_nothing():
+    """Ties at the maximum resolve as argmax does (the first maximal index), and a token one model rules out (-inf)
+    adds nothing to a KL whose weighting distribution gives it zero mass, and +inf where that distribution uses it."""
+    reference = torch.tensor([[2.0, 5.0, 5.0, 1.0], [1.0, 2.0, 3.0, -math.inf], [0.0, 1.0, 2.0, 3.0]])
+    modified = torch.tensor([[2.0, 4.0, 5.0, 5.0], [1.0, 2.0, 3.0, 0.5], [0.0, 1.0, 2.0, -math.inf]])
+    statistics = token_statistics(reference, modified, torch.tensor([0, 0, 0]))
+    # row 0: reference ties tokens 1 and 2 (argmax 1), modified ties 2 and 3 (argmax 2)
+    assert statistics.same_top1.tolist() == [False, True, False]
+    p, q = torch.softmax(reference[1, :3], -1), torch.softmax(modified[1], -1)
+    assert statistics.kl[1].item() == pytest.approx((p * (p.log() - q[:3].log())).sum().item(), rel=1e-5)
+    assert statistics.reverse_kl[1].item() == math.inf  # the modified model uses a token the reference ruled out
+    assert statistics.kl[2].item() == math.inf and math.isfinite(statistics.reverse_kl[2].item())
+    assert statistics.finite.tolist() == [True, True, False]
