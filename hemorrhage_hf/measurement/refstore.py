@@ -26,11 +26,9 @@ per-process shards under ``accelerate launch`` are those of
 saying which.
 
 Example:
-    >>> import torch
-    >>> from hemorrhage_hf.measurement.head import OutputHead
-    >>> head = OutputHead(weight=torch.eye(3), softcap=2.0)
-    >>> [round(x, 4) for x in head(torch.tensor([[10.0, 0.0, -1.0]]))[0].tolist()]  # 2·tanh(logit / 2)
-    [1.9998, 0.0, -0.9242]
+    >>> from hemorrhage_hf.measurement.refstore import SHARD_BYTES, STORE_DTYPES
+    >>> SHARD_BYTES // (576 * STORE_DTYPES["fp32"].itemsize)  # SmolLM2 tokens per shard file
+    3640
 """
 
 from __future__ import annotations

@@ -128,27 +128,25 @@ def _head_rows_per_call(model) -> list[int]:
     return rows
 
 
-def test_a_modified_model_with_a_plain_head_never_computes_a_whole_window_of_logits(tmp_path):
+@pytest.mark.parametrize(
+    ("wrap_head", "rows_per_window"),
+    [
+        (False, 1),  # the last position, to check its head against; every other row in blocks from its head input
+        (True, 20),  # a head module that is not a plain Linear (as a quantization backend's): whole logits
+    ],
+)
+def test_a_modified_model_is_compared_exactly_and_from_blocks_of_logits_where_its_head_allows(
+    tmp_path, wrap_head, rows_per_window
+):
     reference, windows = tiny_llama(), tiny_windows()
     store = ReferenceStore.build(reference, windows, root=tmp_path, progress=False)
     modified = apply_modification(reference, "int4-g16")
+    if wrap_head:
+        modified.lm_head = torch.nn.Sequential(modified.lm_head)
     live = measure(reference, modified, windows, progress=False).figures
     rows = _head_rows_per_call(modified)
     stored = measure(store, modified, windows, progress=False).figures
-    assert rows == [1] * len(windows), rows  # the last position, to check the head against; the rest in blocks
-    for figure in FIGURES:
-        assert stored[figure] == pytest.approx(live[figure], rel=1e-6, abs=1e-9), figure
-
-
-def test_a_modified_model_whose_head_is_not_a_plain_linear_is_compared_from_its_whole_logits(tmp_path):
-    reference, windows = tiny_llama(), tiny_windows()
-    store = ReferenceStore.build(reference, windows, root=tmp_path, progress=False)
-    modified = apply_modification(reference, "int4-g16")
-    modified.lm_head = torch.nn.Sequential(modified.lm_head)  # what a quantization backend's module looks like
-    live = measure(reference, modified, windows, progress=False).figures
-    rows = _head_rows_per_call(modified)
-    stored = measure(store, modified, windows, progress=False).figures
-    assert rows == [20] * len(windows), rows
+    assert rows == [rows_per_window] * len(windows), rows
     for figure in FIGURES:
         assert stored[figure] == pytest.approx(live[figure], rel=1e-6, abs=1e-9), figure
 
