@@ -11,7 +11,8 @@ are mapped and unmapped every time. Each mapping costs page faults (kernel time)
 fixed high (glibc's own ceiling for it, 32 MiB) and the rest of the process allocates from the heap as glibc's
 adjusted threshold would have let it.
 
-Elsewhere than glibc (macOS, musl) these functions do nothing but collect garbage.
+Elsewhere than glibc (macOS, musl) they return nothing to the system; :func:`release_freed_memory` still collects
+garbage.
 
 Example:
     >>> import torch

@@ -109,8 +109,7 @@ class ReferenceStore(ShardedReference):
     def __init__(self, directory: Path, header: dict):
         super().__init__(directory, header)
         self._head: OutputHead | None = None
-        self._head_shared = False  # True while _head is a modified model's own (identical) head
-        self._modified_head: OutputHead | None = None
+        self._modified_head: OutputHead | None = None  # is _head too where the two heads are identical
 
     @classmethod
     def build(
@@ -206,8 +205,8 @@ class ReferenceStore(ShardedReference):
         modified: PreTrainedModel | LogitsModel | None = None,
     ) -> None:
         super().begin(windows, batch_size=batch_size, layers=layers, attention=attention)
-        if self._head_shared:
-            self._head, self._head_shared = None, False  # never keep an earlier modified model's tensor alive
+        if self._head is not None and self._head is self._modified_head:
+            self._head = None  # never keep an earlier modified model's tensor alive
         self._modified_head = None
         if modified is not None and not is_logits_model(modified):
             try:
@@ -216,7 +215,7 @@ class ReferenceStore(ShardedReference):
                 return  # compared from its whole logits
             # A modification that left the head alone: the same numbers, without a second copy of the largest matrix
             if self._modified_head.fingerprint() == self.header["head"]["fingerprint"]:
-                self._head, self._head_shared = self._modified_head, True
+                self._head = self._modified_head
 
     def modified_head(self) -> OutputHead | None:
         """The modified model's own head, through which :meth:`compare` takes its logits a block of rows at a time
