@@ -35,6 +35,7 @@ from ..modify import WeightQuantization, apply_modification, linear_footprint, p
 from ..modify.architecture import decoder_blocks
 from ..modify.calibration import CalibrationSettings
 from ..modify.mixed import PART_LINEARS, MixedPrecision, Override
+from ..modify.quantization import is_weight_only
 from ..modify.scaling import ActivationAwareScaling
 from .hmap import HemorrhageMap
 from .stack import Unit
@@ -133,7 +134,7 @@ def base_quantization(base: str) -> WeightQuantization:
     modification = parse_spec(base)
     if isinstance(modification, ActivationAwareScaling):
         modification = modification.quantization
-    if type(modification) is not WeightQuantization:
+    if not is_weight_only(modification):
         raise SpecError(f"allocation needs a weight-only base format (int4-g64, awq-int4-g64...), got {base!r}")
     return modification
 

@@ -1,12 +1,13 @@
 """Modifications that cause hemorrhage, each addressable by a spec string (see :func:`parse_spec`)."""
 
-from . import act_quant, backends, expansion, kv_quant, mixed, pruning, quantization, scaling, structured  # noqa: F401  (register their specs)
+from . import act_quant, backends, expansion, gptq, kv_quant, mixed, pruning, quantization, scaling, structured  # noqa: F401  (register their specs)
 from .act_quant import ActivationQuantization
 from .backends import BackendQuantization, describe_model
 from .base import Modification, apply_modification, known_specs, parse_spec, register, target_linears
 from .detect import quantized_backend
 from .expansion import LayerExpansion
 from .footprint import WeightFootprint, linear_footprint
+from .gptq import GptqQuantization
 from .kv_quant import KVCacheQuantization
 from .mixed import MixedPrecision
 from .pruning import WeightPruning, measured_sparsity
@@ -19,6 +20,7 @@ __all__ = [
     "ActivationQuantization",
     "BackendQuantization",
     "ChannelPruning",
+    "GptqQuantization",
     "HeadPruning",
     "KVCacheQuantization",
     "LayerExpansion",

@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from transformers import PreTrainedModel
 
@@ -52,9 +54,14 @@ class ActivationQuantization(WeightQuantization):
         return fake_quantize_per_token(activations, bits=self.activation_bits)
 
     def apply(
-        self, model: PreTrainedModel, calibration: torch.Tensor | None = None, *, progress: bool = False
+        self,
+        model: PreTrainedModel,
+        calibration: torch.Tensor | None = None,
+        *,
+        progress: bool = False,
+        formats: Mapping[str, WeightQuantization] | None = None,
     ) -> PreTrainedModel:
-        super().apply(model, calibration, progress=progress)
+        super().apply(model, calibration, progress=progress, formats=formats)
         return self.restore(model)
 
     def restore(self, model: PreTrainedModel) -> PreTrainedModel:

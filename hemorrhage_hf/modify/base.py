@@ -67,7 +67,7 @@ class Modification(ABC):
 
     def with_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> Modification:
         """This modification, given the model's tokenizer. Only a backend whose library insists on one keeps it
-        (``gptq-*``: llm-compressor); the others need none and return themselves."""
+        (``gptq-w*``: llm-compressor); the others need none and return themselves."""
         return self
 
     def restore(self, model: PreTrainedModel) -> PreTrainedModel:
@@ -178,8 +178,9 @@ def apply_modification(
 ) -> PreTrainedModel:
     """Return a modified copy of ``model`` (or ``model`` itself with ``in_place``), recording the spec in its config.
 
-    ``tokenizer`` is the model's, for a backend whose library needs one (``gptq-*``); without it, such a backend
-    loads the one ``model.name_or_path`` holds, and refuses the model before any weight changes if there is none.
+    ``tokenizer`` is the model's, for a backend whose library needs one (llm-compressor's ``gptq-w4a16``); without
+    it, such a backend loads the one ``model.name_or_path`` holds, and refuses the model before any weight changes if
+    there is none.
 
     A quantized ``model`` is never copied (that would corrupt some backends' packed state): it is refused, unless
     ``in_place``. Backends that quantize while loading (bitsandbytes, torchao) always return a new model, built

@@ -1,9 +1,10 @@
 """Mixed precision: one weight format for most of the model, others for chosen decoder layers or layer parts.
 
 Spec: ``BASE+FORMAT@layers.I[,J...][.attn|.mlp]...``: ``BASE`` is a weight-only quantization (``int4-g64``) or
-activation-aware scaling of one (``awq-int4-g64``); each ``+FORMAT@...`` gives the listed layers (or only their
-attention — q, k, v, o — or only their MLP — gate, up, down) the weight-only format ``FORMAT``. With an ``awq``
-base, scales and clipping of the overridden layers are searched for their own format.
+activation-aware scaling of one (``awq-int4-g64``), RTN or GPTQ-rounded (``gptq-int4-g64``); each ``+FORMAT@...``
+gives the listed layers (or only their attention — q, k, v, o — or only their MLP — gate, up, down) the weight-only
+grid ``FORMAT``, rounded as the base rounds. With an ``awq`` base, scales and clipping of the overridden layers are
+searched for their own format.
 
 Example:
     >>> from hemorrhage_hf.modify import parse_spec
@@ -25,7 +26,7 @@ from ..errors import ModificationError, SpecError
 from .architecture import decoder_blocks
 from .base import Modification, parse_spec, register
 from .footprint import WeightFootprint, sum_footprints
-from .quantization import WeightQuantization
+from .quantization import WeightQuantization, is_weight_only
 from .scaling import ActivationAwareScaling
 
 #: Which Linear layers of a decoder block each part names.
@@ -50,7 +51,10 @@ class Override:
             )
         quantization = parse_spec(match["format"])
         if type(quantization) is not WeightQuantization:
-            raise SpecError(f"a layer's format must be weight-only RTN (int8, int6-g64...), got {quantization.spec!r}")
+            raise SpecError(
+                f"a layer's format must be a weight-only grid (int8, int6-g64...), rounded as the base rounds; "
+                f"got {quantization.spec!r}"
+            )
         return cls(quantization, tuple(int(layer) for layer in match["layers"].split(",")), match["part"])
 
     @property
@@ -66,9 +70,7 @@ class MixedPrecision(Modification):
     """``base`` everywhere except the layers (or layer parts) its overrides give another weight format."""
 
     def __init__(self, base: Modification, overrides: tuple[Override, ...]):
-        if type(base) is not WeightQuantization and not (
-            isinstance(base, ActivationAwareScaling) and type(base.quantization) is WeightQuantization
-        ):
+        if not is_weight_only(base.quantization if isinstance(base, ActivationAwareScaling) else base):
             raise SpecError(f"mixed precision needs a weight-only base (int4-g64, awq-int4-g64...), got {base.spec!r}")
         if not overrides:
             raise SpecError("a mixed-precision spec needs at least one FORMAT@layers.… part")
@@ -128,12 +130,7 @@ class MixedPrecision(Modification):
     def apply(
         self, model: PreTrainedModel, calibration: torch.Tensor | None = None, *, progress: bool = False
     ) -> PreTrainedModel:
-        formats = self.formats(model)
-        if isinstance(self.base, ActivationAwareScaling):
-            return self.base.apply(model, calibration, progress=progress, formats=formats)
-        for name, linear in self.base.checked_linears(model).items():
-            linear.weight.copy_(formats.get(name, self.base).quantize_weight(linear.weight))
-        return model
+        return self.base.apply(model, calibration, progress=progress, formats=self.formats(model))
 
 
 @register(r"(?P<base>[^+@]+)(?P<overrides>(?:\+[^+@]+@[^+@]+)+)", example="int4-g64+int8@layers.0,1,29")

@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -18,7 +20,7 @@ from transformers import PreTrainedModel
 from ..errors import ModificationError, SpecError
 from .base import Modification, register, target_linears
 from .footprint import WeightFootprint, nominal_bits, sum_footprints
-from .quant_ops import fake_quantize
+from .quant_ops import Grid, fake_quantize, group_grid
 
 
 def check_bits(bits: int, what: str) -> None:
@@ -41,7 +43,12 @@ class WeightQuantization(Modification):
         return f"int{self.bits}{group}{'' if self.symmetric else '-asym'}"
 
     def quantize_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` rounded to nearest on its grid (what searches and estimates judge a format by)."""
         return fake_quantize(weight, bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+    def grid(self, weight: torch.Tensor) -> Grid:
+        """This format's grid for ``weight``: its scales (and zero points) per row and group."""
+        return group_grid(weight, bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
 
     def quantize_input(self, activations: torch.Tensor) -> torch.Tensor:
         """What a Linear sees of its input at run time: weight-only formats keep it exact."""
@@ -85,12 +92,25 @@ class WeightQuantization(Modification):
 
     @torch.no_grad()
     def apply(
-        self, model: PreTrainedModel, calibration: torch.Tensor | None = None, *, progress: bool = False
+        self,
+        model: PreTrainedModel,
+        calibration: torch.Tensor | None = None,
+        *,
+        progress: bool = False,
+        formats: Mapping[str, WeightQuantization] | None = None,
     ) -> PreTrainedModel:
+        """``formats`` (Linear name → weight-only format) overrides this format for those layers (:mod:`.mixed`)."""
+        formats = formats or {}
         linears = self.checked_linears(model)
-        for linear in tqdm(linears.values(), desc=f"quantizing {self.spec}", unit="layer", disable=not progress):
-            linear.weight.copy_(self.quantize_weight(linear.weight))
+        for name, linear in tqdm(linears.items(), desc=f"quantizing {self.spec}", unit="layer", disable=not progress):
+            linear.weight.copy_(formats.get(name, self).quantize_weight(linear.weight))
         return model
+
+
+def is_weight_only(modification: Modification) -> bool:
+    """Whether ``modification`` only changes weights, onto a grid of :class:`WeightQuantization` (whatever rounds
+    onto it), so that it may be mixed with other formats layer by layer."""
+    return isinstance(modification, WeightQuantization) and not modification.runtime_state
 
 
 @register(r"int(?P<bits>\d+)(?:-g(?P<group>\d+))?(?P<asym>-asym|-sym)?", example="int4-g64")

@@ -22,7 +22,8 @@ range) against the error of that group's share of the output (from XᵀX), for e
 (and both errors) are recorded in ``model.config.hemorrhage_scaling``. Groups whose previous op cannot
 absorb a scale (``o_proj`` under grouped-query attention, whose inputs mix several heads per value channel) are
 quantized unscaled and listed there too. Layers are calibrated in order with the scales of the layers before
-already applied, as AWQ does; weights are quantized once all scales are in place.
+already applied, as AWQ does; weights are quantized once all scales are in place, or, for a GPTQ format
+(``awq-gptq-int4-g64-asym``), each layer is GPTQ-rounded once its own scales are in place.
 
 Example:
     >>> from hemorrhage_hf.modify import parse_spec
@@ -47,6 +48,7 @@ from .architecture import DecoderBlock, decoder_blocks
 from .base import Modification, parse_spec, register
 from .calibration import InputStatistics, layerwise
 from .footprint import WeightFootprint
+from .gptq import GptqQuantization, block_inputs
 from .quantization import WeightQuantization
 from .scaling_ops import (
     awq_scales,
@@ -152,22 +154,26 @@ class ActivationAwareScaling(Modification):
         return self.quantization.footprint(model)
 
     @staticmethod
-    def _migrations(block: DecoderBlock, statistics: dict[str, InputStatistics], names: dict) -> list[Migration]:
+    def _migrations(block: DecoderBlock, statistics: dict[str, InputStatistics], names: dict) -> dict[str, Migration]:
+        """The migrations of ``block``, keyed like :func:`~.gptq.block_inputs` (the input each group reads)."""
+
         def named(*linears):
             return {names[linear]: linear for linear in linears}
 
         output_previous = block.v_proj if block.v_proj.out_features == block.o_proj.in_features else None
-        return [
-            Migration(
+        return {
+            "attention": Migration(
                 "q_proj+k_proj+v_proj",
                 block.input_norm,
                 named(block.q_proj, block.k_proj, block.v_proj),
                 statistics["attention"],
             ),
-            Migration("o_proj", output_previous, named(block.o_proj), statistics["output"]),
-            Migration("gate_proj+up_proj", block.post_norm, named(block.gate_proj, block.up_proj), statistics["mlp"]),
-            Migration("down_proj", block.up_proj, named(block.down_proj), statistics["down"]),
-        ]
+            "output": Migration("o_proj", output_previous, named(block.o_proj), statistics["output"]),
+            "mlp": Migration(
+                "gate_proj+up_proj", block.post_norm, named(block.gate_proj, block.up_proj), statistics["mlp"]
+            ),
+            "down": Migration("down_proj", block.up_proj, named(block.down_proj), statistics["down"]),
+        }
 
     def _output_error(self, migration: Migration, weight: torch.Tensor, quantization: WeightQuantization):
         """error(scales): mean squared output error per calibration token of the quantized group. Weight-only
@@ -224,21 +230,20 @@ class ActivationAwareScaling(Modification):
     ) -> PreTrainedModel:
         """``formats`` (Linear name → weight-only format) overrides this spec's format for those layers: their
         scales and clipping are searched for their own format (mixed precision, :mod:`.mixed`)."""
-        linears = self.quantization.checked_linears(model)
+        self.quantization.checked_linears(model)
         formats = formats or {}
-        blocks = decoder_blocks(model)
         names = {module: name for name, module in model.named_modules()}
         groups, unscaled, clipping = {}, [], {}
         sample_rows = self.sample_rows if self.quantization.runtime_state else 0
+        # GPTQ rounds each layer once its scales are in place, so that later layers calibrate on its rounded output.
+        rounds_per_layer = isinstance(self.quantization, GptqQuantization)
         steps = layerwise(
             model, calibration, sample_rows=sample_rows, progress=progress, description=f"searching {self.spec}"
         )
-        for step, block in zip(steps, blocks):
-            statistics = step.input_statistics(
-                {"attention": block.q_proj, "output": block.o_proj, "mlp": block.gate_proj, "down": block.down_proj},
-                gram=True,
-            )
-            for migration in self._migrations(block, statistics, names):
+        for step, block in zip(steps, decoder_blocks(model)):
+            statistics = step.input_statistics(block_inputs(block), gram=True)
+            migrations = self._migrations(block, statistics, names)
+            for migration in migrations.values():
                 # The Linear layers of one migration share a part of one layer, hence one format.
                 quantization = formats.get(next(iter(migration.linears)), self.quantization)
                 if migration.previous is None:
@@ -247,11 +252,10 @@ class ActivationAwareScaling(Modification):
                     groups[f"{names[block.layer]}.{migration.name}"] = self._search_scales(migration, quantization)
                 if self.family_rule.clips:
                     clipping.update(self._clip(migration, quantization))
-        if formats:
-            for name, linear in linears.items():
-                linear.weight.copy_(formats.get(name, self.quantization).quantize_weight(linear.weight))
-        else:
-            self.quantization.apply(model, progress=progress)
+            if rounds_per_layer:
+                self.quantization.round_block({k: m.gram() for k, m in migrations.items()}, block, names, formats)
+        if not rounds_per_layer:
+            self.quantization.apply(model, progress=progress, formats=formats)
         record = {
             "method": self.family_rule.method,
             "parameter": self.family_rule.parameter,
