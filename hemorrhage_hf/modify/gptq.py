@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..errors import SpecError
+from ..errors import ModificationError, SpecError
 from .architecture import DecoderBlock, decoder_blocks
 from .base import parse_spec, register
-from .calibration import InputStatistics, layerwise
+from .calibration import layerwise
 from .gptq_ops import gptq_round
 from .quantization import WeightQuantization
 
@@ -84,6 +84,21 @@ class GptqQuantization(WeightQuantization):
             f"the grid of {config['scheme']}",
         }
 
+    def checked_linears(self, model: PreTrainedModel) -> dict[str, nn.Linear]:
+        """The format's checks, and a refusal of Linear layers outside the decoder layers, which GPTQ, rounding
+        decoder layer by decoder layer, would leave unrounded."""
+        linears = super().checked_linears(model)
+        in_blocks = {
+            linear for block in decoder_blocks(model) for group in block_groups(block).values() for linear in group
+        }
+        outside = [name for name, linear in linears.items() if linear not in in_blocks]
+        if outside:
+            raise ModificationError(
+                f"{self.spec} rounds the Linear layers of decoder layers; {', '.join(outside[:3])} "
+                f"{'and others lie' if len(outside) > 3 else 'lie'} outside them"
+            )
+        return linears
+
     @torch.no_grad()
     def round_linear(self, linear: nn.Linear, gram: torch.Tensor, grid: WeightQuantization | None = None) -> None:
         """Round ``linear`` in place onto ``grid``'s format (this one's by default), for inputs whose XᵀX is
@@ -117,7 +132,7 @@ class GptqQuantization(WeightQuantization):
         names = {module: name for name, module in model.named_modules()}
         steps = layerwise(model, calibration, progress=progress, description=f"rounding {self.spec}")
         for step, block in zip(steps, decoder_blocks(model)):
-            statistics: dict[str, InputStatistics] = step.input_statistics(block_inputs(block), gram=True)
+            statistics = step.input_statistics(block_inputs(block), gram=True)
             self.round_block({key: s.gram for key, s in statistics.items()}, block, names, formats or {})
         return model
 

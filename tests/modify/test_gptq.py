@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from hemorrhage_hf.errors import SpecError
+from hemorrhage_hf.errors import ModificationError, SpecError
 from hemorrhage_hf.modify import GptqQuantization, apply_modification, parse_spec
 from hemorrhage_hf.modify.gptq_ops import gptq_round
 from hemorrhage_hf.modify.quant_ops import group_grid
@@ -81,9 +81,13 @@ def test_awq_gptq_rounds_after_scaling_onto_grids_of_the_right_width():
         assert not torch.equal(weight, rtn[name]), name
 
 
-def test_gptq_costs_its_grid_footprint_and_refuses_no_damping():
+def test_gptq_costs_its_grid_footprint_and_refuses_no_damping_and_linears_it_would_leave_unrounded():
     model = tiny_llama(n_layers=1, hidden=64, heads=4, kv_heads=2)
     assert parse_spec("gptq-int4-g64-asym").footprint(model) == parse_spec("int4-g64-asym").footprint(model)
     assert parse_spec("gptq-int4-g64-asym").needs_calibration
     with pytest.raises(SpecError, match="damping must be positive"):
         GptqQuantization(4, 64, damping=0)
+    model.model.adapter = torch.nn.Linear(64, 64)
+    for spec in ("gptq-int4-g32", "awq-gptq-int4-g32"):
+        with pytest.raises(ModificationError, match="model.adapter lie outside them"):
+            apply_modification(model, spec, calibration=CALIBRATION)
