@@ -33,6 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..corpus import Window, make_windows, tokenize_documents
 from ..errors import CorpusError, CorrectionError, TokenizerMismatchError
 from ..measurement.engine import batch_windows, measure
+from ..measurement.memory import return_free_pages
 from ..measurement.statistics import block_standard_error
 from .corrections import CorrectionParameters, StateNetworkCorrection
 from .network import (
@@ -290,6 +291,7 @@ def collect(
             states.write(written, part)
             written += len(part)
         del reference_logits, modified_logits, hidden
+        return_free_pages()  # as the measurement does: resident memory follows what is alive, not what once was
         bar.update(len(batch.first_scored))
     return Collected(PairedLogits.concatenate(logit_parts) if logit_parts else None, states)
 
