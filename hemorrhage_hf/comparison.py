@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -91,6 +91,21 @@ class TextSource:
         if self.texts is not None:
             return list(self.texts)
         return [self.text if self.text is not None else load_corpus(self.corpus)]
+
+    def calibration_apart(self, calibration: CalibrationSettings | None) -> CalibrationSettings:
+        """``calibration`` (the default one for None), kept off the tokens these windows judge when it draws from
+        this same text: a modification calibrated on the tokens it is judged on would look better than it is.
+
+        Example:
+            >>> source = TextSource(max_tokens=8192)
+            >>> source.calibration_apart(None).held_out  # the default calibration text is the default text too
+            (0, 8192)
+        """
+        calibration = calibration or CalibrationSettings()
+        if self.texts is not None or self.resolved_texts()[0] != load_corpus(calibration.text_source):
+            return calibration
+        stop = None if self.max_tokens is None else self.skip_tokens + self.max_tokens
+        return replace(calibration, held_out=(self.skip_tokens, stop))
 
     def windows(self, tokenizer: PreTrainedTokenizerBase) -> list[Window]:
         """The token windows to measure on."""
@@ -364,6 +379,7 @@ def compare(
         'none'
     """
     source, load, options = source or TextSource(), load or LoadOptions(), options or MeasureOptions()
+    calibration = source.calibration_apart(calibration)
     _check_sources(modified, modification)
     if load.engine == ENGINE_NAME and (options.layers or options.attention):
         raise HemorrhageError(

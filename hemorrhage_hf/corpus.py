@@ -245,23 +245,36 @@ def tokenize_documents(
 
 
 def calibration_windows(
-    tokenizer: PreTrainedTokenizerBase, text: str, *, n_sequences: int, seq_len: int, seed: int = 0
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    *,
+    n_sequences: int,
+    seq_len: int,
+    seed: int = 0,
+    held_out: tuple[int, int | None] | None = None,
 ) -> torch.Tensor:
     """``[n_sequences, seq_len]`` token windows drawn from ``text`` at seeded random offsets (for calibration).
 
     Offsets are drawn without replacement from the non-overlapping window starts, so sequences never repeat.
+    ``held_out``: a token span ``[start, stop)`` of ``text`` (``stop`` None: to its end) that no window may touch,
+    the tokens a measurement judges when it reads the same text.
     """
     if n_sequences < 1 or seq_len < 2:
         raise CorpusError(f"calibration needs n_sequences ≥ 1 and seq_len ≥ 2, got {n_sequences} × {seq_len}")
-    token_ids = _token_ids(tokenizer, text)
-    n_available = len(token_ids) // seq_len
-    if n_available < n_sequences:
-        raise CorpusError(
-            f"calibration text too short: {len(token_ids)} tokens hold {n_available} windows of {seq_len}, "
-            f"{n_sequences} asked for"
-        )
     import torch
 
+    token_ids = _token_ids(tokenizer, text)
+    candidates = torch.arange(len(token_ids) // seq_len) * seq_len
+    if held_out is not None:
+        start, stop = held_out
+        stop = len(token_ids) if stop is None else stop
+        candidates = candidates[(candidates + seq_len <= start) | (candidates >= stop)]
+    if len(candidates) < n_sequences:
+        avoided = "" if held_out is None else f" outside the judged tokens {held_out[0]}–{held_out[1] or 'end'}"
+        raise CorpusError(
+            f"calibration text too short: {len(token_ids)} tokens hold {len(candidates)} windows of {seq_len}"
+            f"{avoided}, {n_sequences} asked for"
+        )
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randperm(n_available, generator=generator)[:n_sequences].sort().values * seq_len
+    starts = candidates[torch.randperm(len(candidates), generator=generator)[:n_sequences].sort().values]
     return torch.stack([token_ids[start : start + seq_len] for start in starts.tolist()])

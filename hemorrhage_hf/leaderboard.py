@@ -265,6 +265,7 @@ def rank_candidates(
     loads) are answered by the reference once and by each candidate while it is in memory.
     """
     source, load = source or TextSource(), load or LoadOptions()
+    calibration = source.calibration_apart(calibration)
     started = time.perf_counter()
     _check_names(candidates)
     if len({task.name for task in tasks}) != len(tasks):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hemorrhage_hf.comparison import TextSource
 from hemorrhage_hf.corpus import (
     calibration_windows,
     load_corpus,
@@ -77,6 +78,29 @@ def test_calibration_windows_seeded_distinct_and_bounded(smollm2):
     assert len({tuple(row.tolist()) for row in first}) == 4
     with pytest.raises(CorpusError, match="too short"):
         calibration_windows(tokenizer, text[:500], n_sequences=64, seq_len=512)
+
+
+def test_calibration_on_the_judged_text_never_draws_the_judged_tokens(smollm2):
+    """The defaults of report and leaderboard (Python's docs, 16 × 512 calibration tokens, 8,192 judged) once drew a
+    calibration window that was also a judged window."""
+    tokenizer = smollm2[1]
+    source = TextSource(max_tokens=8192)
+    judged = {tuple(window.input_ids.tolist()) for window in source.windows(tokenizer)}
+    calibration = source.calibration_apart(None)
+    assert calibration.held_out == (0, 8192)
+    drawn = calibration.windows(tokenizer)
+    assert drawn.shape == (16, 512) and not judged & {tuple(row.tolist()) for row in drawn}
+    whole = tokenizer(python_docs_text(), add_special_tokens=False).input_ids
+    starts = [next(i for i in range(0, len(whole), 512) if whole[i : i + 512] == row.tolist()) for row in drawn]
+    assert min(starts) >= 8192
+    # Held out from the text it is judged on only: another text keeps the calibration as given.
+    other = TextSource(text="Some other text entirely.", window=8)
+    assert other.calibration_apart(calibration).held_out == (0, 8192)
+    assert other.calibration_apart(None).held_out is None
+    span = TextSource(max_tokens=1000, skip_tokens=1536).calibration_apart(None).held_out
+    assert span == (1536, 2536)
+    with pytest.raises(CorpusError, match="outside the judged tokens 0–end"):
+        TextSource().calibration_apart(None).windows(tokenizer)
 
 
 @pytest.mark.parametrize("max_tokens, skip_tokens", [(256, 0), (4096, 0), (1000, 1536), (30_000, 100)])

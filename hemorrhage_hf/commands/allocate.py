@@ -112,11 +112,17 @@ def run(args: argparse.Namespace) -> int:
     allocation = allocate(reference, hmap, base=base, budget_bits=args.budget_bits, family=args.family)
     result = {"allocation": vars(allocation), "spec": allocation.spec, "map": str(args.map)}
     if not args.no_judge:
-        windows = dataclasses.replace(source, skip_tokens=skip).windows(tokenizer)
+        held_out = dataclasses.replace(source, skip_tokens=skip)
+        windows = held_out.windows(tokenizer)
         specs = list(dict.fromkeys([parse_spec(base).spec, allocation.spec, *args.compare]))
         result["held_out"] = {"corpus": source.describe(), "skip_tokens": skip, "n_windows": len(windows)}
         result["judged"] = measure_specs(
-            reference, tokenizer, windows, specs, calibration=calibration_settings(args), progress=not args.quiet
+            reference,
+            tokenizer,
+            windows,
+            specs,
+            calibration=held_out.calibration_apart(calibration_settings(args)),
+            progress=not args.quiet,
         )
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)

@@ -277,18 +277,19 @@ def text_source(args: argparse.Namespace):
     )
 
 
-def resolve_models(args: argparse.Namespace):
+def resolve_models(args: argparse.Namespace, source=None):
     """(reference, modified, tokenizer) that ``--reference`` and ``--modified``/``--modification`` name, loaded with
-    the model arguments; a modification calibrates on the calibration arguments, under a progress bar unless
-    ``--quiet``."""
+    the model arguments; a modification calibrates on the calibration arguments (off the tokens ``source``, a
+    :class:`~hemorrhage_hf.comparison.TextSource`, judges), under a progress bar unless ``--quiet``."""
     from ..comparison import resolve_pair
 
+    calibration = calibration_settings(args)
     return resolve_pair(
         args.reference,
         args.modified,
         modification=args.modification,
         load=load_options(args),
-        calibration=calibration_settings(args),
+        calibration=calibration if source is None else source.calibration_apart(calibration),
         progress=not args.quiet,
     )
 

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from ..render import hemorrhage_map_summary
 
     source = text_source(args)
-    reference, modified, tokenizer = resolve_models(args)
+    reference, modified, tokenizer = resolve_models(args, source)
     hmap = locate(
         reference,
         modified,

@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         family,
         levels,
         tasks=tasks,
-        calibration=calibration_settings(args),
+        calibration=source.calibration_apart(calibration_settings(args)),
         options=SweepOptions(
             top_k=args.top_k,
             batch_size=args.batch_size,

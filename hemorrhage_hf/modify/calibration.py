@@ -37,11 +37,19 @@ class CalibrationSettings:
     n_sequences: int = 16
     seq_len: int = 512
     seed: int = 0
+    #: Token span ``[start, stop)`` of ``text_source`` never drawn from (stop None: to its end): set by
+    #: measurements that judge that same text (:meth:`~hemorrhage_hf.comparison.TextSource.calibration_apart`).
+    held_out: tuple[int, int | None] | None = None
 
     def windows(self, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
         """The ``[n_sequences, seq_len]`` calibration token ids these settings name."""
         return calibration_windows(
-            tokenizer, load_corpus(self.text_source), n_sequences=self.n_sequences, seq_len=self.seq_len, seed=self.seed
+            tokenizer,
+            load_corpus(self.text_source),
+            n_sequences=self.n_sequences,
+            seq_len=self.seq_len,
+            seed=self.seed,
+            held_out=self.held_out,
         )
 
 
