@@ -69,6 +69,7 @@ class GptqQuantization(WeightQuantization):
 
     @classmethod
     def onto(cls, grid: WeightQuantization) -> GptqQuantization:
+        """GPTQ onto the grid of ``grid``'s format (its bits, groups and symmetry), with the default damping."""
         return cls(grid.bits, grid.group_size, grid.symmetric)
 
     @property
