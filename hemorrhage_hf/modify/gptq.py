@@ -40,19 +40,23 @@ from .quantization import WeightQuantization
 DAMPING = 1.0
 
 
-def block_inputs(block: DecoderBlock) -> dict[str, nn.Linear]:
-    """One Linear per distinct input of a decoder layer: the Linear layers of each input group share it."""
-    return {"attention": block.q_proj, "output": block.o_proj, "mlp": block.gate_proj, "down": block.down_proj}
+#: The Linear layers of a decoder layer (:class:`~.architecture.DecoderBlock` attributes), by the input they read.
+BLOCK_GROUPS = {
+    "attention": ("q_proj", "k_proj", "v_proj"),
+    "output": ("o_proj",),
+    "mlp": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
 
 
 def block_groups(block: DecoderBlock) -> dict[str, tuple[nn.Linear, ...]]:
-    """The Linear layers of a decoder layer, by the input they read (keys of :func:`block_inputs`)."""
-    return {
-        "attention": (block.q_proj, block.k_proj, block.v_proj),
-        "output": (block.o_proj,),
-        "mlp": (block.gate_proj, block.up_proj),
-        "down": (block.down_proj,),
-    }
+    """The Linear layers of a decoder layer, by the input they read (keys of :data:`BLOCK_GROUPS`)."""
+    return {key: tuple(getattr(block, name) for name in names) for key, names in BLOCK_GROUPS.items()}
+
+
+def block_inputs(block: DecoderBlock) -> dict[str, nn.Linear]:
+    """One Linear per distinct input of a decoder layer: the Linear layers of each group share it."""
+    return {key: linears[0] for key, linears in block_groups(block).items()}
 
 
 class GptqQuantization(WeightQuantization):

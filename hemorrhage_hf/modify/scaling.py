@@ -48,7 +48,7 @@ from .architecture import DecoderBlock, decoder_blocks
 from .base import Modification, parse_spec, register
 from .calibration import InputStatistics, layerwise
 from .footprint import WeightFootprint
-from .gptq import GptqQuantization, block_inputs
+from .gptq import BLOCK_GROUPS, GptqQuantization, block_groups, block_inputs
 from .quantization import WeightQuantization
 from .scaling_ops import (
     awq_scales,
@@ -155,24 +155,22 @@ class ActivationAwareScaling(Modification):
 
     @staticmethod
     def _migrations(block: DecoderBlock, statistics: dict[str, InputStatistics], names: dict) -> dict[str, Migration]:
-        """The migrations of ``block``, keyed like :func:`~.gptq.block_inputs` (the input each group reads)."""
-
-        def named(*linears):
-            return {names[linear]: linear for linear in linears}
-
+        """The migrations of ``block``, keyed like :data:`~.gptq.BLOCK_GROUPS` (the input each group reads)."""
         output_previous = block.v_proj if block.v_proj.out_features == block.o_proj.in_features else None
+        previous = {
+            "attention": block.input_norm,
+            "output": output_previous,
+            "mlp": block.post_norm,
+            "down": block.up_proj,
+        }
         return {
-            "attention": Migration(
-                "q_proj+k_proj+v_proj",
-                block.input_norm,
-                named(block.q_proj, block.k_proj, block.v_proj),
-                statistics["attention"],
-            ),
-            "output": Migration("o_proj", output_previous, named(block.o_proj), statistics["output"]),
-            "mlp": Migration(
-                "gate_proj+up_proj", block.post_norm, named(block.gate_proj, block.up_proj), statistics["mlp"]
-            ),
-            "down": Migration("down_proj", block.up_proj, named(block.down_proj), statistics["down"]),
+            key: Migration(
+                "+".join(BLOCK_GROUPS[key]),
+                previous[key],
+                {names[linear]: linear for linear in linears},
+                statistics[key],
+            )
+            for key, linears in block_groups(block).items()
         }
 
     def _output_error(self, migration: Migration, weight: torch.Tensor, quantization: WeightQuantization):
