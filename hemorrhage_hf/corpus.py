@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -278,3 +279,64 @@ def calibration_windows(
     generator = torch.Generator().manual_seed(seed)
     starts = candidates[torch.randperm(len(candidates), generator=generator)[:n_sequences].sort().values]
     return torch.stack([token_ids[start : start + seq_len] for start in starts.tolist()])
+
+
+#: Consecutive token ids judged text must share with calibration tokens to count as calibrated on. 32 tokens are
+#: about 25 words of prose, a sentence or two: boilerplate that recurs across independent texts ("Changed in version
+#: 3.x:", "Return True if ...", a licence line) stays well under it, while a pasted calibration passage (whole
+#: calibration sequences are 128 tokens and more) is caught even when only a quarter of one is pasted, and even
+#: though its first and last tokens may tokenize differently out of their context.
+SHARED_RUN_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class SharedRun:
+    """Judged tokens ``[start, stop)`` of window ``window`` that equal calibration sequence ``sequence`` from its
+    token ``sequence_start`` on."""
+
+    window: int
+    start: int
+    stop: int
+    sequence: int
+    sequence_start: int
+
+
+def shared_calibration_run(
+    judged: Sequence[torch.Tensor], calibration: torch.Tensor, *, run: int = SHARED_RUN_TOKENS
+) -> SharedRun | None:
+    """The first run of at least ``run`` consecutive token ids that the ``judged`` windows (1-D token ids each)
+    share with a ``[n_sequences, seq_len]`` ``calibration``, extended as far as the two keep agreeing; None when
+    no such run exists. A model calibrated on those tokens would be judged partly on what it was fitted to.
+
+    Every ``run``-gram of the calibration goes into a hash set, so the cost is one pass over each.
+
+    Example:
+        >>> import torch
+        >>> calibration = torch.arange(100, 140).reshape(2, 20)
+        >>> judged = [torch.tensor([1, 2, 3, 104, 105, 106, 107, 108, 9])]
+        >>> shared_calibration_run(judged, calibration, run=4)
+        SharedRun(window=0, start=3, stop=8, sequence=0, sequence_start=4)
+        >>> shared_calibration_run([torch.tensor([1, 104, 105, 106, 9])], calibration, run=4) is None
+        True
+    """
+    if run < 1:
+        raise CorpusError(f"a shared run must be at least 1 token long, got {run}")
+    sequences = calibration.tolist()
+    grams: dict[tuple[int, ...], tuple[int, int]] = {}
+    for index, sequence in enumerate(sequences):
+        for position in range(len(sequence) - run + 1):
+            grams.setdefault(tuple(sequence[position : position + run]), (index, position))
+    if not grams:
+        return None
+    for window, token_ids in enumerate(judged):
+        ids = token_ids.tolist()
+        for start in range(len(ids) - run + 1):
+            found = grams.get(tuple(ids[start : start + run]))
+            if found is None:
+                continue
+            index, position = found
+            sequence, stop, offset = sequences[index], start + run, position - start
+            while stop < len(ids) and stop + offset < len(sequence) and ids[stop] == sequence[stop + offset]:
+                stop += 1
+            return SharedRun(window, start, stop, index, position)
+    return None

@@ -9,6 +9,7 @@ from hemorrhage_hf.corpus import (
     load_corpus,
     make_windows,
     python_docs_text,
+    shared_calibration_run,
     tokenize_corpus,
     tokenize_documents,
 )
@@ -101,6 +102,18 @@ def test_calibration_on_the_judged_text_never_draws_the_judged_tokens(smollm2):
     assert span == (1536, 2536)
     with pytest.raises(CorpusError, match="outside the judged tokens 0–end"):
         TextSource().calibration_apart(None).windows(tokenizer)
+
+
+def test_a_shared_calibration_run_is_a_long_run_only():
+    calibration = torch.arange(200).reshape(2, 100)
+    filler = torch.arange(1000, 1010)
+    boilerplate = torch.cat([filler, calibration[0, 40:71], filler])  # 31 tokens in common: a phrase, not a passage
+    assert shared_calibration_run([boilerplate], calibration) is None
+    pasted = torch.cat([filler[:5], calibration[1, 10:50], filler])  # 40 tokens of sequence 1, from its token 10
+    found = shared_calibration_run([boilerplate, pasted], calibration)
+    assert (found.window, found.start, found.stop, found.sequence, found.sequence_start) == (1, 5, 45, 1, 10)
+    assert shared_calibration_run([pasted], calibration, run=41) is None
+    assert shared_calibration_run([boilerplate], calibration, run=31).start == 10
 
 
 @pytest.mark.parametrize("max_tokens, skip_tokens", [(256, 0), (4096, 0), (1000, 1536), (30_000, 100)])

@@ -18,6 +18,10 @@ from hemorrhage_hf.space.backend import (
     SpaceLimits,
     allow_list_from_environment,
     bounded_text_windows,
+    refuse_calibration_text,
+    run_comparison,
+    run_leaderboard,
+    run_threshold_sweep,
     token_kl_html,
     token_pieces,
 )
@@ -75,6 +79,50 @@ def test_token_view_reproduces_the_text_and_escapes_html(smollm2):
     assert "<script" not in rendered and "</script" not in rendered and rendered.count("&lt;") == 2
     assert 'title="KL 5.0000 nats"' not in rendered  # the last token's logits were not finite
     assert 'title="NaN/inf logits"' in rendered and "rgba(178,34,34,0.850)" in rendered
+
+
+def _space_on(smollm2) -> ModelCache:
+    """A Space cache that serves the session's SmolLM2 (its modifications work on copies) instead of loading another."""
+    cache = ModelCache(limits=SpaceLimits())
+    cache._references[DEFAULT_MODEL_LABEL] = smollm2
+    return cache
+
+
+def _calibration_passage(cache: ModelCache) -> str:
+    """A visitor's text that pastes the second Python-docs passage the Space calibrates Wanda, AWQ... on."""
+    _, tokenizer = cache.reference(DEFAULT_MODEL_LABEL)
+    passage = tokenizer.decode(cache.limits.calibration.windows(tokenizer)[1])
+    return f"From the docs:\n{passage}\nThat is all."
+
+
+def test_a_calibrated_spec_is_never_judged_on_its_calibration_passage(smollm2, tmp_path, monkeypatch):
+    """Modified models are calibrated (and cached) before the visitor's text is known: a text holding the calibration
+    passage would judge them partly on the tokens they were fitted to. Every tab refuses it before any model runs."""
+    import hemorrhage_hf.space.backend as backend
+    from hemorrhage_hf.space.ui import sample_text
+
+    cache = _space_on(smollm2)
+    text = _calibration_passage(cache)
+    refused = r"contains the Python-docs passage that calibrated modifications \(wanda-50\) are fitted on here"
+    with pytest.raises(HemorrhageError, match=refused + r" \(its tokens 5–133 are calibration tokens\)"):
+        run_comparison(cache, DEFAULT_MODEL_LABEL, "wanda-50", text, output_dir=tmp_path)
+    with pytest.raises(HemorrhageError, match=refused):
+        run_threshold_sweep(cache, DEFAULT_MODEL_LABEL, "sparsity:wanda", ["0", "50"], text, output_dir=tmp_path)
+    monkeypatch.setattr(backend, "LEADERBOARD_SPECS", (*backend.LEADERBOARD_SPECS, "wanda-50"))
+    with pytest.raises(HemorrhageError, match=refused):
+        run_leaderboard(cache, DEFAULT_MODEL_LABEL, ["int8", "wanda-50"], "int8", text, output_dir=tmp_path)
+    with pytest.raises(HemorrhageError, match=refused):
+        run_leaderboard(cache, DEFAULT_MODEL_LABEL, ["int8"], "wanda-50", text, output_dir=tmp_path)
+    assert not cache._modified  # refused before anything was calibrated
+
+    # The same text judges a spec that needs no calibration; the calibrated spec may judge other text, the Compare
+    # tab's own Python-docs sample included (checked without fitting it: calibrating takes 6 s and more on 2 cores).
+    plain = run_comparison(cache, DEFAULT_MODEL_LABEL, "int4-g64", text, output_dir=tmp_path)
+    assert plain.report.metadata["modification"] == "int4-g64" and plain.report.figures["n_tokens"] > 128
+    _, tokenizer = smollm2
+    for other in (TEXT, sample_text()):
+        windows = bounded_text_windows(tokenizer, other, cache.limits)
+        refuse_calibration_text(cache, DEFAULT_MODEL_LABEL, ["wanda-50"], windows, cache.limits.calibration)
 
 
 def _free_port() -> int:

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +31,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..comparison import resolve_pair
-from ..corpus import PYTHON_DOCS, Window, tokenize_corpus
+from ..corpus import PYTHON_DOCS, Window, shared_calibration_run, tokenize_corpus
 from ..errors import HemorrhageError
 from ..measurement.engine import measure
 from ..measurement.report import HemorrhageReport
@@ -74,7 +74,8 @@ class SpaceLimits:
     leaderboard_tokens: int = 256
     map_tokens: int = 128
     #: Calibration data for modifications that need it (Wanda, AWQ...): the fewest tokens the registry accepts
-    #: (``MIN_CALIBRATION_TOKENS``), so one request stays interactive.
+    #: (``MIN_CALIBRATION_TOKENS``), so one request stays interactive. Modified models are fitted on it before any
+    #: visitor text is known, so a text that holds these tokens is refused for them (:func:`refuse_calibration_text`).
     calibration: CalibrationSettings = field(
         default_factory=lambda: CalibrationSettings(text_source=PYTHON_DOCS, n_sequences=2, seq_len=128)
     )
@@ -106,6 +107,7 @@ class ModelCache:
         self._references: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
         self._modified: OrderedDict[tuple[str, str], PreTrainedModel] = OrderedDict()
         self._corrections: OrderedDict[tuple[str, str], DecodingCorrection] = OrderedDict()
+        self._calibration_ids: dict[tuple[str, str], torch.Tensor] = {}
         self._lock = threading.Lock()
         #: Reference caches of threshold sweeps live for this process only (visitor texts are not kept).
         self.reference_cache_root = Path(tempfile.mkdtemp(prefix="hemorrhage-space-refcache-"))
@@ -139,6 +141,17 @@ class ModelCache:
             self._modified[key] = modified
             _evict_oldest(self._modified, self.limits.cached_modified_models)
             return modified
+
+    def calibration_ids(self, label: str, calibration: CalibrationSettings | None = None) -> torch.Tensor:
+        """The ``[n_sequences, seq_len]`` token ids that ``calibration`` (default: this cache's limits') gives the
+        labelled model's tokenizer: what its calibrated modifications are fitted on. Tokenized once per setting."""
+        calibration = calibration or self.limits.calibration
+        _, tokenizer = self.reference(label)
+        key = (label, repr(calibration))
+        with self._lock:
+            if key not in self._calibration_ids:
+                self._calibration_ids[key] = calibration.windows(tokenizer)
+            return self._calibration_ids[key]
 
     def correction(self, label: str, spec: str) -> DecodingCorrection:
         """A decoding correction of ``spec`` towards the labelled model, fitted on the fly on the Python docs.
@@ -187,6 +200,32 @@ def bounded_text_windows(tokenizer: PreTrainedTokenizerBase, text: str, limits: 
     if n_tokens > limits.text_tokens:
         raise HemorrhageError(f"the text has {n_tokens} tokens; this Space measures at most {limits.text_tokens}")
     return tokenize_corpus(tokenizer, text, window=max(n_tokens, 2))
+
+
+def refuse_calibration_text(
+    cache: ModelCache,
+    model_label: str,
+    specs: Iterable[str],
+    windows: Sequence[Window],
+    calibration: CalibrationSettings,
+) -> None:
+    """Refuse to judge the calibrated ones of ``specs`` (Wanda, AWQ, GPTQ...) on ``windows`` that share a run of
+    tokens with the ``calibration`` they are fitted on: a modification judged on its own calibration tokens looks
+    better than it is. The CLI keeps calibration off the judged tokens instead; the Space fits (and caches) its
+    models before it sees any text, so it can only refuse. Specs that need no calibration are never refused.
+    """
+    calibrated = [spec for spec in specs if parse_spec(spec).needs_calibration]
+    if not calibrated:
+        return
+    shared = shared_calibration_run([w.input_ids for w in windows], cache.calibration_ids(model_label, calibration))
+    if shared is None:
+        return
+    source = "Python-docs" if calibration.text_source == PYTHON_DOCS else repr(calibration.text_source)
+    raise HemorrhageError(
+        f"the text contains the {source} passage that calibrated modifications ({', '.join(calibrated)}) are fitted "
+        f"on here (its tokens {shared.start}–{shared.stop} are calibration tokens): judged on it, they would look "
+        "better than they are; measure on other text, or pick a spec that needs no calibration"
+    )
 
 
 def leading_window(
@@ -310,6 +349,8 @@ def run_comparison(
     on_step(0.0, f"loading {model_label}")
     reference, tokenizer = cache.reference(model_label)
     windows = bounded_text_windows(tokenizer, text, limits)
+    # The cached modified model was calibrated with the cache's own limits, whatever limits this request has.
+    refuse_calibration_text(cache, model_label, [modification.spec], windows, cache.limits.calibration)
     on_step(0.15, f"applying {modification.spec}")
     modified = cache.modified(model_label, modification.spec)
     on_step(0.35, "measuring")
@@ -391,11 +432,14 @@ def run_threshold_sweep(
     from ..sweep.runner import SweepOptions, resolve_family, run_sweep
 
     limits = limits or cache.limits
-    resolve_family(family)
+    resolved = resolve_family(family)
     if not 2 <= len(levels) <= limits.sweep_levels:
         raise HemorrhageError(f"give between 2 and {limits.sweep_levels} levels, got {len(levels)}: {levels}")
     reference, tokenizer = cache.reference(model_label)
     windows = leading_window(tokenizer, text, limits.sweep_tokens, purpose="a threshold sweep")
+    if resolved.kind == "model":  # decoding families change sampling, not the model: nothing is calibrated
+        specs = [spec for spec in map(resolved.spec, levels) if spec is not None]
+        refuse_calibration_text(cache, model_label, specs, windows, limits.calibration)
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="hemorrhage-space-sweep-"))
     result = run_sweep(
         reference,
@@ -466,6 +510,9 @@ def run_leaderboard(
         raise HemorrhageError(f"pick between 1 and {limits.leaderboard_specs} candidates, got {len(specs)}")
     reference, tokenizer = cache.reference(model_label)
     windows = leading_window(tokenizer, text, limits.leaderboard_tokens, least=16, purpose="the leaderboard")
+    map_windows = leading_window(tokenizer, text, limits.map_tokens)
+    refuse_calibration_text(cache, model_label, specs, windows, limits.calibration)
+    refuse_calibration_text(cache, model_label, [map_spec], map_windows, cache.limits.calibration)
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="hemorrhage-space-leaderboard-"))
     measured = measure_specs(
         reference,
@@ -481,7 +528,7 @@ def run_leaderboard(
     hmap = locate(
         reference,
         cache.modified(model_label, map_spec),
-        leading_window(tokenizer, text, limits.map_tokens),
+        map_windows,
         metadata={"reference": model_label, "modified": map_spec, "corpus": TEXT_LABEL},
     )
     plot_hemorrhage_map(hmap, output_dir / "locate.png")
