@@ -597,18 +597,25 @@ def decoding_table(distributions: Sequence[Mapping], generations: Sequence[Mappi
 
 
 def hemorrhage_map_summary(hmap: HemorrhageMap) -> str:
-    """Three lines: the full KL, how concentrated it is, and how additive the layers' damage is."""
+    """The full KL, how concentrated it is (among layers, and among Linear layers where measured), and how
+    additive the layers' damage is."""
     top3 = ", ".join(unit.name for unit, _ in hmap.ranked()[:3])
     isolated_sum = sum(hmap.figures(unit).isolated_kl for unit in hmap.layer_units())
-    return "\n".join(
-        [
-            f"- KL with every layer modified: **{hmap.full_kl:.4f} ± {hmap.full_kl_error:.4f}** nats",
-            f"- the top 3 layers ({top3}) carry **{hmap.concentration(3):.1%}** of it; "
-            f"the top 5 {hmap.concentration(5):.1%}",
-            f"- sum of the layers' isolated KLs: {isolated_sum:.4f} (vs {hmap.full_kl:.4f} all together: "
-            f"{'superadditive' if hmap.full_kl > isolated_sum else 'subadditive'})",
-        ]
-    )
+    lines = [
+        f"- KL with every layer modified: **{hmap.full_kl:.4f} ± {hmap.full_kl_error:.4f}** nats",
+        f"- the top 3 layers ({top3}) carry **{hmap.concentration(3):.1%}** of it; "
+        f"the top 5 {hmap.concentration(5):.1%}",
+        f"- sum of the layers' isolated KLs: {isolated_sum:.4f} (vs {hmap.full_kl:.4f} all together: "
+        f"{'superadditive' if hmap.full_kl > isolated_sum else 'subadditive'})",
+    ]
+    if hmap.linear_units():
+        ranked = hmap.ranked(hmap.linear_units())
+        top = sum(share for _, share in ranked[:10])
+        lines.append(
+            f"- the top 10 of {len(ranked)} Linear layers ({', '.join(unit.name for unit, _ in ranked[:3])}, ...) "
+            f"carry {top:.1%} of the Linear layers' damage"
+        )
+    return "\n".join(lines)
 
 
 def hemorrhage_map_markdown(hmap: HemorrhageMap, plot: Path | None = None) -> str:
@@ -632,37 +639,45 @@ def hemorrhage_map_markdown(hmap: HemorrhageMap, plot: Path | None = None) -> st
         "| rank | unit | share | KL only it modified | KL only it restored |",
         "|---:|---|---:|---:|---:|",
     ]
-    part_shares = hmap.shares(hmap.part_units()) if hmap.part_units() else {}
-    for rank, (unit, share) in enumerate(ranked + sorted(part_shares.items(), key=lambda item: -item[1]), 1):
+    finer = [units for units in (hmap.part_units(), hmap.linear_units()) if units]
+    finer_rows = [sorted(hmap.shares(units).items(), key=lambda item: -item[1]) for units in finer]
+    for rank, (unit, share) in enumerate(ranked + [row for rows in finer_rows for row in rows], 1):
         figures = hmap.figures(unit)
         lines.append(
             f"| {rank if unit.part is None else ''} | {unit.name} | {share:.1%} | "
             f"{figures.isolated_kl:.4f} ± {figures.isolated_error:.4f} | "
             f"{figures.restored_kl:.4f} ± {figures.restored_error:.4f} |"
         )
-    if part_shares:
+    if hmap.part_units():
         lines += ["", "Part rows (attention, MLP) give shares among all parts."]
+    if hmap.linear_units():
+        lines += ["", "Linear rows (q_proj ... down_proj) give shares among all Linear layers."]
     return "\n".join(lines) + "\n"
 
 
 def plot_hemorrhage_map(hmap: HemorrhageMap, path: Path) -> None:
-    """Bars of each layer's share of the damage (stacked attention/MLP when the map has parts)."""
+    """Bars of each layer's share of the damage (stacked by Linear layer or by attention/MLP when the map has them)."""
     import numpy as np
 
-    from .locate.stack import Unit
+    from .locate.stack import LINEARS, Unit
 
     plt = pyplot()
     layers = hmap.layer_units()
     figure, (share_axis, kl_axis) = plt.subplots(2, 1, figsize=(max(7, 0.3 * len(layers)), 6.5), sharex=True)
     positions = np.arange(len(layers))
-    if hmap.part_units():
-        part_shares = hmap.shares(hmap.part_units())
+    pieces = (
+        (hmap.linear_units(), zip(LINEARS, plt.get_cmap("tab10").colors))
+        if hmap.linear_units()
+        else (hmap.part_units(), (("attn", "#e9967a"), ("mlp", "#b22222")))
+    )
+    if pieces[0]:
+        piece_shares = hmap.shares(pieces[0])
         bottom = np.zeros(len(layers))
-        for part, color in (("attn", "#e9967a"), ("mlp", "#b22222")):
-            values = np.array([part_shares.get(Unit(unit.layer, part), 0.0) for unit in layers])
-            share_axis.bar(positions, values, bottom=bottom, color=color, label=part)
+        for piece, color in pieces[1]:
+            values = np.array([piece_shares.get(Unit(unit.layer, piece), 0.0) for unit in layers])
+            share_axis.bar(positions, values, bottom=bottom, color=color, label=piece)
             bottom += values
-        share_axis.legend()
+        share_axis.legend(ncol=2 if hmap.linear_units() else 1)
     else:
         shares = hmap.shares(layers)
         share_axis.bar(positions, [shares[unit] for unit in layers], color="#b22222")

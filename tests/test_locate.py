@@ -55,6 +55,32 @@ def test_damage_confined_to_one_mlp_is_located_there_exactly(reference):
     assert hmap.concentration(1) == pytest.approx(1.0)
 
 
+def test_damage_confined_to_one_linear_layer_is_located_on_it_exactly(reference, tmp_path):
+    modified = copy.deepcopy(reference)
+    with torch.no_grad():
+        modified.model.layers[1].self_attn.v_proj.weight.mul_(3.0)
+    hmap = locate(reference, modified, WINDOWS, linears=True, progress=False)
+    assert hmap.full_kl > 1e-4 and not hmap.part_units() and len(hmap.linear_units()) == 4 * 7
+    damaged = hmap.figures(Unit(1, "v_proj"))
+    assert damaged.isolated_kl == pytest.approx(hmap.full_kl, rel=1e-6)
+    assert damaged.restored_kl == pytest.approx(0, abs=1e-7)
+    for unit in hmap.linear_units():
+        if unit != Unit(1, "v_proj"):
+            assert hmap.figures(unit).isolated_kl == pytest.approx(0, abs=1e-7), unit.name
+            assert hmap.figures(unit).restored_kl == pytest.approx(hmap.full_kl, rel=1e-6), unit.name
+    assert hmap.ranked(hmap.linear_units())[0] == (Unit(1, "v_proj"), pytest.approx(1.0))
+    written = hmap.save(tmp_path)
+    assert "|  | layers.1.v_proj | 100.0% |" in written["markdown"].read_text()
+    assert HemorrhageMap.load(tmp_path).linear_units() == hmap.linear_units()
+
+
+def test_a_map_by_linear_layer_refuses_scales_migrated_into_a_norm(reference):
+    modified = apply_modification(reference, "awq-int4-g16", calibration=torch.randint(0, 64, (4, 64)))
+    with pytest.raises(HemorrhageError, match="layer 0's input norm differs .* map by parts"):
+        locate(reference, modified, WINDOWS, linears=True, progress=False)
+    assert locate(reference, modified, WINDOWS[:1], parts=True, progress=False).part_units()
+
+
 def test_the_map_agrees_with_the_measurement_engine_and_round_trips(reference, tmp_path):
     modified = apply_modification(reference, "int3-g16")
     hmap = locate(reference, modified, WINDOWS, progress=False, metadata={"modification": "int3-g16"})
@@ -86,6 +112,18 @@ def test_allocation_upgrades_the_damaged_part_first_and_keeps_the_budget(referen
         allocate(reference, hmap, base="int3-g16", budget_bits=3.9)
     with pytest.raises(HemorrhageError, match="unknown allocation family"):
         allocate(reference, hmap, base="int3-g16", budget_bits=4.5, family="sparsity")
+
+
+def test_allocation_by_linear_layer_upgrades_the_damaged_one_alone(reference):
+    modified = apply_modification(reference, "int3-g16")
+    with torch.no_grad():  # on top of the rounding, much worse damage in one Linear layer
+        modified.model.layers[2].self_attn.v_proj.weight.add_(0.3 * torch.randn(32, 64, generator=torch.Generator()))
+    hmap = locate(reference, modified, WINDOWS, linears=True, progress=False)
+    allocation = allocate(reference, hmap, base="int3-g16", budget_bits=4.05)
+    assert next(iter(allocation.upgrades)) == "layers.2.v_proj"
+    assert "@layers.2.v_proj" in allocation.spec and 4.0 < allocation.bits_per_weight <= 4.05
+    with pytest.raises(HemorrhageError, match="allocates by parts: the map was measured by Linear layer only"):
+        allocate(reference, hmap, base="awq-int3-g16", budget_bits=4.5)
 
 
 @pytest.mark.heavy

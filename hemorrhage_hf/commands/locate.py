@@ -19,9 +19,11 @@ from .common import (
 EPILOG = """examples:
   hemorrhage-hf locate --reference default --modification int4-g64 --text-file wiki.valid.raw --output out/map
   hemorrhage-hf locate --reference default --modified ./my-quantized-model --parts --output out/map
-  hemorrhage-hf allocate --reference default --map out/map --budget-bits 4.5 --output out/alloc
+  hemorrhage-hf locate --reference default --modification int4-g64 --linears --output out/map-linears
+  hemorrhage-hf allocate --reference default --map out/map-linears --budget-bits 4.5 --output out/alloc
 
-cost: 2 forward passes per window, plus per layer 2 hybrids (6 with --parts) that run from that layer on
+cost: 2 forward passes per window, plus per layer 2 hybrids (4 more with --parts, 14 more with --linears) that run
+from that layer on
 """
 
 
@@ -29,7 +31,8 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "locate",
         help="find which decoder layers a modification's damage comes from",
-        description="For every decoder layer (and with --parts its attention and its MLP), measure the KL against "
+        description="For every decoder layer (with --parts also its attention and its MLP, with --linears also each "
+        "of its Linear layers), measure the KL against "
         "REF when only that layer is modified and when only that layer is restored; rank the layers by their share "
         "of the damage. Writes locate.json, locate.md and locate.png into --output.",
         epilog=EPILOG,
@@ -38,6 +41,12 @@ def add_parser(subparsers) -> None:
     add_reference_argument(parser)
     add_modified_arguments(parser)
     parser.add_argument("--parts", action="store_true", help="also split each layer into attention and MLP (3× cost)")
+    parser.add_argument(
+        "--linears",
+        action="store_true",
+        help="also split each layer into its 7 Linear layers (8× cost): the finest map, from which `allocate` gives "
+        "single Linear layers their own format (refused where scales were migrated into the norms, as by awq-*)",
+    )
     add_text_arguments(parser, max_tokens=512)
     add_model_arguments(parser)
     add_calibration_arguments(parser)
@@ -58,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         modified,
         source.windows(tokenizer),
         parts=args.parts,
+        linears=args.linears,
         batch_size=args.batch_size,
         progress=not args.quiet,
         metadata={

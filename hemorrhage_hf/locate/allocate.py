@@ -1,4 +1,5 @@
-"""Mixed precision from the hemorrhage map: which layers (or layer parts) get more bits, under a bit budget.
+"""Mixed precision from the hemorrhage map: which layers (or their parts, or their Linear layers) get more bits,
+under a bit budget.
 
 Each unit u carries a share of the damage, its *contribution* c_u (see :mod:`.hmap`), measured with u in the base
 format. KL is locally quadratic in the weight perturbation, so giving u a format f scales its contribution by the
@@ -98,8 +99,23 @@ def family_formats(family: str, base: WeightQuantization) -> list[WeightQuantiza
 
 def _unit_linears(model: PreTrainedModel, unit: Unit) -> list[torch.nn.Linear]:
     block = decoder_blocks(model)[unit.layer]
+    if unit.is_linear:
+        return [getattr(block, unit.part)]
     parts = (unit.part,) if unit.part else tuple(PART_LINEARS)
     return [getattr(block, name) for part in parts for name in PART_LINEARS[part]]
+
+
+def allocation_units(hmap: HemorrhageMap, base: str) -> list[Unit]:
+    """The map's finest units a ``base`` can format one by one: single Linear layers, unless the base searches
+    activation-aware scales (one search, hence one format, for q, k, v and for gate, up); then parts, else layers."""
+    if isinstance(parse_spec(base), ActivationAwareScaling):
+        if not hmap.part_units() and hmap.linear_units():
+            raise HemorrhageError(
+                f"{base} searches one scale for q, k, v (and gate, up), so it allocates by parts: the map was measured "
+                "by Linear layer only; run `hemorrhage-hf locate --parts`"
+            )
+        return hmap.part_units() or hmap.layer_units()
+    return hmap.linear_units() or hmap.part_units() or hmap.layer_units()
 
 
 @torch.no_grad()
@@ -142,8 +158,8 @@ def base_quantization(base: str) -> WeightQuantization:
 def allocate(
     model: PreTrainedModel, hmap: HemorrhageMap, *, base: str, budget_bits: float, family: str = "bits"
 ) -> Allocation:
-    """Pick formats per unit of ``hmap`` (its parts when it has them, else its layers) for ``budget_bits`` bits per
-    weight on ``model`` (the unmodified reference); :class:`HemorrhageError` for a budget below the base format."""
+    """Pick formats per unit of ``hmap`` (its finest units, see :func:`allocation_units`) for ``budget_bits`` bits
+    per weight on ``model`` (the unmodified reference); :class:`HemorrhageError` for a budget below the base format."""
     quantization = base_quantization(base)
     formats = family_formats(family, quantization)
     base_footprint = quantization.footprint(model)
@@ -157,7 +173,7 @@ def allocate(
         raise HemorrhageError(
             f"the map has {hmap.n_layers} layers but the model has {n_layers}: made for another model"
         )
-    units = hmap.part_units() or hmap.layer_units()
+    units = allocation_units(hmap, base)
     base_kl, base_bits, options = {}, {}, {}
     for unit in units:
         linears = _unit_linears(model, unit)
@@ -189,7 +205,8 @@ def allocate(
 
 
 def mixed_spec(base: str, chosen: Mapping[Unit, str]) -> str:
-    """``base`` plus one ``+FORMAT@layers.…`` per (format, part) among the ``chosen`` units (just ``base`` if none)."""
+    """``base`` plus one ``+FORMAT@layers.…`` per (format, part or Linear layer) among the ``chosen`` units (just
+    ``base`` if none)."""
     groups: dict[tuple[str, str | None], list[int]] = {}
     for unit, spec in sorted(chosen.items()):
         groups.setdefault((spec, unit.part), []).append(unit.layer)

@@ -1,4 +1,5 @@
-"""The hemorrhage map: how much of a modification's KL each decoder layer (or part of one) is responsible for.
+"""The hemorrhage map: how much of a modification's KL each decoder layer (or part, or Linear layer of one) is
+responsible for.
 
 Two measurements per unit, each against the reference:
 
@@ -67,7 +68,12 @@ class HemorrhageMap:
         return [figures.unit for figures in self.units if figures.unit.part is None]
 
     def part_units(self) -> list[Unit]:
-        return [figures.unit for figures in self.units if figures.unit.part is not None]
+        """The attention and MLP units (empty unless measured with ``parts``)."""
+        return [figures.unit for figures in self.units if figures.unit.part is not None and not figures.unit.is_linear]
+
+    def linear_units(self) -> list[Unit]:
+        """The single-Linear units (empty unless measured with ``linears``)."""
+        return [figures.unit for figures in self.units if figures.unit.is_linear]
 
     @property
     def n_layers(self) -> int:

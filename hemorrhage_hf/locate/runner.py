@@ -1,8 +1,9 @@
 """Measure a :class:`~hemorrhage_hf.locate.hmap.HemorrhageMap`: per window, one pass of each whole model, then
 each hybrid from its unit's layer on (see :mod:`hemorrhage_hf.locate.stack`).
 
-Passes: 2 whole ones per window, plus 2 hybrids per layer (6 with ``parts``), each running the layers from its own
-on, so a 30-layer model costs about 2 + 30 full-pass equivalents per window (2 + 90 with parts).
+Passes: 2 whole ones per window, plus 2 hybrids per layer, 4 more with ``parts`` and 14 more with ``linears``, each
+running the layers from its own on, so a 30-layer model costs about 2 + 30 full-pass equivalents per window (2 + 90
+with parts, 2 + 240 with linears).
 
 Example:
     >>> from hemorrhage_hf.locate import locate
@@ -20,17 +21,33 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..corpus import Window
+from ..errors import HemorrhageError
 from ..measurement.divergence import kl_divergence, log_probs
 from ..measurement.engine import batch_windows
 from ..measurement.statistics import block_standard_error
-from ..modify.architecture import decoder_layers
+from ..modify.architecture import decoder_blocks, decoder_layers
 from .hmap import HemorrhageMap, UnitFigures
-from .stack import PARTS, Unit, check_same_structure, hybrid_layer, layer_inputs, resume
+from .stack import LINEARS, PARTS, Unit, check_same_structure, hybrid_layer, layer_inputs, resume
 
 
-def units_of(n_layers: int, *, parts: bool) -> list[Unit]:
-    """Every layer, and with ``parts`` also its attention and its MLP."""
-    return [Unit(layer, part) for layer in range(n_layers) for part in ((None, *PARTS) if parts else (None,))]
+def units_of(n_layers: int, *, parts: bool, linears: bool = False) -> list[Unit]:
+    """Every layer, with ``parts`` also its attention and its MLP, with ``linears`` also each of its Linear layers."""
+    pieces = (None, *(PARTS if parts else ()), *(LINEARS if linears else ()))
+    return [Unit(layer, piece) for layer in range(n_layers) for piece in pieces]
+
+
+def check_norms_unchanged(reference: PreTrainedModel, modified: PreTrainedModel) -> None:
+    """Refuse to swap single Linear layers between models whose norms differ: a modification that migrated scales
+    into a norm (AWQ, SmoothQuant) scaled the Linear layers after it to match, so one of them alone, moved into the
+    other model, would see inputs scaled for the other."""
+    for index, (ours, theirs) in enumerate(zip(decoder_blocks(reference), decoder_blocks(modified))):
+        for norm in ("input_norm", "post_norm"):
+            if not torch.equal(getattr(ours, norm).weight, getattr(theirs, norm).weight):
+                raise HemorrhageError(
+                    f"layer {index}'s {norm.replace('_', ' ')} differs between the models (scales migrated into it, "
+                    "as activation-aware scaling does): its Linear layers cannot be swapped one at a time; map by "
+                    "parts (--parts) instead"
+                )
 
 
 class _Hybrids:
@@ -62,16 +79,20 @@ def locate(
     windows: Sequence[Window],
     *,
     parts: bool = False,
+    linears: bool = False,
     batch_size: int = 1,
     progress: bool = True,
     metadata: dict | None = None,
 ) -> HemorrhageMap:
-    """The hemorrhage map of ``modified`` against ``reference`` on ``windows`` (exact full-vocabulary KL)."""
+    """The hemorrhage map of ``modified`` against ``reference`` on ``windows`` (exact full-vocabulary KL), by layer,
+    with ``parts`` also by attention and MLP, with ``linears`` also by Linear layer."""
     if not windows:
         raise ValueError("no windows to locate damage on")
     check_same_structure(reference, modified)
+    if linears:
+        check_norms_unchanged(reference, modified)
     hybrids = _Hybrids(reference, modified)
-    units = units_of(len(hybrids.reference_layers), parts=parts)
+    units = units_of(len(hybrids.reference_layers), parts=parts, linears=linears)
     kl: dict[tuple[Unit, str] | str, list[torch.Tensor]] = {}
 
     def add(key, reference_logprobs, logits, batch) -> None:
@@ -102,4 +123,4 @@ def locate(
         UnitFigures(unit, *mean_and_error((unit, "isolated")), *mean_and_error((unit, "restored"))) for unit in units
     ]
     n_tokens = int(sum(len(values) for values in kl["full"]))
-    return HemorrhageMap(full, full_error, n_tokens, figures, dict(metadata or {}, parts=parts))
+    return HemorrhageMap(full, full_error, n_tokens, figures, dict(metadata or {}, parts=parts, linears=linears))

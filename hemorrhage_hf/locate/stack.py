@@ -1,9 +1,10 @@
 """Run a decoder stack from a given layer on: the mechanics the hemorrhage map rests on.
 
 Locating damage asks, for every decoder layer i, "what does the model output when only layer i (or only its
-attention, or only its MLP) comes from the other model?". The layers before i are then identical to one of the two
-whole models, so their output is captured once per window (:func:`layer_inputs`) and each hybrid runs only layers
-i … N−1 plus the head (:func:`resume`): about half a forward pass per hybrid instead of a whole one.
+attention, or only its MLP, or only one of its Linear layers) comes from the other model?". The layers before i
+are then identical to one of the two whole models, so their output is captured once per window
+(:func:`layer_inputs`) and each hybrid runs only layers i … N−1 plus the head (:func:`resume`): about half a
+forward pass per hybrid instead of a whole one.
 
 Llama-style models take the embedding output unchanged as the first layer's input, so feeding a captured layer
 input as ``inputs_embeds`` to a model whose layer list is temporarily cut to the rest reproduces the full pass
@@ -29,28 +30,40 @@ from transformers import PreTrainedModel
 
 from ..errors import HemorrhageError
 from ..modify.architecture import decoder_blocks, decoder_layers
+from ..modify.mixed import PART_LINEARS
 
 #: The submodules that make up each part of a Llama-style decoder layer. A part's norm travels with it, because
 #: activation-aware scaling migrates its scales into that norm.
 PART_MODULES = {"attn": ("input_layernorm", "self_attn"), "mlp": ("post_attention_layernorm", "mlp")}
 PARTS = tuple(PART_MODULES)
+#: Each Linear layer of a decoder layer, by name, and the submodule that holds it (``self_attn`` or ``mlp``).
+LINEAR_OWNERS = {linear: PART_MODULES[part][1] for part, linears in PART_LINEARS.items() for linear in linears}
+LINEARS = tuple(LINEAR_OWNERS)
 
 
 @dataclass(frozen=True, order=True)
 class Unit:
-    """A decoder layer (``part`` None) or one part of it (``"attn"``, ``"mlp"``)."""
+    """A decoder layer (``part`` None), one part of it (``"attn"``, ``"mlp"``) or one of its Linear layers
+    (``"v_proj"``...)."""
 
     layer: int
     part: str | None = None
 
     def __post_init__(self):
-        if self.part is not None and self.part not in PART_MODULES:
-            raise HemorrhageError(f"unknown layer part {self.part!r}; choose one of {', '.join(PARTS)}")
+        if self.part is not None and self.part not in PART_MODULES and self.part not in LINEAR_OWNERS:
+            raise HemorrhageError(
+                f"unknown layer part {self.part!r}; choose one of {', '.join(PARTS)} or a Linear layer "
+                f"({', '.join(LINEARS)})"
+            )
 
     @property
     def name(self) -> str:
-        """``layers.3`` or ``layers.3.mlp``: the form mixed-precision specs use."""
+        """``layers.3``, ``layers.3.mlp`` or ``layers.3.v_proj``: the form mixed-precision specs use."""
         return f"layers.{self.layer}" + (f".{self.part}" if self.part else "")
+
+    @property
+    def is_linear(self) -> bool:
+        return self.part in LINEAR_OWNERS
 
 
 def check_same_structure(reference: PreTrainedModel, modified: PreTrainedModel) -> None:
@@ -65,17 +78,26 @@ def check_same_structure(reference: PreTrainedModel, modified: PreTrainedModel) 
 
 
 def hybrid_layer(base: nn.Module, donor: nn.Module, part: str | None) -> nn.Module:
-    """``donor`` itself for a whole layer; else a shallow copy of ``base`` whose ``part`` modules are ``donor``'s.
+    """``donor`` itself for a whole layer; else a shallow copy of ``base`` whose ``part`` modules (or whose one
+    Linear layer ``part``) are ``donor``'s.
 
-    Neither model is changed: the copy has its own table of submodules and shares every weight.
+    Neither model is changed: the copies have their own tables of submodules and share every weight.
     """
     if part is None:
         return donor
-    layer = copy.copy(base)
-    layer._modules = dict(base._modules)
-    for name in PART_MODULES[part]:
-        layer._modules[name] = donor._modules[name]
-    return layer
+    if part in LINEAR_OWNERS:
+        owner = LINEAR_OWNERS[part]
+        return _with_modules(
+            base, {owner: _with_modules(base._modules[owner], {part: donor._modules[owner]._modules[part]})}
+        )
+    return _with_modules(base, {name: donor._modules[name] for name in PART_MODULES[part]})
+
+
+def _with_modules(module: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:
+    """A shallow copy of ``module`` whose submodules ``replacements`` names are replaced."""
+    hybrid = copy.copy(module)
+    hybrid._modules = {**module._modules, **replacements}
+    return hybrid
 
 
 @contextlib.contextmanager

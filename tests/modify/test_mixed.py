@@ -27,6 +27,10 @@ def _weights(model) -> dict[str, torch.Tensor]:
         ("int4-g64+int8@layers.0,1,29", "int4-g64+int8@layers.0,1,29"),
         ("AWQ-int4-g64+int8@layers.3.mlp+int6-g64@layers.0", "awq-int4-g64+int8@layers.3.mlp+int6-g64@layers.0"),
         ("int4-g32-sym+int5-g32@layers.2.attn", "int4-g32+int5-g32@layers.2.attn"),
+        (
+            "int4-g64+int6-g64@layers.2,5.v_proj+int8@layers.5.o_proj",
+            "int4-g64+int6-g64@layers.2,5.v_proj+int8@layers.5.o_proj",
+        ),
     ],
 )
 def test_specs_round_trip_to_their_canonical_form(spec, canonical):
@@ -38,6 +42,10 @@ def test_specs_round_trip_to_their_canonical_form(spec, canonical):
     ("spec", "message"),
     [
         ("int4-g64+int8@layers.0+int6@layers.0.mlp", "gets two formats"),
+        ("int4-g64+int6@layers.2.v_proj+int8@layers.2.attn", "layer 2's v_proj gets two formats"),
+        ("int4+int8@layers.0.x_proj", "must read FORMAT@layers"),
+        ("awq-int4-g64+int6-g64@layers.2.v_proj", "one scale for layer 2's q_proj, k_proj, v_proj"),
+        ("awq-int4-g64+int6-g64@layers.1.up_proj", "one scale for layer 1's gate_proj, up_proj"),
         ("w8a8+int8@layers.0", "weight-only base"),
         ("wanda-50+int8@layers.0", "weight-only base"),
         ("int4+w8a8@layers.0", "must be a weight-only grid"),
@@ -58,6 +66,30 @@ def test_each_layer_and_part_carries_exactly_its_own_format(model):
     for name, weight in mixed.items():
         spec = "int8" if "layers.1.mlp" in name else "int5-g32" if "layers.2." in name else "int3-g32"
         assert torch.equal(weight, uniform[spec][name]), name
+
+
+def test_each_linear_layer_carries_exactly_its_own_format(model):
+    mixed = _weights(apply_modification(model, "int3-g32+int8@layers.1.v_proj+int5-g32@layers.0,2.down_proj"))
+    uniform = {spec: _weights(apply_modification(model, spec)) for spec in ("int3-g32", "int8", "int5-g32")}
+    for name, weight in mixed.items():
+        spec = "int8" if "layers.1.self_attn.v_proj" in name else "int5-g32" if "down_proj" in name else "int3-g32"
+        if "down_proj" in name and "layers.1." in name:
+            spec = "int3-g32"
+        assert torch.equal(weight, uniform[spec][name]), name
+
+
+def test_awq_base_takes_one_format_per_scale_search(model):
+    """o_proj and down_proj each have a search of their own; q, k, v given one format together are accepted."""
+    spec = "awq-int2-g32+int8@layers.0.o_proj+int8@layers.1.q_proj,k_proj"
+    with pytest.raises(SpecError, match="must read FORMAT@layers"):
+        parse_spec(spec)
+    spec = "awq-int2-g32+int8@layers.0.o_proj+int8@layers.1.q_proj+int8@layers.1.k_proj+int8@layers.1.v_proj"
+    mixed = apply_modification(model, spec, calibration=CALIBRATION)
+    for name, weight in _weights(mixed).items():
+        wide = "layers.0.self_attn.o_proj" in name or ("layers.1.self_attn" in name and "o_proj" not in name)
+        groups = weight.reshape(weight.shape[0], -1, weight.shape[1] if wide else 32)
+        levels = max(len(torch.unique(group)) for row in groups for group in row)
+        assert levels > 4 if wide else levels <= 4, name
 
 
 def test_an_unknown_layer_is_refused_before_any_weight_changes(model):
