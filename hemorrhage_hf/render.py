@@ -726,6 +726,17 @@ def allocation_markdown(result: dict) -> str:
                 f"| `{row['spec']}` | {row['bits_per_weight']:.4f} | {row['kl_mean']:.4f} ± {row['kl_mean_error']:.4f} "
                 f"| {delta} | {cut} | {row['top1_agreement']:.1%} | {row['ppl_ratio']:.4f} |"
             )
+        chosen = next((row for row in judged if row["spec"] == allocation["spec"]), None)
+        compared = [row for row in judged[1:] if chosen is not None and row is not chosen]
+        if compared:
+            lines.append("")
+        for row in compared:
+            paired = chosen["vs"][row["spec"]]
+            lines.append(
+                f"The allocation against `{row['spec']}` ({row['bits_per_weight']:.4f} bits per weight): "
+                f"Δ KL {paired['mean_difference']:+.4f} ± {paired['standard_error']:.4f} (paired), "
+                f"{1 - chosen['kl_mean'] / row['kl_mean']:.1%} less KL."
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -228,7 +228,8 @@ def measure_specs(
 ) -> list[dict]:
     """Measure each spec on ``windows`` (held-out text) against one exact reference store (the reference runs
     once): KL mean with its batch-means SE, top-1 agreement, PPL ratio, effective bits per weight; every spec after
-    the first also gets its paired KL difference to the first (``vs_first``) and its relative KL cut."""
+    the first also gets its paired KL difference to the first (``vs_first``) and its relative KL cut, and every spec
+    its paired KL difference to each other spec (``vs``, by spec)."""
     store = ReferenceStore.build(reference, windows, tokenizer=tokenizer, root=store_root, progress=progress)
     results, kl = [], {}
     for spec in specs:
@@ -250,7 +251,11 @@ def measure_specs(
         )
         del modified
     first = results[0]
+    for result in results:
+        result["vs"] = {
+            other: paired_difference(kl[result["spec"]], kl[other]) for other in kl if other != result["spec"]
+        }
     for result in results[1:]:
-        result["vs_first"] = paired_difference(kl[result["spec"]], kl[first["spec"]])
+        result["vs_first"] = result["vs"][first["spec"]]
         result["kl_cut"] = 1 - result["kl_mean"] / first["kl_mean"]
     return results
