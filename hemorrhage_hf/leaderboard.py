@@ -25,6 +25,7 @@ import gc
 import io
 import os
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,7 +315,6 @@ def rank_candidates(
                 progress=progress,
             )
         )
-        gc.collect()
     entries.sort(key=lambda entry: entry.figures["kl_mean"])
     seconds["total"] = time.perf_counter() - started
     return Leaderboard(_reference_name(reference), metadata, entries, reference_answers, seconds)
@@ -380,7 +380,10 @@ def _measure_candidate(
     seconds["measure"], started = time.perf_counter() - started, time.perf_counter()
     answers = scorer.answers(modified, role=candidate)
     seconds["tasks"] = time.perf_counter() - started
+    alive = weakref.ref(modified)
     del modified
+    if alive() is not None:  # held in a reference cycle: free it before the next candidate loads, not at some later
+        gc.collect()  # collection (a full collection costs ~0.25 s, so only then)
     return LeaderboardEntry(
         name=candidate,
         figures=report.figures,
