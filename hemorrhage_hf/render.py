@@ -665,15 +665,14 @@ def plot_hemorrhage_map(hmap: HemorrhageMap, path: Path) -> None:
     layers = hmap.layer_units()
     figure, (share_axis, kl_axis) = plt.subplots(2, 1, figsize=(max(7, 0.3 * len(layers)), 6.5), sharex=True)
     positions = np.arange(len(layers))
-    pieces = (
-        (hmap.linear_units(), zip(LINEARS, plt.get_cmap("tab10").colors))
-        if hmap.linear_units()
-        else (hmap.part_units(), (("attn", "#e9967a"), ("mlp", "#b22222")))
-    )
-    if pieces[0]:
-        piece_shares = hmap.shares(pieces[0])
+    if hmap.linear_units():
+        finer, colors = hmap.linear_units(), zip(LINEARS, plt.get_cmap("tab10").colors)
+    else:
+        finer, colors = hmap.part_units(), (("attn", "#e9967a"), ("mlp", "#b22222"))
+    if finer:
+        piece_shares = hmap.shares(finer)
         bottom = np.zeros(len(layers))
-        for piece, color in pieces[1]:
+        for piece, color in colors:
             values = np.array([piece_shares.get(Unit(unit.layer, piece), 0.0) for unit in layers])
             share_axis.bar(positions, values, bottom=bottom, color=color, label=piece)
             bottom += values

@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 
 from ..errors import HemorrhageError
 from ..modify.architecture import decoder_blocks, decoder_layers
-from ..modify.mixed import PART_LINEARS
+from ..modify.mixed import LINEARS, PART_LINEARS
 
 #: The submodules that make up each part of a Llama-style decoder layer. A part's norm travels with it, because
 #: activation-aware scaling migrates its scales into that norm.
@@ -38,7 +38,6 @@ PART_MODULES = {"attn": ("input_layernorm", "self_attn"), "mlp": ("post_attentio
 PARTS = tuple(PART_MODULES)
 #: Each Linear layer of a decoder layer, by name, and the submodule that holds it (``self_attn`` or ``mlp``).
 LINEAR_OWNERS = {linear: PART_MODULES[part][1] for part, linears in PART_LINEARS.items() for linear in linears}
-LINEARS = tuple(LINEAR_OWNERS)
 
 
 @dataclass(frozen=True, order=True)

@@ -35,9 +35,10 @@ from .scaling import ActivationAwareScaling
 
 #: Which Linear layers of a decoder block each part names.
 PART_LINEARS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
-_LINEARS = tuple(linear for linears in PART_LINEARS.values() for linear in linears)
+#: Every Linear layer of a decoder block, by name.
+LINEARS = tuple(linear for linears in PART_LINEARS.values() for linear in linears)
 _OVERRIDE = re.compile(
-    r"(?P<format>[^@]+)@layers\.(?P<layers>\d+(?:,\d+)*)(?:\.(?P<part>" + "|".join((*PART_LINEARS, *_LINEARS)) + "))?"
+    r"(?P<format>[^@]+)@layers\.(?P<layers>\d+(?:,\d+)*)(?:\.(?P<part>" + "|".join((*PART_LINEARS, *LINEARS)) + "))?"
 )
 
 
@@ -55,7 +56,7 @@ class Override:
         if match is None:
             raise SpecError(
                 f"mixed-precision part {text!r} must read FORMAT@layers.I[,J...][.attn|.mlp|.LINEAR] (LINEAR one of "
-                f"{', '.join(_LINEARS)}), e.g. int8@layers.0,29 or int6-g64@layers.3.v_proj"
+                f"{', '.join(LINEARS)}), e.g. int8@layers.0,29 or int6-g64@layers.3.v_proj"
             )
         quantization = parse_spec(match["format"])
         if type(quantization) is not WeightQuantization:
@@ -72,7 +73,7 @@ class Override:
 
     def units(self) -> list[tuple[int, str]]:
         """(layer, Linear layer name) of every Linear layer this override formats."""
-        linears = PART_LINEARS.get(self.part, (self.part,)) if self.part else _LINEARS
+        linears = PART_LINEARS.get(self.part, (self.part,)) if self.part else LINEARS
         return [(layer, linear) for layer in self.layers for linear in linears]
 
 
